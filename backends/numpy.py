@@ -1,0 +1,156 @@
+"""NumPy backend: ``unihead.compile(head, "numpy")``.
+
+Computes in the logits' dtype (float32 or float64; float16 and bfloat16 in float32) with the
+shared formulas.  NumPy has no autodiff, so the compiled head also offers
+:meth:`NumpyHead.loss_and_gradient`, the analytic gradient every other backend plugs into its
+own autodiff.  The output layer is a small :class:`Dense` object holding ``kernel (in, out)``
+and ``bias (out,)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import array_api_compat.numpy as xp_numpy
+import numpy as np
+
+from unihead._ops import Ops
+from unihead.compiled import CompiledHead, canonical_weights, glorot_uniform
+from unihead.spec import ClassificationHead
+
+__all__ = ["compile_head", "NumpyHead", "NumpyOps", "Dense"]
+
+
+class NumpyOps(Ops):
+    name = "numpy"
+
+    def __init__(self) -> None:
+        super().__init__(xp_numpy)
+
+    def take_last(self, x: Any, idx: Any) -> Any:
+        return np.take_along_axis(x, idx[..., None], axis=-1)[..., 0]
+
+    def put_last(self, x: Any, idx: Any, values: Any) -> Any:
+        np.put_along_axis(x, idx[..., None], values[..., None], axis=-1)
+        return x
+
+    def total(self, x: Any) -> Any:
+        if x.dtype == np.float64:
+            return np.sum(x)
+        return np.sum(x, dtype=np.float64).astype(x.dtype)
+
+    def device(self, x: Any) -> Any:
+        return None
+
+    def index_dtype(self) -> Any:
+        return np.int64
+
+    def to_numpy(self, x: Any) -> Any:
+        return np.asarray(x)
+
+
+_OPS = NumpyOps()
+
+
+def _compute_dtype(dtype: np.dtype) -> np.dtype:
+    if dtype in (np.float32, np.float64):
+        return dtype
+    if dtype == np.float16 or dtype.name == "bfloat16":
+        return np.dtype(np.float32)
+    raise TypeError(
+        f"logits must be a floating-point array (the output layer's values before any "
+        f"activation); got dtype {dtype}."
+    )
+
+
+class Dense:
+    """The NumPy output layer: ``logits = x @ kernel + bias``; ``kernel (in, out)``, ``bias (out,)``."""
+
+    def __init__(self, head: ClassificationHead, kernel: np.ndarray, bias: np.ndarray):
+        self.head = head
+        self.kernel = kernel
+        self.bias = bias
+
+    @property
+    def in_features(self) -> int:
+        return int(self.kernel.shape[0])
+
+    def __call__(self, x: Any) -> np.ndarray:
+        return np.asarray(x) @ self.kernel + self.bias
+
+    def get_weights(self) -> dict[str, np.ndarray]:
+        """Weights in the canonical layout (copies)."""
+        return {"kernel": self.kernel.copy(), "bias": self.bias.copy()}
+
+    def set_weights(self, weights: Any) -> None:
+        kernel, bias = canonical_weights(self.head, self.in_features, weights)
+        self.kernel = kernel.astype(self.kernel.dtype)
+        self.bias = bias.astype(self.bias.dtype)
+
+    def __repr__(self) -> str:
+        return f"Dense(in_features={self.in_features}, out_features={self.kernel.shape[1]}, head={self.head!r})"
+
+
+class NumpyHead(CompiledHead):
+    backend = "numpy"
+    ops = _OPS
+
+    def _logits(self, logits: Any) -> np.ndarray:
+        z = np.asarray(logits)
+        if not np.issubdtype(z.dtype, np.floating) and z.dtype.name != "bfloat16":
+            raise TypeError(
+                f"logits must be a floating-point array (the output layer's values before any "
+                f"activation); got dtype {z.dtype}."
+            )
+        z = z.astype(_compute_dtype(z.dtype), copy=False)
+        return self._check(z)
+
+    def _as_array(self, x: Any, like: Any) -> np.ndarray:
+        return np.asarray(x)
+
+    def loss(self, logits: Any, labels: Any, sample_weight: Any = None) -> np.ndarray:
+        """The loss (0-d array, or ``(...)`` per example for ``reduction="none"``)."""
+        z = self._logits(logits)
+        labels, sample_weight = self._inputs(z, labels, sample_weight)
+        engine = self._engine()
+        loss, _ = engine.forward(z, engine.prepare(z, labels, sample_weight), keep="inputs")
+        return np.asarray(loss)
+
+    def loss_and_gradient(
+        self, logits: Any, labels: Any, sample_weight: Any = None, upstream: Any = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The loss and its gradient with respect to the logits (analytic), in the compute dtype.
+
+        ``upstream`` multiplies the gradient: a scalar (default 1), or one value per example
+        for ``reduction="none"`` (default all ones)."""
+        z = self._logits(logits)
+        labels, sample_weight = self._inputs(z, labels, sample_weight)
+        engine = self._engine()
+        prep = engine.prepare(z, labels, sample_weight)
+        loss, res = engine.forward(z, prep, keep="stats")
+        if upstream is None:
+            g = np.ones(np.shape(loss), dtype=z.dtype)
+        else:
+            g = np.broadcast_to(np.asarray(upstream, dtype=z.dtype), np.shape(loss))
+        return np.asarray(loss), np.asarray(engine.backward(res, prep, g))
+
+    def layer(
+        self,
+        in_features: int,
+        weights: Any = None,
+        *,
+        dtype: Any = np.float32,
+        seed: int | None = None,
+    ) -> Dense:
+        """A :class:`Dense` output layer of shape ``(in_features, num_outputs)``: the given weights
+        (canonical layout), or Glorot-uniform kernel and zero bias (Keras' defaults)."""
+        k = self.head.num_outputs
+        if weights is not None:
+            kernel, bias = canonical_weights(self.head, in_features, weights)
+            return Dense(self.head, kernel.astype(dtype), bias.astype(dtype))
+        rng = np.random.default_rng(seed)
+        return Dense(self.head, glorot_uniform(rng, in_features, k, dtype), np.zeros(k, dtype=dtype))
+
+
+def compile_head(head: ClassificationHead, *, validate: bool = True) -> NumpyHead:
+    return NumpyHead(head, validate=validate)

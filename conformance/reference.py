@@ -1,0 +1,323 @@
+"""The independent reference: docs/semantics.md evaluated with plain formulas in mpmath.
+
+This module shares no code with ``unihead.formulas`` or the backends: it is the second, plain
+implementation that catches the first one's bugs.  It uses the textbook definitions
+(``p = exp(z) / sum exp(z)``, ``log p = z - log sum exp(z)``, ``p = 1 / (1 + exp(-z))``, the
+derivative written out by hand) and gets accuracy from precision instead of from formula tricks:
+every value is computed with :data:`DIGITS` significant decimal digits, enough that any result
+representable in float64 (down to 1e-330, after cancellations between terms up to 1e+4350) is
+exact to at least 50 digits.  It is slow (pure Python, one row at a time) and meant for small
+cases; :mod:`unihead.conformance` derives float64 values for large cases from it.
+
+Conventions written in docs/semantics.md: ``0 * log 0 = 0``; a softmax row with ``+inf`` or NaN,
+or with every logit ``-inf``, is undefined (NaN); sigmoid logits ``+-inf`` are limits; an example
+with weight 0 contributes exactly 0 to the loss and its gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import mpmath
+import numpy as np
+
+from unihead.spec import ClassificationHead
+
+__all__ = ["DIGITS", "MPReference", "ulp32", "ulp64", "ulp_error"]
+
+#: Working precision (decimal digits) of the reference.
+DIGITS = 400
+
+_NAN = mpmath.mpf("nan")
+_INF = mpmath.mpf("inf")
+
+
+def _mp(x: Any) -> Any:
+    """Exact conversion of a float (float16/32/64 values are exactly representable)."""
+    return mpmath.mpf(float(x))
+
+
+def _isnan(x: Any) -> bool:
+    return mpmath.isnan(x)
+
+
+def ulp32(ref: Any) -> float:
+    """Spacing of float32 at the magnitude of ``ref`` (subnormal spacing near 0)."""
+    r = abs(float(ref))
+    if math.isinf(r) or math.isnan(r):
+        return math.nan
+    return float(np.spacing(np.float32(min(r, float(np.finfo(np.float32).max)))))
+
+
+def ulp64(ref: Any) -> float:
+    r = abs(float(ref))
+    if math.isinf(r) or math.isnan(r):
+        return math.nan
+    return float(np.spacing(np.float64(r)))
+
+
+def ulp_error(value: Any, ref: Any, ulp: Any = ulp32, scale: Any = None) -> float:
+    """``|value - ref|`` in units of ``ulp(scale)`` (``scale`` defaults to ``|ref|``).  NaN and
+    infinities compare explicitly: equal non-finite values give 0, a mismatch gives ``inf``."""
+    v = mpmath.mpf(float(value)) if not isinstance(value, mpmath.mpf) else value
+    r = ref
+    if _isnan(v) or _isnan(r):
+        return 0.0 if (_isnan(v) and _isnan(r)) else math.inf
+    if mpmath.isinf(v) or mpmath.isinf(r):
+        return 0.0 if v == r else math.inf
+    s = abs(r) if scale is None or _isnan(scale) else max(abs(r), abs(scale))
+    return float(abs(v - r)) / ulp(s)
+
+
+class MPReference:
+    """Reference values of one head for given logits, labels and sample weights."""
+
+    def __init__(self, head: ClassificationHead):
+        self.head = head
+
+    # ------------------------------------------------------------------ activations
+    def _softmax_row(self, z: list[Any]) -> tuple[list[Any], list[Any], list[Any]]:
+        """(p, log p, 1 - p) of one row, plain definitions."""
+        if any(_isnan(v) or v == _INF for v in z) or all(v == -_INF for v in z):
+            nan = [_NAN] * len(z)
+            return nan, nan, nan
+        e = [mpmath.exp(v) for v in z]
+        s = mpmath.fsum(e)
+        p = [x / s for x in e]
+        logs = mpmath.log(s)
+        logp = [v - logs if v != -_INF else -_INF for v in z]
+        others = [mpmath.fsum(e[:j] + e[j + 1 :]) / s for j in range(len(z))]
+        return p, logp, others
+
+    @staticmethod
+    def _sigmoid(v: Any) -> tuple[Any, Any, Any, Any]:
+        """(p, 1 - p, log p, log(1 - p)) of one logit, plain definitions."""
+        if _isnan(v):
+            return _NAN, _NAN, _NAN, _NAN
+        if v == _INF:
+            return mpmath.mpf(1), mpmath.mpf(0), mpmath.mpf(0), -_INF
+        if v == -_INF:
+            return mpmath.mpf(0), mpmath.mpf(1), -_INF, mpmath.mpf(0)
+        p = 1 / (1 + mpmath.exp(-v))
+        q = 1 / (1 + mpmath.exp(v))
+        return p, q, -mpmath.log(1 + mpmath.exp(-v)), -mpmath.log(1 + mpmath.exp(v))
+
+    def _rows(self, z: np.ndarray) -> list[list[Any]]:
+        return [[_mp(v) for v in row] for row in z.reshape(-1, z.shape[-1])]
+
+    def probabilities(self, z: np.ndarray) -> np.ndarray:
+        with mpmath.workdps(DIGITS):
+            out = []
+            for row in self._rows(z):
+                if self.head.activation == "softmax":
+                    out.append(self._softmax_row(row)[0])
+                else:
+                    out.append([self._sigmoid(v)[0] for v in row])
+        return np.array(out, dtype=object).reshape(z.shape)
+
+    def log_probabilities(self, z: np.ndarray) -> np.ndarray:
+        with mpmath.workdps(DIGITS):
+            out = []
+            for row in self._rows(z):
+                if self.head.activation == "softmax":
+                    out.append(self._softmax_row(row)[1])
+                else:
+                    out.append([self._sigmoid(v)[2] for v in row])
+        return np.array(out, dtype=object).reshape(z.shape)
+
+    def predict(self, z: np.ndarray) -> np.ndarray:
+        head = self.head
+        if head.task == "multiclass":
+            return np.array([int(np.argmax(r)) for r in z.reshape(-1, z.shape[-1])]).reshape(z.shape[:-1])
+        cut = z.dtype.type(math.log(head.threshold / (1 - head.threshold)))
+        if head.task == "binary":
+            d = (z[..., 1] - z[..., 0]) if head.binary_units == 2 else z[..., 0]
+            return (d > cut).astype(np.int64)
+        return (z > cut).astype(np.int64)
+
+    # ------------------------------------------------------------------ targets and weights
+    def _targets(self, labels: np.ndarray, lead: tuple[int, ...], sw: np.ndarray | None):
+        """Per example: (tau or (a, b) per output, weight(s)) as mpf lists."""
+        head = self.head
+        eps = _mp(head.label_smoothing)
+        k = head.num_classes
+        n = int(np.prod(lead, dtype=np.int64))
+        if sw is None:
+            s = np.ones(lead + ((k,) if head.task == "multilabel" else ()), dtype=np.float64)
+        else:
+            sw = np.asarray(sw, dtype=np.float64)
+            full = lead + ((k,) if head.task == "multilabel" else ())
+            s = np.broadcast_to(sw.reshape(sw.shape + (1,) * (len(full) - sw.ndim)), full)
+        cw = [_mp(w) for w in head.class_weights] if head.class_weights is not None else None
+        pw = head.pos_weight
+        out = []
+        if head.task == "multiclass":
+            lab = labels.reshape(n, -1) if head.label_format != "sparse" else labels.reshape(n)
+            s = s.reshape(n)
+            for i in range(n):
+                if head.label_format == "sparse":
+                    y = int(lab[i])
+                    if head.ignore_index is not None and y == head.ignore_index:
+                        out.append((None, mpmath.mpf(0)))
+                        continue
+                    t = [mpmath.mpf(1 if c == y else 0) for c in range(k)]
+                else:
+                    t = [_mp(v) for v in lab[i]]
+                tau = [(1 - eps) * tc + eps / k for tc in t]
+                w = _mp(s[i]) * (mpmath.fsum(wc * tc for wc, tc in zip(cw, t)) if cw else 1)
+                out.append((tau, w))
+            return out
+        if head.task == "binary":
+            lab = labels.reshape(n)
+            s = s.reshape(n)
+            for i in range(n):
+                if head.ignore_index is not None and lab[i] == head.ignore_index:
+                    out.append((None, mpmath.mpf(0)))
+                    continue
+                q = _mp(lab[i])
+                pos = (1 - eps) * q + eps / 2
+                neg = 1 - pos
+                if pw is not None:
+                    pos = pos * _mp(pw)
+                w = _mp(s[i]) * ((cw[0] * (1 - q) + cw[1] * q) if cw else 1)
+                out.append(([neg, pos], w))
+            return out
+        lab = labels.reshape(n, k)
+        s = s.reshape(n, k)
+        pws = [_mp(pw)] * k if isinstance(pw, float) else ([_mp(v) for v in pw] if pw else None)
+        for i in range(n):
+            a, b, w = [], [], []
+            for c in range(k):
+                q = _mp(lab[i, c])
+                pos = (1 - eps) * q + eps / 2
+                a.append(pos * (pws[c] if pws else 1))
+                b.append(1 - pos)
+                w.append(_mp(s[i, c]) * (cw[c] if cw else 1))
+            out.append(((a, b), w))
+        return out
+
+    # ------------------------------------------------------------------ losses and gradients
+    def evaluate(
+        self, z: np.ndarray, labels: Any, sample_weight: Any = None
+    ) -> dict[str, Any]:
+        """Per-example values (``reduction="none"``), the reduced loss, the gradient of the
+        reduced loss (of the sum of per-example values for ``"none"``) with respect to ``z``, and
+        ``grad_scale``: per gradient entry, the larger magnitude of the two terms whose difference
+        it is (``p_j (V - v_j)`` and ``v_j (1 - p_j)``; equal to ``|grad|`` for hard labels), the
+        scale at which a float computation can resolve it."""
+        head = self.head
+        z = np.asarray(z)
+        labels = np.asarray(labels)
+        lead = tuple(z.shape[:-1])
+        if head.label_format in ("binary", "probabilities") and head.task == "binary" and labels.shape == lead + (1,):
+            labels = labels[..., 0]
+        gamma = _mp(head.focal_gamma)
+        with mpmath.workdps(DIGITS):
+            rows = self._rows(z)
+            targets = self._targets(labels, lead, sample_weight)
+            per, dper, sizes, weights = [], [], [], []
+            for row, (tgt, w) in zip(rows, targets):
+                if head.activation == "softmax":
+                    l, d, sz = self._softmax_loss(row, tgt, gamma, w)
+                else:
+                    l, d, sz = self._sigmoid_loss(row, tgt, gamma, w)
+                per.append(l)
+                dper.append(d)
+                sizes.append(sz)
+                weights.append(w if (head.activation == "softmax" or isinstance(w, list)) else [w])
+            k = z.shape[-1]
+            sig = head.activation == "sigmoid"
+            if sig:
+                none = [mpmath.fsum(li) / k for li in per]
+                wtot = mpmath.fsum(mpmath.fsum(wi) for wi in weights)
+            else:
+                none = per
+                wtot = mpmath.fsum(weights)
+            total = mpmath.fsum(none)
+            if head.reduction == "none":
+                loss: Any = np.array(none, dtype=object).reshape(lead)
+                scale = mpmath.mpf(1)
+            elif head.reduction == "sum":
+                loss = total
+                scale = mpmath.mpf(1)
+            else:
+                loss = total * k / wtot if (sig and wtot > 0) else (total / wtot if wtot > 0 else mpmath.mpf(0))
+                scale = (mpmath.mpf(k) / wtot if sig else 1 / wtot) if wtot > 0 else mpmath.mpf(0)
+            f = scale / (k if sig else 1)
+            grad = np.array([[g * f for g in d] for d in dper], dtype=object).reshape(z.shape)
+            size = np.array([[g * f for g in d] for d in sizes], dtype=object).reshape(z.shape)
+        return {
+            "none": np.array(none, dtype=object).reshape(lead),
+            "loss": loss,
+            "grad": grad,
+            "grad_scale": size,
+        }
+
+    def _softmax_loss(self, z: list[Any], tau: list[Any] | None, gamma: Any, w: Any):
+        """Weighted per-example loss ``w * l`` and its gradient ``w * dl/dz`` (0 if ``w == 0``)."""
+        k = len(z)
+        if w == 0 or tau is None:
+            return mpmath.mpf(0), [mpmath.mpf(0)] * k, [mpmath.mpf(0)] * k
+        p, logp, q = self._softmax_row(z)
+        if _isnan(p[0]):
+            return _NAN, [_NAN] * k, [_NAN] * k
+
+        def term(c: int) -> Any:  # -tau_c (1-p_c)^gamma log p_c with 0 log 0 = 0
+            if tau[c] == 0:
+                return mpmath.mpf(0)
+            return -tau[c] * q[c] ** gamma * logp[c]
+
+        loss = w * mpmath.fsum(term(c) for c in range(k))
+        # d/dz_j of -(1-p_c)^gamma log p_c = -(delta_cj - p_j) g_c,
+        # g_c = (1-p_c)^gamma - gamma p_c (1-p_c)^(gamma-1) log p_c
+        g = []
+        for c in range(k):
+            if tau[c] == 0:
+                g.append(mpmath.mpf(0))
+            elif gamma == 0:
+                g.append(mpmath.mpf(1))
+            elif q[c] == 0:
+                g.append(mpmath.mpf(0))
+            else:
+                g.append(q[c] ** gamma - gamma * p[c] * q[c] ** (gamma - 1) * (logp[c] if p[c] > 0 else 0))
+        v = [tau[c] * g[c] for c in range(k)]
+        grad, size = [], []
+        for j in range(k):
+            others = mpmath.fsum(v[:j] + v[j + 1 :])
+            grad.append(w * (p[j] * others - v[j] * q[j]))
+            size.append(w * max(p[j] * others, v[j] * q[j]))
+        return loss, grad, size
+
+    def _sigmoid_loss(self, z: list[Any], tgt: Any, gamma: Any, w: Any):
+        k = len(z)
+        if isinstance(w, list):  # multilabel: per-element weights
+            a, b = tgt
+            ws = w
+        else:  # binary, one unit
+            if w == 0 or tgt is None:
+                return [mpmath.mpf(0)], [mpmath.mpf(0)], [mpmath.mpf(0)]
+            neg, pos = tgt
+            a, b, ws = [pos], [neg], [w]
+        losses, grads, sizes = [], [], []
+        for c in range(k):
+            if ws[c] == 0:
+                losses.append(mpmath.mpf(0))
+                grads.append(mpmath.mpf(0))
+                sizes.append(mpmath.mpf(0))
+                continue
+            p, q, logp, logq = self._sigmoid(z[c])
+            if _isnan(p):
+                losses.append(_NAN)
+                grads.append(_NAN)
+                sizes.append(_NAN)
+                continue
+            ta = 0 if a[c] == 0 else -a[c] * q**gamma * logp
+            tb = 0 if b[c] == 0 else -b[c] * p**gamma * logq
+            losses.append(ws[c] * (ta + tb))
+            # d/dz: -a (1-p)^g [(1-p) - g p log p] - b p^g [g (1-p) log(1-p) - p]
+            da = 0 if a[c] == 0 else -a[c] * q**gamma * (q - gamma * (p * logp if p > 0 else 0))
+            db = 0 if b[c] == 0 else -b[c] * p**gamma * (gamma * (q * logq if q > 0 else 0) - p)
+            grads.append(ws[c] * (da + db))
+            sizes.append(ws[c] * max(abs(da), abs(db)))
+        return losses, grads, sizes

@@ -1,0 +1,27 @@
+"""unihead: one classification-head spec, the same numbers in every framework.
+
+    >>> import unihead
+    >>> head = unihead.ClassificationHead.multiclass(4)
+    >>> compiled = unihead.compile(head, "numpy")       # or "torch", "jax", "keras"
+
+``import unihead`` imports no deep-learning framework; backends are loaded on first use.
+"""
+
+from ._registry import available_backends, compile
+from ._version import __version__
+from .compiled import CompiledHead
+from .errors import BackendNotAvailableError, HeadSpecError
+from .spec import ClassificationHead
+from .validation import set_validation, validation
+
+__all__ = [
+    "__version__",
+    "ClassificationHead",
+    "CompiledHead",
+    "compile",
+    "available_backends",
+    "set_validation",
+    "validation",
+    "HeadSpecError",
+    "BackendNotAvailableError",
+]

@@ -1,0 +1,231 @@
+"""Head-level computation shared by every backend: labels -> targets and weights, the per-example
+loss, the reduction, and the analytic backward pass, on top of :mod:`unihead.formulas`.
+
+``Engine.forward`` returns the loss and the residuals the backward pass needs;
+``Engine.backward`` maps an upstream gradient to the gradient with respect to the logits.
+Backends plug these into their own autodiff (``torch.autograd.Function``, ``jax.custom_vjp``,
+``tf.custom_gradient``); the NumPy backend calls both directly.
+
+Inputs are already validated (:mod:`unihead.validation`): logits are float32/float64 of shape
+``(..., num_outputs)``, labels have the documented shape and values, the sample weight is
+broadcastable as documented, and everything floating is in the compute dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+from . import formulas as F
+from ._ops import Ops
+from .spec import ClassificationHead
+
+__all__ = ["Engine", "Prepared"]
+
+
+class Prepared(NamedTuple):
+    """Targets and weights in the form the formulas take.
+
+    ``path``: ``"sparse"`` (softmax, integer targets ``y``), ``"dense"`` (softmax, target weights
+    ``tau`` of shape ``(..., K)``) or ``"sigmoid"`` (elementwise positive/negative target weights
+    ``a``, ``b`` of shape ``(..., K)``).  ``w``: the example weights (sample weight x class weight x
+    ignore mask), shape ``(...)`` for softmax paths and ``(..., K)`` for the sigmoid path.
+    """
+
+    path: str
+    y: Any = None
+    tau: Any = None
+    a: Any = None
+    b: Any = None
+    w: Any = None
+
+
+class Engine:
+    """The computation of one head over one array namespace."""
+
+    def __init__(self, head: ClassificationHead, ops: Ops):
+        self.head = head
+        self.ops = ops
+        self.gamma = float(head.focal_gamma)
+        self.eps = float(head.label_smoothing)
+
+    # ------------------------------------------------------------------ probabilities
+    def probabilities(self, z: Any) -> Any:
+        if self.head.activation == "softmax":
+            return F.softmax_probabilities(self.ops, F.softmax_stats(self.ops, z))
+        return F.sigmoid_probabilities(self.ops, z)[0]
+
+    def log_probabilities(self, z: Any) -> Any:
+        if self.head.activation == "softmax":
+            return F.softmax_log_probabilities(self.ops, z, F.softmax_stats(self.ops, z))
+        return -F.sigmoid_stats(self.ops, z).nlp
+
+    def predict(self, z: Any) -> Any:
+        """Class ids ``(...)`` (binary, multiclass) or 0/1 ``(..., K)`` (multilabel).
+
+        Sigmoid outputs: 1 where ``z > logit(threshold)``; a 2-unit binary head: 1 where
+        ``z_1 - z_0 > logit(threshold)``; multiclass: the first index of the maximum."""
+        xp, head = self.ops.xp, self.head
+        if head.task == "multiclass":
+            return xp.argmax(z, axis=-1)
+        cut = math.log(head.threshold / (1.0 - head.threshold))
+        if head.task == "binary":
+            d = z[..., 1] - z[..., 0] if head.binary_units == 2 else z[..., 0]
+            return xp.astype(d > cut, self.ops.index_dtype())
+        return xp.astype(z > cut, self.ops.index_dtype())
+
+    # ------------------------------------------------------------------ targets and weights
+    def prepare(self, z: Any, labels: Any, sample_weight: Any = None) -> Prepared:
+        """Turn validated labels and sample weights into :class:`Prepared` targets/weights."""
+        ops, xp, head = self.ops, self.ops.xp, self.head
+        eps = self.eps
+        lead = tuple(z.shape[:-1])
+        k = head.num_outputs
+        ones = xp.ones(lead, dtype=z.dtype, device=ops.device(z))
+        w = ones if sample_weight is None else _broadcast_prefix(xp, sample_weight, lead) * ones
+        cw = None if head.class_weights is None else ops.asarray(head.class_weights, like=z)
+
+        if head.task == "multilabel":
+            q = labels
+            w_el = _broadcast_prefix(xp, sample_weight, lead + (k,)) if sample_weight is not None else None
+            w_el = xp.ones_like(z) if w_el is None else w_el * xp.ones_like(z)
+            if cw is not None:
+                w_el = w_el * cw
+            a, b = self._binary_targets(q)
+            if head.pos_weight is not None:
+                a = a * ops.asarray(head.pos_weight, like=z)
+            return Prepared("sigmoid", a=a, b=b, w=w_el)
+
+        if head.task == "binary":
+            q = labels
+            if head.ignore_index is not None:
+                valid = labels != head.ignore_index
+                w = ops.where0(valid, w)
+                q = ops.where0(valid, q)
+            if cw is not None:
+                w = w * (cw[0] * (1 - q) + cw[1] * q)
+            if head.binary_units == 2 and head.label_format == "binary" and head.pos_weight is None:
+                return Prepared("sparse", y=xp.astype(q, ops.index_dtype()), w=w)
+            a, b = self._binary_targets(q)
+            if head.pos_weight is not None:
+                a = a * head.pos_weight
+            if head.binary_units == 1:
+                return Prepared(
+                    "sigmoid",
+                    a=xp.expand_dims(a, axis=-1),
+                    b=xp.expand_dims(b, axis=-1),
+                    w=xp.expand_dims(w, axis=-1),
+                )
+            return Prepared("dense", tau=xp.stack([b, a], axis=-1), w=w)
+
+        # multiclass
+        if head.label_format == "sparse":
+            y = labels
+            if head.ignore_index is not None:
+                valid = y != head.ignore_index
+                w = ops.where0(valid, w)
+                y = xp.where(valid, y, xp.zeros_like(y))
+            y = xp.astype(y, ops.index_dtype())
+            if cw is not None:
+                w = w * xp.reshape(xp.take(cw, xp.reshape(y, (-1,))), lead)
+            if self.gamma != 0.0:
+                t = xp.astype(xp.expand_dims(y, axis=-1) == xp.arange(k, device=ops.device(z)), z.dtype)
+                return Prepared("dense", tau=self._smooth(t), w=w)
+            return Prepared("sparse", y=y, w=w)
+        t = labels
+        if cw is not None:
+            w = w * xp.sum(t * cw, axis=-1)
+        return Prepared("dense", tau=self._smooth(t) if eps else t, w=w)
+
+    def _smooth(self, t: Any) -> Any:
+        eps = self.eps
+        if eps == 0.0:
+            return t
+        return (1.0 - eps) * t + eps / t.shape[-1]
+
+    def _binary_targets(self, q: Any) -> tuple[Any, Any]:
+        """Positive and negative target weights ``(y', 1 - y')`` with ``y' = y(1-eps) + eps/2``,
+        the negative one formed from ``1 - y`` (no cancellation)."""
+        eps = self.eps
+        if eps == 0.0:
+            return q, 1 - q
+        return (1.0 - eps) * q + eps / 2, (1.0 - eps) * (1 - q) + eps / 2
+
+    # ------------------------------------------------------------------ loss
+    def forward(self, z: Any, prep: Prepared, keep: str = "stats") -> tuple[Any, dict[str, Any]]:
+        """The reduced loss and the residuals for :meth:`backward`.
+
+        ``keep="stats"`` saves the softmax/sigmoid statistics (eager frameworks: the backward pass
+        is one multiply); ``keep="inputs"`` saves only the logits and recomputes them (compilers
+        that fuse the recomputation into the backward kernel, such as XLA)."""
+        ops = self.ops
+        res: dict[str, Any] = {"z": z}
+        if prep.path == "sigmoid":
+            st = F.sigmoid_stats(ops, z)
+            per = F.sigmoid_loss(ops, st, prep.a, prep.b, self.gamma)
+            if keep == "stats":
+                res.update(p=st.p, q=st.q, nlp=st.nlp, nlq=st.nlq)
+        else:
+            st = F.softmax_stats(ops, z)
+            if prep.path == "sparse":
+                per = F.softmax_sparse_loss(ops, z, st, prep.y, self.eps)
+            else:
+                per = F.softmax_dense_loss(ops, z, st, prep.tau, self.gamma)
+            if keep == "stats":
+                res.update(st._asdict())
+        loss, norm = self._reduce(per, prep.w)
+        res["norm"] = norm
+        return loss, res
+
+    def _reduce(self, per: Any, w: Any) -> tuple[Any, Any]:
+        """Weighted reduction.  Returns the loss and the normaliser the backward pass divides by."""
+        ops, xp = self.ops, self.ops.xp
+        v = ops.where0(w > 0, w * per)
+        sigmoid = self.head.activation == "sigmoid"
+        k = per.shape[-1] if sigmoid else 1
+        red = self.head.reduction
+        if red == "none":
+            return (xp.mean(v, axis=-1) if sigmoid else v), None
+        total = ops.total(v)
+        if red == "sum":
+            return (total / k if sigmoid else total), None
+        wsum = ops.total(w)
+        safe = xp.where(wsum > 0, wsum, ops.scalar(1.0, wsum))
+        return ops.where0(wsum > 0, total / safe), safe
+
+    def backward(self, res: dict[str, Any], prep: Prepared, g: Any) -> Any:
+        """Gradient of the loss with respect to the logits, times the upstream gradient ``g``
+        (a scalar, or per example for ``reduction="none"``)."""
+        ops, xp, head = self.ops, self.ops.xp, self.head
+        z = res["z"]
+        w = prep.w
+        if head.reduction == "none":
+            scale = w * (xp.expand_dims(g, axis=-1) if prep.path == "sigmoid" else g)
+        elif head.reduction == "sum":
+            scale = w * g
+        else:
+            scale = w * (g / res["norm"])
+        if prep.path == "sigmoid":
+            if head.reduction != "mean":
+                scale = scale / z.shape[-1]
+            if "p" in res:
+                st = F.SigmoidStats(res["p"], res["q"], res["nlp"], res["nlq"])
+            else:
+                st = F.sigmoid_stats(ops, z)
+            grad = F.sigmoid_grad(ops, st, prep.a, prep.b, self.gamma, scale)
+            return ops.where0(w > 0, grad)
+        if "Y" in res:
+            st = F.SoftmaxStats(*(res[name] for name in F.SoftmaxStats._fields))
+        else:
+            st = F.softmax_stats(ops, z)
+        if prep.path == "sparse":
+            grad = F.softmax_sparse_grad(ops, z, st, prep.y, self.eps, scale)
+        else:
+            grad = F.softmax_dense_grad(ops, z, st, prep.tau, self.gamma, scale)
+        return ops.where0(xp.expand_dims(w, axis=-1) > 0, grad)
+
+
+def _broadcast_prefix(xp: Any, x: Any, shape: tuple[int, ...]) -> Any:
+    """Reshape ``x`` (whose shape is a prefix of ``shape``) to broadcast against ``shape``."""
+    extra = len(shape) - x.ndim
+    return xp.reshape(x, tuple(x.shape) + (1,) * extra) if extra else x

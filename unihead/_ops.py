@@ -1,0 +1,116 @@
+"""The few array primitives the shared formulas need beyond the Array API standard.
+
+The formulas in :mod:`unihead.formulas` are written once against the Array API standard (through
+``array-api-compat``), so NumPy, PyTorch and JAX arrays run the same code.  A handful of
+operations are not in the standard (a scatter along the last axis) or have a much faster native
+form (a fused multiply-add, a gather); :class:`Ops` gives them a portable default and each backend
+may override just those methods — the same split einops uses between its core and its backends.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["Ops", "exp_underflow_gap"]
+
+
+def exp_underflow_gap(dtype_bits: int) -> float:
+    """A shift ``g`` with ``exp(-g) == 0`` in a float of this width: logits further than ``g``
+    below the row maximum contribute exactly nothing to a softmax, so they may be clamped there."""
+    return {16: 32.0, 32: 128.0, 64: 1024.0}[dtype_bits]
+
+
+class Ops:
+    """Array primitives over one Array API namespace ``xp``.
+
+    Backends subclass this and override what they can do better natively; everything the
+    formulas compute is expressed with ``self.xp`` plus these methods.
+    """
+
+    name = "array-api"
+
+    def __init__(self, xp: Any):
+        self.xp = xp
+
+    # -- dtypes --------------------------------------------------------------------------
+    def bits(self, x: Any) -> int:
+        """Width in bits of the floating dtype of ``x`` (16, 32 or 64)."""
+        xp = self.xp
+        return int(xp.finfo(x.dtype).bits)
+
+    def is_floating(self, x: Any) -> bool:
+        return self.xp.isdtype(x.dtype, "real floating")
+
+    def is_integer(self, x: Any) -> bool:
+        return self.xp.isdtype(x.dtype, "integral")
+
+    def is_bool(self, x: Any) -> bool:
+        return self.xp.isdtype(x.dtype, "bool")
+
+    def scalar(self, value: float, like: Any) -> Any:
+        """A 0-d array of ``like``'s dtype (and device): avoids slow Python-scalar paths."""
+        return self.xp.asarray(value, dtype=like.dtype, device=self.device(like))
+
+    def device(self, x: Any) -> Any:
+        return getattr(x, "device", None)
+
+    def astype(self, x: Any, like: Any) -> Any:
+        xp = self.xp
+        if x.dtype == like.dtype:
+            return x
+        return xp.astype(x, like.dtype)
+
+    def asarray(self, x: Any, like: Any = None, dtype: Any = None) -> Any:
+        xp = self.xp
+        if like is not None:
+            return xp.asarray(x, dtype=dtype if dtype is not None else like.dtype, device=self.device(like))
+        return xp.asarray(x) if dtype is None else xp.asarray(x, dtype=dtype)
+
+    def index_dtype(self) -> Any:
+        return self.xp.int64
+
+    # -- elementwise -----------------------------------------------------------------------
+    def mul_add(self, x: Any, y: Any, z: Any) -> Any:
+        """``x + y * z`` (a fused kernel where the backend has one)."""
+        return x + y * z
+
+    def where0(self, cond: Any, x: Any) -> Any:
+        """``where(cond, x, 0)``."""
+        return self.xp.where(cond, x, self.scalar(0.0, x))
+
+    # -- indexing along the class axis --------------------------------------------------------
+    def take_last(self, x: Any, idx: Any) -> Any:
+        """``x[..., idx]`` for one index per row: ``(..., K), (...) -> (...)``."""
+        xp = self.xp
+        return xp.take_along_axis(x, xp.expand_dims(idx, axis=-1), axis=-1)[..., 0]
+
+    def put_last(self, x: Any, idx: Any, values: Any) -> Any:
+        """``x`` with ``x[..., idx] = values`` (one index per row).  May write into ``x`` when the
+        backend can (callers only pass arrays they created)."""
+        xp = self.xp
+        k = x.shape[-1]
+        iota = xp.arange(k, dtype=idx.dtype, device=self.device(x))
+        return xp.where(iota == xp.expand_dims(idx, axis=-1), xp.expand_dims(values, axis=-1), x)
+
+    # -- reductions ---------------------------------------------------------------------------
+    def row_sum(self, x: Any) -> Any:
+        """Sum over the class axis, keeping it: ``(..., K) -> (..., 1)``."""
+        return self.xp.sum(x, axis=-1, keepdims=True)
+
+    def total(self, x: Any) -> Any:
+        """Accurate sum of every element (the reductions over examples).  Accumulates in float64
+        where the namespace has it; backends without float64 override this."""
+        xp = self.xp
+        if x.dtype == xp.float64:
+            return xp.sum(x)
+        return xp.astype(xp.sum(xp.astype(x, xp.float64)), x.dtype)
+
+    # -- value inspection (validation only; never on the compute path) -------------------------
+    def is_concrete(self, x: Any) -> bool:
+        """False when ``x`` has no values yet (a tracer): validation of values is skipped."""
+        return True
+
+    def to_numpy(self, x: Any) -> Any:
+        import numpy as np
+
+        return np.asarray(x)

@@ -1,0 +1,133 @@
+"""The compiled head every backend returns, and the canonical weight layout they share."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+
+from ._engine import Engine
+from ._ops import Ops
+from .spec import ClassificationHead
+from .validation import check_inputs, check_logits
+
+__all__ = ["CompiledHead", "canonical_weights", "glorot_uniform"]
+
+
+class CompiledHead:
+    """A :class:`~unihead.ClassificationHead` bound to one framework.
+
+    Methods (the same on every backend):
+
+    - ``probabilities(logits)`` -> ``(..., num_outputs)``: sigmoid or softmax of the logits;
+    - ``log_probabilities(logits)``: their logarithm, computed directly (accurate where the
+      probability rounds to 0 or 1);
+    - ``loss(logits, labels, sample_weight=None)`` -> scalar, or per example for
+      ``reduction="none"``; differentiable with respect to the logits in frameworks with autodiff;
+    - ``predict(logits)`` -> class ids ``(...)`` (binary, multiclass) or 0/1 ``(..., K)``
+      (multilabel);
+    - ``layer(in_features, weights=None)`` -> the framework's own output layer producing logits.
+
+    float16/bfloat16 logits are computed in float32 (results are float32); float32 and float64
+    are computed in their own dtype.  ``validate=False`` skips the value checks of labels and
+    weights (no device synchronisation); shape and dtype checks always run.
+    """
+
+    backend: str = "?"
+
+    def __init__(self, head: ClassificationHead, *, validate: bool = True):
+        if not isinstance(head, ClassificationHead):
+            raise TypeError(f"compile() takes a ClassificationHead, got {type(head).__name__}.")
+        self.head = head
+        self.validate = bool(validate)
+
+    # -- hooks a backend provides -----------------------------------------------------------
+    ops: Ops
+
+    def _logits(self, logits: Any) -> Any:
+        """Convert to the backend's array type and the compute dtype, and check the shape."""
+        raise NotImplementedError  # pragma: no cover - every backend implements it
+
+    def _as_array(self, x: Any, like: Any) -> Any:
+        """Convert labels/weights to the backend's array type on ``like``'s device."""
+        raise NotImplementedError  # pragma: no cover
+
+    # -- shared implementation ---------------------------------------------------------------
+    def _engine(self) -> Engine:
+        return Engine(self.head, self.ops)
+
+    def _check(self, z: Any) -> Any:
+        check_logits(self.ops, self.head, z)
+        return z
+
+    def _inputs(self, z: Any, labels: Any, sample_weight: Any) -> tuple[Any, Any]:
+        labels = self._as_array(labels, z)
+        if sample_weight is not None:
+            sample_weight = self._as_array(sample_weight, z)
+        return check_inputs(self.ops, self.head, z, labels, sample_weight, validate=self.validate)
+
+    def probabilities(self, logits: Any) -> Any:
+        return self._engine().probabilities(self._logits(logits))
+
+    def log_probabilities(self, logits: Any) -> Any:
+        return self._engine().log_probabilities(self._logits(logits))
+
+    def predict(self, logits: Any) -> Any:
+        return self._engine().predict(self._logits(logits))
+
+    def loss(self, logits: Any, labels: Any, sample_weight: Any = None) -> Any:
+        raise NotImplementedError  # pragma: no cover
+
+    def layer(self, in_features: int, weights: Any = None, **kwargs: Any) -> Any:
+        raise NotImplementedError  # pragma: no cover
+
+    def __repr__(self) -> str:
+        return f"<unihead {self.backend} head: {self.head!r}>"
+
+
+def glorot_uniform(rng: np.random.Generator, fan_in: int, fan_out: int, dtype: Any) -> np.ndarray:
+    """Keras' default kernel initialiser: U(-a, a), a = sqrt(6 / (fan_in + fan_out))."""
+    limit = np.sqrt(6.0 / (fan_in + fan_out))
+    return rng.uniform(-limit, limit, size=(fan_in, fan_out)).astype(dtype)
+
+
+def canonical_weights(
+    head: ClassificationHead, in_features: int | None, weights: Any
+) -> tuple[np.ndarray, np.ndarray]:
+    """Validate weights in unihead's canonical layout and return ``(kernel, bias)`` as NumPy arrays:
+    ``kernel`` of shape ``(in_features, num_outputs)`` (Keras/Flax layout), ``bias`` of shape
+    ``(num_outputs,)``.  Accepts a mapping with keys ``"kernel"`` and ``"bias"`` or a pair."""
+    if isinstance(weights, Mapping):
+        unknown = set(weights) - {"kernel", "bias"}
+        if unknown or "kernel" not in weights or "bias" not in weights:
+            raise ValueError(
+                f"weights must have the keys 'kernel' (in_features, num_outputs) and 'bias' "
+                f"(num_outputs,); got keys {sorted(map(str, weights))}."
+            )
+        kernel, bias = weights["kernel"], weights["bias"]
+    elif isinstance(weights, (tuple, list)) and len(weights) == 2:
+        kernel, bias = weights
+    else:
+        raise TypeError(
+            "weights must be {'kernel': (in_features, num_outputs), 'bias': (num_outputs,)} or a "
+            f"(kernel, bias) pair; got {type(weights).__name__}."
+        )
+    kernel = np.asarray(kernel)
+    bias = np.asarray(bias)
+    k = head.num_outputs
+    if kernel.ndim != 2 or kernel.shape[1] != k or (in_features is not None and kernel.shape[0] != in_features):
+        want = f"({in_features if in_features is not None else 'in_features'}, {k})"
+        hint = ""
+        if kernel.ndim == 2 and kernel.shape[0] == k and kernel.shape[1] != k:
+            hint = (
+                " It looks transposed: unihead's canonical layout is (in, out) like Keras and Flax; "
+                "a PyTorch nn.Linear.weight is (out, in), so pass weight.T."
+            )
+        raise ValueError(
+            f"kernel must have shape {want} (in_features, num_outputs); got {kernel.shape}.{hint}"
+        )
+    if bias.shape != (k,):
+        raise ValueError(f"bias must have shape ({k},) (num_outputs,); got {bias.shape}.")
+    if not (np.issubdtype(kernel.dtype, np.floating) and np.issubdtype(bias.dtype, np.floating)):
+        raise TypeError(f"weights must be floating-point; got kernel {kernel.dtype}, bias {bias.dtype}.")
+    return kernel, bias
