@@ -91,9 +91,25 @@ class Dense:
         return f"Dense(in_features={self.in_features}, out_features={self.kernel.shape[1]}, head={self.head!r})"
 
 
+def _quiet(method):
+    """NaN/inf logits have documented results (docs/semantics.md §8): no RuntimeWarnings."""
+    import functools
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        with np.errstate(all="ignore"):
+            return method(*args, **kwargs)
+
+    return wrapper
+
+
 class NumpyHead(CompiledHead):
     backend = "numpy"
     ops = _OPS
+
+    probabilities = _quiet(CompiledHead.probabilities)
+    log_probabilities = _quiet(CompiledHead.log_probabilities)
+    predict = _quiet(CompiledHead.predict)
 
     def _logits(self, logits: Any) -> np.ndarray:
         z = np.asarray(logits)
@@ -108,6 +124,7 @@ class NumpyHead(CompiledHead):
     def _as_array(self, x: Any, like: Any) -> np.ndarray:
         return np.asarray(x)
 
+    @_quiet
     def loss(self, logits: Any, labels: Any, sample_weight: Any = None) -> np.ndarray:
         """The loss (0-d array, or ``(...)`` per example for ``reduction="none"``)."""
         z = self._logits(logits)
@@ -116,6 +133,7 @@ class NumpyHead(CompiledHead):
         loss, _ = engine.forward(z, engine.prepare(z, labels, sample_weight), keep="inputs")
         return np.asarray(loss)
 
+    @_quiet
     def loss_and_gradient(
         self, logits: Any, labels: Any, sample_weight: Any = None, upstream: Any = None
     ) -> tuple[np.ndarray, np.ndarray]:

@@ -81,8 +81,6 @@ class Engine:
         eps = self.eps
         lead = tuple(z.shape[:-1])
         k = head.num_outputs
-        ones = xp.ones(lead, dtype=z.dtype, device=ops.device(z))
-        w = ones if sample_weight is None else _broadcast_prefix(xp, sample_weight, lead) * ones
         cw = None if head.class_weights is None else ops.asarray(head.class_weights, like=z)
 
         if head.task == "multilabel":
@@ -96,6 +94,8 @@ class Engine:
                 a = a * ops.asarray(head.pos_weight, like=z)
             return Prepared("sigmoid", a=a, b=b, w=w_el)
 
+        ones = xp.ones(lead, dtype=z.dtype, device=ops.device(z))
+        w = ones if sample_weight is None else _broadcast_prefix(xp, sample_weight, lead) * ones
         if head.task == "binary":
             q = labels
             if head.ignore_index is not None:
@@ -105,7 +105,7 @@ class Engine:
             if cw is not None:
                 w = w * (cw[0] * (1 - q) + cw[1] * q)
             if head.binary_units == 2 and head.label_format == "binary" and head.pos_weight is None:
-                return Prepared("sparse", y=xp.astype(q, ops.index_dtype()), w=w)
+                return self._class_ids(xp.astype(q, ops.index_dtype()), w, z)
             a, b = self._binary_targets(q)
             if head.pos_weight is not None:
                 a = a * head.pos_weight
@@ -128,14 +128,21 @@ class Engine:
             y = xp.astype(y, ops.index_dtype())
             if cw is not None:
                 w = w * xp.reshape(xp.take(cw, xp.reshape(y, (-1,))), lead)
-            if self.gamma != 0.0:
-                t = xp.astype(xp.expand_dims(y, axis=-1) == xp.arange(k, device=ops.device(z)), z.dtype)
-                return Prepared("dense", tau=self._smooth(t), w=w)
-            return Prepared("sparse", y=y, w=w)
+            return self._class_ids(y, w, z)
         t = labels
         if cw is not None:
             w = w * xp.sum(t * cw, axis=-1)
         return Prepared("dense", tau=self._smooth(t) if eps else t, w=w)
+
+    def _class_ids(self, y: Any, w: Any, z: Any) -> Prepared:
+        """Integer targets for a softmax head: the sparse fast path, or (focal loss, which needs
+        every class's probability) the equivalent dense one-hot targets."""
+        ops, xp = self.ops, self.ops.xp
+        if self.gamma == 0.0:
+            return Prepared("sparse", y=y, w=w)
+        k = z.shape[-1]
+        t = xp.astype(xp.expand_dims(y, axis=-1) == xp.arange(k, device=ops.device(z)), z.dtype)
+        return Prepared("dense", tau=self._smooth(t), w=w)
 
     def _smooth(self, t: Any) -> Any:
         eps = self.eps

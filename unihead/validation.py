@@ -69,10 +69,7 @@ def _value(ops: Ops, x: Any, idx: tuple[int, ...]) -> Any:
     v = np.asarray(ops.to_numpy(x))[idx]
     if isinstance(v, np.ndarray):
         return np.array2string(v, threshold=12, separator=", ")
-    v = v.item()
-    if isinstance(v, float) and v.is_integer() and abs(v) < 2**53:
-        return repr(v)
-    return repr(v)
+    return str(v)  # numpy's shortest repr of the value in its own dtype (1.2, not 1.2000000476837158)
 
 
 def _any(ops: Ops, x: Any) -> bool:
@@ -191,10 +188,8 @@ def _check_labels(
                         f"in [0, {k}) for num_classes={k}{ign}."
                     )
             return y
-        # binary labels: 0/1 (any numeric dtype) or ignore_index
-        y = y if ops.is_floating(y) else ops.astype(y, z)
-        y = ops.astype(y, z)
-        if values:
+        # binary labels: 0/1 (any numeric dtype) or ignore_index; checked in their own dtype
+        if values and not ops.is_bool(y):
             if _any(ops, xp.isnan(y)):
                 i = _first(ops, xp.isnan(y))
                 raise ValueError(f"labels{_fmt_index(i)} is NaN; binary labels must be 0 or 1.")
@@ -215,7 +210,7 @@ def _check_labels(
                     f"labels{_fmt_index(i)} = {v} is not a binary label: a binary head takes 0 or 1 "
                     f"per example{' (or ignore_index=' + str(head.ignore_index) + ')' if head.ignore_index is not None else ''}.{hint}"
                 )
-        return y
+        return ops.astype(y, z)
 
     # dense formats
     if head.task == "binary":  # binary probabilities: one P(class 1) per example
@@ -249,10 +244,17 @@ def _check_labels(
             f"labels must be floating-point for label_format='probabilities'; got dtype "
             f"{_dtype_name(y)}."
         )
-    y = ops.astype(y, z)
-    if not values:
-        return y
-    if _any(ops, xp.isnan(y)):
+    if values:
+        _check_dense_values(ops, head, y)
+    return ops.astype(y, z)
+
+
+def _check_dense_values(ops: Ops, head: ClassificationHead, y: Any) -> None:
+    """Value checks of one-hot, multi-hot and probability labels, in their own dtype."""
+    xp = ops.xp
+    fmt = head.label_format
+    k = head.num_classes
+    if ops.is_floating(y) and _any(ops, xp.isnan(y)):
         i = _first(ops, xp.isnan(y))
         raise ValueError(f"labels{_fmt_index(i)} is NaN.")
     if fmt in ("one_hot", "multi_hot"):
@@ -265,11 +267,11 @@ def _check_labels(
                 f"(label_format={fmt!r}).{hint}"
             )
         if fmt == "one_hot":
-            count = xp.sum(y, axis=-1)
+            count = xp.sum(xp.astype(y != 0, xp.int64), axis=-1)
             bad_rows = count != 1
             if _any(ops, bad_rows):
                 i = _first(ops, bad_rows)
-                n = int(float(_value(ops, count, i)))
+                n = int(_value(ops, count, i))
                 if n > 1:
                     hint = (
                         f" A row with {n} ones is multi-label: use "
@@ -284,7 +286,7 @@ def _check_labels(
                     f"labels{_fmt_index(i)} = {_value(ops, y, i)} is not one-hot: each row must have "
                     f"exactly one 1 and zeros elsewhere (found {n}).{hint}"
                 )
-        return y
+        return
     # probabilities
     bad = (y < 0) | (y > 1)
     if _any(ops, bad):
@@ -305,7 +307,6 @@ def _check_labels(
                 f"rounding: {tol:.2g}). For independent per-label probabilities use "
                 f"ClassificationHead.multilabel({k}, label_format='probabilities')."
             )
-    return y
 
 
 # ----------------------------------------------------------------------------- sample weight

@@ -1,0 +1,41 @@
+"""Shared test configuration.
+
+* Keras binds its backend once per process; the main test process uses JAX (tests for the other
+  Keras backends run in child processes).
+* In CI (``CI=true``) or with ``UNIHEAD_REQUIRE_ALL=1`` every framework must be installed: a test
+  that would skip for a missing framework fails instead, so nothing is silently skipped there.
+* Hypothesis runs derandomized (fixed seed): the suite is deterministic.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile(
+    "unihead",
+    derandomize=True,
+    deadline=None,
+    max_examples=60,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    print_blob=True,
+)
+settings.load_profile("unihead")
+
+REQUIRE_ALL = os.environ.get("UNIHEAD_REQUIRE_ALL") == "1" or os.environ.get("CI", "").lower() == "true"
+
+
+def require(module: str):
+    """Import ``module`` or skip the test (fail in CI, where every framework is installed)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        if REQUIRE_ALL:
+            pytest.fail(f"{module} must be installed for this run (CI): {exc}")
+        pytest.skip(f"{module} is not installed")
