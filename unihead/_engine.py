@@ -162,26 +162,39 @@ class Engine:
     def forward(self, z: Any, prep: Prepared, keep: str = "stats") -> tuple[Any, dict[str, Any]]:
         """The reduced loss and the residuals for :meth:`backward`.
 
-        ``keep="stats"`` saves the softmax/sigmoid statistics (eager frameworks: the backward pass
-        is one multiply); ``keep="inputs"`` saves only the logits and recomputes them (compilers
-        that fuse the recomputation into the backward kernel, such as XLA)."""
+        ``keep="stats"`` saves the softmax/sigmoid statistics the backward pass needs (eager
+        frameworks: the backward pass is one multiply and a scatter; the sparse softmax path
+        saves one ``(..., K)`` tensor, like ``F.cross_entropy``).  ``keep="inputs"`` saves only the
+        logits and recomputes the rest (compilers such as XLA fuse the recomputation into the
+        backward kernel)."""
         ops = self.ops
-        res: dict[str, Any] = {"z": z}
+        gamma = self.gamma
+        res: dict[str, Any] = {}
         if prep.path == "sigmoid":
             st = F.sigmoid_stats(ops, z)
-            per = F.sigmoid_loss(ops, st, prep.a, prep.b, self.gamma)
+            per = F.sigmoid_loss(ops, st, prep.a, prep.b, gamma)
             if keep == "stats":
-                res.update(p=st.p, q=st.q, nlp=st.nlp, nlq=st.nlq)
+                res.update(p=st.p, q=st.q)
+                if gamma != 0.0:
+                    res.update(nlp=st.nlp, nlq=st.nlq)
         else:
             st = F.softmax_stats(ops, z)
             if prep.path == "sparse":
-                per = F.softmax_sparse_loss(ops, z, st, prep.y, self.eps)
+                gap = F.softmax_target_gap(ops, z, st, prep.y)
+                per = F.softmax_sparse_loss(ops, z, st, gap, self.eps)
+                if keep == "stats":
+                    res.update(Y=st.Y, den=st.den, n=st.n, sp=st.sp, gap=gap)
             else:
-                per = F.softmax_dense_loss(ops, z, st, prep.tau, self.gamma)
-            if keep == "stats":
-                res.update(st._asdict())
+                per = F.softmax_dense_loss(ops, z, st, prep.tau, gamma)
+                if keep == "stats":
+                    res.update(Y=st.Y, mask=st.mask, sp=st.sp, n=st.n, den=st.den)
+                    if gamma != 0.0:
+                        res.update(z=z, m=st.m, L=st.L)
+        if keep != "stats":
+            res["z"] = z
         loss, norm = self._reduce(per, prep.w)
-        res["norm"] = norm
+        if norm is not None:
+            res["norm"] = norm
         return loss, res
 
     def _reduce(self, per: Any, w: Any) -> tuple[Any, Any]:
@@ -202,9 +215,8 @@ class Engine:
 
     def backward(self, res: dict[str, Any], prep: Prepared, g: Any) -> Any:
         """Gradient of the loss with respect to the logits, times the upstream gradient ``g``
-        (a scalar, or per example for ``reduction="none"``)."""
+        (a scalar, or per example for ``reduction="none"``), from :meth:`forward`'s residuals."""
         ops, xp, head = self.ops, self.ops.xp, self.head
-        z = res["z"]
         w = prep.w
         if head.reduction == "none":
             scale = w * (xp.expand_dims(g, axis=-1) if prep.path == "sigmoid" else g)
@@ -212,23 +224,31 @@ class Engine:
             scale = w * g
         else:
             scale = w * (g / res["norm"])
+        recompute = "z" in res and "Y" not in res and "p" not in res
         if prep.path == "sigmoid":
             if head.reduction != "mean":
-                scale = scale / z.shape[-1]
-            if "p" in res:
-                st = F.SigmoidStats(res["p"], res["q"], res["nlp"], res["nlq"])
+                scale = scale / prep.a.shape[-1]
+            if recompute:
+                st = F.sigmoid_stats(ops, res["z"])
             else:
-                st = F.sigmoid_stats(ops, z)
+                st = F.SigmoidStats(res["p"], res["q"], res.get("nlp"), res.get("nlq"))
             grad = F.sigmoid_grad(ops, st, prep.a, prep.b, self.gamma, scale)
             return ops.where0(w > 0, grad)
-        if "Y" in res:
-            st = F.SoftmaxStats(*(res[name] for name in F.SoftmaxStats._fields))
-        else:
+        if recompute:
+            z = res["z"]
             st = F.softmax_stats(ops, z)
+            res = dict(st._asdict(), z=z)
+            if prep.path == "sparse":
+                res["gap"] = F.softmax_target_gap(ops, z, st, prep.y)
         if prep.path == "sparse":
-            grad = F.softmax_sparse_grad(ops, z, st, prep.y, self.eps, scale)
+            grad = F.softmax_sparse_grad(
+                ops, res["Y"], res["den"], res["n"], res["sp"], prep.y, res["gap"], self.eps, scale
+            )
         else:
-            grad = F.softmax_dense_grad(ops, z, st, prep.tau, self.gamma, scale)
+            st = F.SoftmaxStats(
+                res.get("m"), res["Y"], res["mask"], res["sp"], res["n"], res["den"], res.get("L")
+            )
+            grad = F.softmax_dense_grad(ops, res.get("z"), st, prep.tau, self.gamma, scale)
         return ops.where0(xp.expand_dims(w, axis=-1) > 0, grad)
 
 

@@ -39,6 +39,7 @@ __all__ = [
     "softmax_stats",
     "softmax_probabilities",
     "softmax_log_probabilities",
+    "softmax_target_gap",
     "softmax_sparse_loss",
     "softmax_sparse_grad",
     "softmax_dense_loss",
@@ -117,8 +118,14 @@ def softmax_log_probabilities(ops: Ops, z: Any, st: SoftmaxStats) -> Any:
     return (z - st.m) - st.L
 
 
-def softmax_sparse_loss(ops: Ops, z: Any, st: SoftmaxStats, y: Any, eps: float) -> Any:
-    """Cross-entropy per row for integer targets ``y`` (``(...)``) with label smoothing ``eps``:
+def softmax_target_gap(ops: Ops, z: Any, st: SoftmaxStats, y: Any) -> Any:
+    """``z_y - m`` per row (``<= 0``; exactly 0 when the target is a maximum, ``-inf`` if masked)."""
+    return ops.take_last(z, y) - st.m[..., 0]
+
+
+def softmax_sparse_loss(ops: Ops, z: Any, st: SoftmaxStats, gap: Any, eps: float) -> Any:
+    """Cross-entropy per row for integer targets with label smoothing ``eps``, given
+    ``gap = z_y - m`` (:func:`softmax_target_gap`):
 
         l = -sum_c t'_c log p_c,   t' = (1 - eps) onehot(y) + eps / K
           = L - (1 - eps) (z_y - m) - (eps / K) sum_c (z_c - m)
@@ -127,35 +134,34 @@ def softmax_sparse_loss(ops: Ops, z: Any, st: SoftmaxStats, y: Any, eps: float) 
     """
     xp = ops.xp
     k = z.shape[-1]
-    m = st.m[..., 0]
-    xy = ops.take_last(z, y) - m
-    loss = st.L[..., 0] - xy if eps == 0.0 else st.L[..., 0] - (1.0 - eps) * xy
-    if eps != 0.0:
-        loss = loss - (eps / k) * xp.sum(z - st.m, axis=-1)
-    return loss
+    L = st.L[..., 0]
+    if eps == 0.0:
+        return L - gap
+    return (L - (1.0 - eps) * gap) - (eps / k) * xp.sum(z - st.m, axis=-1)
 
 
 def softmax_sparse_grad(
-    ops: Ops, z: Any, st: SoftmaxStats, y: Any, eps: float, scale: Any
+    ops: Ops, Y: Any, den: Any, n: Any, sp: Any, y: Any, gap: Any, eps: float, scale: Any
 ) -> Any:
-    """``d(scale * l) / dz`` for :func:`softmax_sparse_loss`: ``scale * (p - t')``.
+    """``d(scale * l) / dz`` for :func:`softmax_sparse_loss`: ``scale * (p - t')``, from the
+    statistics ``Y``, ``den``, ``n``, ``sp`` of :class:`SoftmaxStats` (``(..., 1)`` shapes).
 
-    At the target: if ``y`` is a maximum, ``p_y - t'_y = eps (K-1)/K - (n - 1 + sp)/den``
-    (no cancellation when ``p_y -> 1``); otherwise ``p_y <= 1/2`` and the direct form is exact.
+    At the target: if ``y`` is a maximum (``gap == 0``), ``p_y - t'_y = eps (K-1)/K -
+    (n - 1 + sp)/den`` (no cancellation when ``p_y -> 1``); otherwise ``p_y <= 1/2`` and the
+    direct form is exact.
     """
     xp = ops.xp
-    k = z.shape[-1]
-    c = xp.expand_dims(scale, axis=-1) / st.den
+    k = Y.shape[-1]
+    c = xp.expand_dims(scale, axis=-1) / den
     if eps == 0.0:
-        g = st.Y * c
+        g = Y * c
     else:
-        g = ops.mul_add(xp.expand_dims(scale * (-eps / k), axis=-1), st.Y, c)
-    den, n, sp = st.den[..., 0], st.n[..., 0], st.sp[..., 0]
-    at_max = ops.take_last(z, y) == st.m[..., 0]
-    p_y = ops.take_last(st.Y, y) / den
+        g = ops.mul_add(xp.expand_dims(scale * (-eps / k), axis=-1), Y, c)
+    den, n, sp = den[..., 0], n[..., 0], sp[..., 0]
+    p_y = ops.take_last(Y, y) / den
     g_max = (eps * (k - 1) / k) - ((n - 1) + sp) / den
     g_else = p_y - (1.0 - eps + eps / k)
-    return ops.put_last(g, y, scale * xp.where(at_max, g_max, g_else))
+    return ops.put_last(g, y, scale * xp.where(gap == 0, g_max, g_else))
 
 
 class _DenseTerms(NamedTuple):
@@ -166,15 +172,16 @@ class _DenseTerms(NamedTuple):
     g: Any  # per-class gradient factor (1 when gamma == 0)
 
 
-def _dense_terms(ops: Ops, z: Any, st: SoftmaxStats, gamma: float) -> _DenseTerms:
+def _dense_terms(ops: Ops, z: Any, st: SoftmaxStats, gamma: float, need_nlp: bool) -> _DenseTerms:
     xp = ops.xp
     p = st.Y / st.den
     at_max = st.mask == 0
     q_max = ((st.n - 1) + st.sp) / st.den
     q = xp.where(at_max, q_max, 1 - p)
-    nlp = st.L - (z - st.m)
     if gamma == 0.0:
+        nlp = st.L - (z - st.m) if need_nlp else None
         return _DenseTerms(p, q, nlp, nlp, None)
+    nlp = st.L - (z - st.m)
     qg = q**gamma
     f = qg * nlp
     # g = (1-p)^gamma * (1 + gamma * p * rho), rho = -log(p) / (1 - p)  (>= 1, -> 1 as p -> 1)
@@ -191,7 +198,7 @@ def softmax_dense_loss(ops: Ops, z: Any, st: SoftmaxStats, tau: Any, gamma: floa
     head's ``pos_weight``).  ``0 * log 0`` is 0: a masked class costs nothing unless it has target
     mass, then the loss is ``+inf``."""
     xp = ops.xp
-    terms = _dense_terms(ops, z, st, gamma)
+    terms = _dense_terms(ops, z, st, gamma, need_nlp=True)
     return xp.sum(ops.where0(tau > 0, tau * terms.f), axis=-1)
 
 
@@ -204,10 +211,11 @@ def softmax_dense_grad(
 
     with ``g_c = (1-p_c)^gamma (1 + gamma p_c (-log p_c)/(1 - p_c))`` (``g = 1`` without focal,
     giving ``T p_j - tau_j``).  At a maximum, ``V - v_j`` is summed from the other classes
-    (never formed as a difference) and ``1 - p_j`` is ``(n - 1 + sp)/den``.
+    (never formed as a difference) and ``1 - p_j`` is ``(n - 1 + sp)/den``.  ``z`` (with ``st.m``
+    and ``st.L``) is only read with focal loss.
     """
     xp = ops.xp
-    terms = _dense_terms(ops, z, st, gamma)
+    terms = _dense_terms(ops, z, st, gamma, need_nlp=False)
     v = tau if terms.g is None else tau * terms.g
     v = ops.where0(tau > 0, v)
     V = ops.row_sum(v)
