@@ -17,6 +17,7 @@ import numpy as np
 from unihead._ops import Ops
 from unihead.compiled import CompiledHead, canonical_weights, glorot_uniform
 from unihead.spec import ClassificationHead
+from unihead.validation import logits_dtype_error
 
 __all__ = ["compile_head", "NumpyHead", "NumpyOps", "Dense"]
 
@@ -57,10 +58,7 @@ def _compute_dtype(dtype: np.dtype) -> np.dtype:
         return dtype
     if dtype == np.float16 or dtype.name == "bfloat16":
         return np.dtype(np.float32)
-    raise TypeError(
-        f"logits must be a floating-point array (the output layer's values before any "
-        f"activation); got dtype {dtype}."
-    )
+    raise logits_dtype_error(dtype)
 
 
 class Dense:
@@ -114,10 +112,7 @@ class NumpyHead(CompiledHead):
     def _logits(self, logits: Any) -> np.ndarray:
         z = np.asarray(logits)
         if not np.issubdtype(z.dtype, np.floating) and z.dtype.name != "bfloat16":
-            raise TypeError(
-                f"logits must be a floating-point array (the output layer's values before any "
-                f"activation); got dtype {z.dtype}."
-            )
+            raise logits_dtype_error(z.dtype)
         z = z.astype(_compute_dtype(z.dtype), copy=False)
         return self._check(z)
 

@@ -78,7 +78,7 @@ class Engine:
     def prepare(self, z: Any, labels: Any, sample_weight: Any = None) -> Prepared:
         """Turn validated labels and sample weights into :class:`Prepared` targets/weights."""
         ops, xp, head = self.ops, self.ops.xp, self.head
-        eps = self.eps
+        path = self.path_of()
         lead = tuple(z.shape[:-1])
         k = head.num_outputs
         cw = None if head.class_weights is None else ops.asarray(head.class_weights, like=z)
@@ -104,12 +104,12 @@ class Engine:
                 q = ops.where0(valid, q)
             if cw is not None:
                 w = w * (cw[0] * (1 - q) + cw[1] * q)
-            if head.binary_units == 2 and head.label_format == "binary" and head.pos_weight is None:
-                return self._class_ids(xp.astype(q, ops.index_dtype()), w, z)
+            if path == "sparse":
+                return Prepared("sparse", y=xp.astype(q, ops.index_dtype()), w=w)
             a, b = self._binary_targets(q)
             if head.pos_weight is not None:
                 a = a * head.pos_weight
-            if head.binary_units == 1:
+            if path == "sigmoid":
                 return Prepared(
                     "sigmoid",
                     a=xp.expand_dims(a, axis=-1),
@@ -128,20 +128,13 @@ class Engine:
             y = xp.astype(y, ops.index_dtype())
             if cw is not None:
                 w = w * xp.reshape(xp.take(cw, xp.reshape(y, (-1,))), lead)
-            return self._class_ids(y, w, z)
+            if path == "sparse":
+                return Prepared("sparse", y=y, w=w)
+            t = xp.astype(xp.expand_dims(y, axis=-1) == xp.arange(k, device=ops.device(z)), z.dtype)
+            return Prepared("dense", tau=self._smooth(t), w=w)
         t = labels
         if cw is not None:
             w = w * xp.sum(t * cw, axis=-1)
-        return Prepared("dense", tau=self._smooth(t) if eps else t, w=w)
-
-    def _class_ids(self, y: Any, w: Any, z: Any) -> Prepared:
-        """Integer targets for a softmax head: the sparse fast path, or (focal loss, which needs
-        every class's probability) the equivalent dense one-hot targets."""
-        ops, xp = self.ops, self.ops.xp
-        if self.gamma == 0.0:
-            return Prepared("sparse", y=y, w=w)
-        k = z.shape[-1]
-        t = xp.astype(xp.expand_dims(y, axis=-1) == xp.arange(k, device=ops.device(z)), z.dtype)
         return Prepared("dense", tau=self._smooth(t), w=w)
 
     def _smooth(self, t: Any) -> Any:
@@ -159,8 +152,23 @@ class Engine:
         return (1.0 - eps) * q + eps / 2, (1.0 - eps) * (1 - q) + eps / 2
 
     # ------------------------------------------------------------------ loss
+    def residual_names(self, path: str, keep: str = "stats") -> list[str]:
+        """Names of the residuals :meth:`forward` returns for ``path`` (fixed by the head, so
+        frameworks that trace can rely on them).  The first has the logits' shape."""
+        focal = self.gamma != 0.0
+        if keep != "stats":
+            names = ["z"]
+        elif path == "sigmoid":
+            names = ["p", "q"] + (["nlp", "nlq"] if focal else [])
+        elif path == "sparse":
+            names = ["Y", "den", "n", "sp", "gap"]
+        else:
+            names = ["Y", "mask", "sp", "n", "den"] + (["z", "m", "L"] if focal else [])
+        return names + (["norm"] if self.head.reduction == "mean" else [])
+
     def forward(self, z: Any, prep: Prepared, keep: str = "stats") -> tuple[Any, dict[str, Any]]:
-        """The reduced loss and the residuals for :meth:`backward`.
+        """The reduced loss and the residuals for :meth:`backward` (named by
+        :meth:`residual_names`).
 
         ``keep="stats"`` saves the softmax/sigmoid statistics the backward pass needs (eager
         frameworks: the backward pass is one multiply and a scatter; the sparse softmax path
@@ -169,33 +177,48 @@ class Engine:
         backward kernel)."""
         ops = self.ops
         gamma = self.gamma
-        res: dict[str, Any] = {}
+        found: dict[str, Any] = {"z": z}
         if prep.path == "sigmoid":
             st = F.sigmoid_stats(ops, z)
             per = F.sigmoid_loss(ops, st, prep.a, prep.b, gamma)
-            if keep == "stats":
-                res.update(p=st.p, q=st.q)
-                if gamma != 0.0:
-                    res.update(nlp=st.nlp, nlq=st.nlq)
+            found.update(st._asdict())
         else:
             st = F.softmax_stats(ops, z)
+            found.update(st._asdict())
             if prep.path == "sparse":
-                gap = F.softmax_target_gap(ops, z, st, prep.y)
-                per = F.softmax_sparse_loss(ops, z, st, gap, self.eps)
-                if keep == "stats":
-                    res.update(Y=st.Y, den=st.den, n=st.n, sp=st.sp, gap=gap)
+                found["gap"] = F.softmax_target_gap(ops, z, st, prep.y)
+                per = F.softmax_sparse_loss(ops, z, st, found["gap"], self.eps)
             else:
                 per = F.softmax_dense_loss(ops, z, st, prep.tau, gamma)
-                if keep == "stats":
-                    res.update(Y=st.Y, mask=st.mask, sp=st.sp, n=st.n, den=st.den)
-                    if gamma != 0.0:
-                        res.update(z=z, m=st.m, L=st.L)
-        if keep != "stats":
-            res["z"] = z
-        loss, norm = self._reduce(per, prep.w)
-        if norm is not None:
-            res["norm"] = norm
-        return loss, res
+        loss, found["norm"] = self._reduce(per, prep.w)
+        return loss, {name: found[name] for name in self.residual_names(prep.path, keep)}
+
+    def loss_forward(
+        self, z: Any, labels: Any, sample_weight: Any = None, keep: str = "stats"
+    ) -> tuple[Any, dict[str, Any]]:
+        """:meth:`prepare` then :meth:`forward`: the loss and residuals from validated inputs."""
+        return self.forward(z, self.prepare(z, labels, sample_weight), keep=keep)
+
+    def loss_backward(
+        self, res: dict[str, Any], labels: Any, sample_weight: Any, g: Any, path: str
+    ) -> Any:
+        """:meth:`backward`, re-preparing the targets from the labels (cheaper to recompute than to
+        keep: a multilabel head's targets are as large as the logits)."""
+        like = next(iter(res.values()))  # the first residual has the logits' shape (see residual_names)
+        return self.backward(res, self.prepare(like, labels, sample_weight), g)
+
+    def path_of(self) -> str:
+        """Which formula family this head uses: ``"sigmoid"``, ``"sparse"`` (softmax over integer
+        targets) or ``"dense"`` (softmax over target weights: one-hot, soft labels, a 2-unit
+        binary head's ``pos_weight``, and focal loss, which needs every class's probability)."""
+        head = self.head
+        if head.activation == "sigmoid":
+            return "sigmoid"
+        if self.gamma != 0.0:
+            return "dense"
+        if head.task == "multiclass":
+            return "sparse" if head.label_format == "sparse" else "dense"
+        return "sparse" if (head.label_format == "binary" and head.pos_weight is None) else "dense"
 
     def _reduce(self, per: Any, w: Any) -> tuple[Any, Any]:
         """Weighted reduction.  Returns the loss and the normaliser the backward pass divides by."""

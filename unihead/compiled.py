@@ -81,8 +81,23 @@ class CompiledHead:
     def layer(self, in_features: int, weights: Any = None, **kwargs: Any) -> Any:
         raise NotImplementedError  # pragma: no cover
 
+    def options(self) -> dict[str, Any]:
+        """The keyword options this head was compiled with (``unihead.compile(head, backend,
+        **options)`` rebuilds it)."""
+        return {"validate": self.validate}
+
+    def __reduce__(self) -> Any:
+        # a compiled head is its spec, backend and options: rebuild rather than pickle namespaces
+        return (_rebuild, (self.backend, self.head, self.options()))
+
     def __repr__(self) -> str:
         return f"<unihead {self.backend} head: {self.head!r}>"
+
+
+def _rebuild(backend: str, head: ClassificationHead, options: dict[str, Any]) -> CompiledHead:
+    from ._registry import compile
+
+    return compile(head, backend, **options)
 
 
 def glorot_uniform(rng: np.random.Generator, fan_in: int, fan_out: int, dtype: Any) -> np.ndarray:

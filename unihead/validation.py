@@ -21,7 +21,14 @@ from typing import Any, Iterator
 from ._ops import Ops
 from .spec import ClassificationHead
 
-__all__ = ["set_validation", "validation_enabled", "validation", "check_inputs", "check_logits"]
+__all__ = [
+    "set_validation",
+    "validation_enabled",
+    "validation",
+    "check_inputs",
+    "check_logits",
+    "logits_dtype_error",
+]
 
 _state = threading.local()
 
@@ -80,13 +87,19 @@ def _dtype_name(x: Any) -> str:
     return str(getattr(x, "dtype", type(x).__name__)).replace("torch.", "")
 
 
+def logits_dtype_error(dtype: Any) -> TypeError:
+    """The error for non-floating logits (one message for every backend)."""
+    name = str(dtype).replace("torch.", "").replace("<dtype: '", "").replace("'>", "")
+    return TypeError(
+        f"logits must be a floating-point array (the output layer's values before any "
+        f"activation); got dtype {name}."
+    )
+
+
 def check_logits(ops: Ops, head: ClassificationHead, z: Any) -> None:
     """Logits must be floating with shape ``(..., num_outputs)``."""
     if not ops.is_floating(z):
-        raise TypeError(
-            f"logits must be a floating-point array (the output layer's values before any "
-            f"activation); got dtype {_dtype_name(z)}."
-        )
+        raise logits_dtype_error(z.dtype)
     k = head.num_outputs
     shape = tuple(z.shape)
     if len(shape) == 0 or shape[-1] != k:

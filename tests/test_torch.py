@@ -1,0 +1,365 @@
+"""PyTorch backend: numbers, autograd, transforms, modules, devices and dtypes, validation,
+native equivalence and end-to-end training."""
+
+from __future__ import annotations
+
+import io
+import pickle
+
+import numpy as np
+import pytest
+
+import unihead
+from unihead import ClassificationHead as H
+
+from .backend_checks import assert_agrees_with_numpy64
+from .cases import HEADS, labels_for
+from .conftest import require
+
+torch = require("torch")
+nn = torch.nn
+F = torch.nn.functional
+
+
+def compiled(head, **kw):
+    return unihead.compile(head, "torch", **kw)
+
+
+def runner(fused):
+    def run(head, z, y, sw):
+        c = compiled(head, fused=fused)
+        zt = torch.tensor(z, requires_grad=True)
+        yt = torch.as_tensor(y)
+        swt = None if sw is None else torch.as_tensor(sw)
+        loss = c.loss(zt, yt, swt)
+        loss.sum().backward()
+        none = compiled(head.replace(reduction="none"), fused=fused).loss(torch.tensor(z), yt, swt)
+        return {
+            "probabilities": c.probabilities(torch.tensor(z)).numpy(),
+            "log_probabilities": c.log_probabilities(torch.tensor(z)).numpy(),
+            "loss": loss.detach().numpy(),
+            "none": none.numpy(),
+            "grad": zt.grad.numpy(),
+            "predict": c.predict(torch.tensor(z)).numpy(),
+        }
+
+    return run
+
+
+# ------------------------------------------------------------------------------ accuracy
+@pytest.mark.parametrize("head", HEADS, ids=repr)
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "sample_weight"])
+def test_float32_agrees_with_numpy_float64_on_extreme_logits(head, weighted):
+    assert_agrees_with_numpy64(head, runner(fused=False), weighted)
+
+
+FUSED_HEADS = [
+    H.multiclass(4, label_smoothing=0.1, class_weights=[0.5, 2.0, 1.0, 3.0], ignore_index=-100),
+    H.multiclass(5, label_format="probabilities", focal_gamma=1.0),
+    H.multilabel(4, pos_weight=[1.0, 2.0, 0.5, 4.0], class_weights=[1, 0, 2, 1], reduction="sum"),
+    H.binary(binary_units=2, label_smoothing=0.2, pos_weight=3.0),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("head", FUSED_HEADS, ids=repr)
+def test_fused_kernels_agree_with_numpy_float64(head):
+    """The compiled (fused) kernels: the same formulas, the same accuracy."""
+    assert_agrees_with_numpy64(head, runner(fused=True), weighted=True)
+
+
+@pytest.mark.slow
+def test_fused_path_is_used_for_large_inputs_and_matches_eager():
+    head = H.multiclass(1000, label_smoothing=0.1)
+    auto, eager = compiled(head), compiled(head, fused=False)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(512, 1000, generator=g) * 3
+    y = torch.randint(0, 1000, (512,), generator=g)
+    assert auto._use_fused(z) and not eager._use_fused(z) and not auto._use_fused(z[:8])
+    za, ze = z.clone().requires_grad_(), z.clone().requires_grad_()
+    la, le = auto.loss(za, y), eager.loss(ze, y)
+    la.backward()
+    le.backward()
+    assert auto._kernels._fused is not None and not auto._kernels.failed
+    torch.testing.assert_close(la, le, rtol=4e-7, atol=0)
+    torch.testing.assert_close(za.grad, ze.grad, rtol=4e-7, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------ autograd
+def _float64_case(head, n=5, seed=0):
+    rng = np.random.default_rng(seed)
+    z = torch.tensor(rng.normal(size=(n, head.num_outputs)) * 2, dtype=torch.float64, requires_grad=True)
+    y = torch.as_tensor(labels_for(head, n, rng))
+    sw = torch.as_tensor(rng.uniform(0.5, 2.0, size=(n, head.num_classes) if head.task == "multilabel" else n))
+    return z, y, sw
+
+
+@pytest.mark.parametrize("head", HEADS, ids=repr)
+def test_gradcheck_float64(head):
+    z, y, sw = _float64_case(head)
+    c = compiled(head, fused=False)
+    assert torch.autograd.gradcheck(lambda t: c.loss(t, y, sw), (z,))
+    if head.reduction == "none":
+        assert torch.autograd.gradcheck(lambda t: c.loss(t, y), (z,))
+
+
+def test_gradients_reach_the_layer_and_have_the_logits_dtype():
+    head = H.multiclass(3)
+    c = compiled(head)
+    layer = c.layer(4)
+    x = torch.randn(6, 4)
+    loss = c.loss(layer(x), torch.tensor([0, 1, 2, 0, 1, 2]))
+    loss.backward()
+    assert layer.weight.grad is not None and layer.weight.grad.shape == (3, 4)
+    for dt in (torch.float16, torch.bfloat16):
+        z = torch.randn(6, 3).to(dt).requires_grad_()
+        out = c.loss(z, torch.tensor([0, 1, 2, 0, 1, 2]))
+        assert out.dtype == torch.float32  # computed in float32, as autocast does for losses
+        out.backward()
+        assert z.grad.dtype == dt
+        ref = c.loss(z.detach().float(), torch.tensor([0, 1, 2, 0, 1, 2]))
+        assert out.item() == ref.item()
+    assert c.probabilities(torch.randn(2, 3).bfloat16()).dtype == torch.float32
+
+
+def test_no_grad_and_inference_mode():
+    c = compiled(H.multilabel(3))
+    z, y = torch.randn(4, 3), torch.randint(0, 2, (4, 3)).float()
+    ref = c.loss(z, y)
+    with torch.no_grad():
+        assert c.loss(z.requires_grad_(), y).item() == ref.item()
+    with torch.inference_mode():
+        assert c.loss(torch.randn(4, 3), y).requires_grad is False
+        assert c.probabilities(z).shape == (4, 3)
+
+
+# ------------------------------------------------------------------------------ transforms
+@pytest.mark.parametrize(
+    "head", [H.multiclass(5, label_smoothing=0.1), H.multilabel(3, focal_gamma=2.0), H.binary(binary_units=2)], ids=repr
+)
+def test_torch_func_grad_and_vmap(head):
+    c = compiled(head)
+    rng = np.random.default_rng(1)
+    zs = torch.tensor(rng.normal(size=(3, 6, head.num_outputs)), dtype=torch.float32)
+    ys = torch.stack([torch.as_tensor(labels_for(head, 6, rng)) for _ in range(3)])
+    batched = torch.func.vmap(lambda z, y: c.loss(z, y))(zs, ys)
+    looped = torch.stack([c.loss(zs[i], ys[i]) for i in range(3)])
+    torch.testing.assert_close(batched, looped)
+    grads = torch.func.vmap(torch.func.grad(lambda z, y: c.loss(z, y)))(zs, ys)
+    for i in range(3):
+        z = zs[i].clone().requires_grad_()
+        c.loss(z, ys[i]).backward()
+        torch.testing.assert_close(grads[i], z.grad)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("head", [H.multiclass(5, label_smoothing=0.1, ignore_index=-1), H.multilabel(3)], ids=repr)
+def test_torch_compile_fullgraph(head):
+    c = compiled(head)
+    layer = c.layer(8)
+    rng = np.random.default_rng(2)
+    x = torch.tensor(rng.normal(size=(6, 8)), dtype=torch.float32)
+    y = torch.as_tensor(labels_for(head, 6, rng))
+
+    def step(x, y):
+        return c.loss(layer(x), y)
+
+    eager = step(x, y)
+    eager.backward()
+    grad = layer.weight.grad.clone()
+    layer.weight.grad = None
+    out = torch.compile(step, fullgraph=True)(x, y)  # fullgraph: a graph break is an error
+    out.backward()
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(layer.weight.grad, grad)
+
+
+# ------------------------------------------------------------------------------ modules
+def test_layer_is_an_ordinary_module(tmp_path):
+    head = H.multiclass(4, label_smoothing=0.1)
+    c = compiled(head)
+    layer = c.layer(8)
+    assert isinstance(layer, nn.Linear) and layer.head == head
+    assert layer(torch.randn(2, 3, 8)).shape == (2, 3, 4)
+    assert "head=ClassificationHead.multiclass(4" in repr(layer)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    before = layer.weight.detach().clone()
+    c.loss(layer(torch.randn(5, 8)), torch.tensor([0, 1, 2, 3, 0])).backward()
+    opt.step()
+    assert not torch.equal(before, layer.weight)
+    # state dict round trip (the spec travels as extra state and is checked on load)
+    sd = layer.state_dict()
+    other = c.layer(8)
+    other.load_state_dict(sd)
+    assert torch.equal(other.weight, layer.weight)
+    with pytest.raises(ValueError, match="saved from a layer with head"):
+        compiled(H.multiclass(4)).layer(8).load_state_dict(sd)
+    # pickling with torch.save / torch.load, and .to(dtype)
+    path = tmp_path / "layer.pt"
+    torch.save(layer, path)
+    loaded = torch.load(path, weights_only=False)
+    assert loaded.head == head and torch.equal(loaded.weight, layer.weight)
+    buf = io.BytesIO()
+    torch.save(layer.state_dict(), buf)
+    buf.seek(0)
+    assert set(torch.load(buf, weights_only=True)) >= {"weight", "bias"}
+    assert pickle.loads(pickle.dumps(c)).head == head
+    l64 = layer.to(torch.float64)
+    assert l64.weight.dtype == torch.float64 and l64(torch.randn(2, 8, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_weights_in_and_out_in_the_canonical_layout():
+    head = H.multiclass(3)
+    c = compiled(head)
+    rng = np.random.default_rng(0)
+    kernel = rng.normal(size=(5, 3)).astype(np.float32)
+    bias = rng.normal(size=3).astype(np.float32)
+    layer = c.layer(5, {"kernel": kernel, "bias": bias})
+    np.testing.assert_array_equal(layer.weight.detach().numpy(), kernel.T)  # PyTorch stores (out, in)
+    w = layer.get_weights()
+    np.testing.assert_array_equal(w["kernel"], kernel)
+    np.testing.assert_array_equal(w["bias"], bias)
+    x = rng.normal(size=(4, 5)).astype(np.float32)
+    # float32 matmuls of two libraries: same products, summed in another order
+    np.testing.assert_allclose(layer(torch.tensor(x)).detach().numpy(), x @ kernel + bias, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        unihead.compile(head, "numpy").layer(5, w)(x), layer(torch.tensor(x)).detach().numpy(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="looks transposed"):
+        c.layer(5, {"kernel": kernel.T, "bias": bias})
+    # binary heads: one or two outputs
+    assert compiled(H.binary()).layer(5).out_features == 1
+    assert compiled(H.binary(binary_units=2)).layer(5).out_features == 2
+
+
+def test_loss_module():
+    head = H.binary(pos_weight=2.0)
+    crit = compiled(head).loss_module()
+    assert isinstance(crit, nn.Module) and crit.head == head
+    z, y = torch.randn(5, 1), torch.tensor([0.0, 1, 1, 0, 1])
+    assert crit(z, y).item() == compiled(head).loss(z, y).item()
+    assert crit(z, y, torch.ones(5)).item() == pytest.approx(crit(z, y).item(), rel=1e-7)
+
+
+# ------------------------------------------------------------------------------ validation
+@pytest.mark.parametrize(
+    "head, z, y, message",
+    [
+        (H.multiclass(4), torch.zeros(5, 4), torch.tensor([0, 1, 4, 2, 0]), r"labels\[2\] = 4 is not a class id"),
+        (H.multiclass(4), torch.zeros(5, 4), torch.zeros(5), "integer class ids"),
+        (H.binary(), torch.zeros(5, 1), torch.tensor([0, 1, 3, 1, 0]), r"labels\[2\] = 3 is not a binary label"),
+        (H.multiclass(4), torch.zeros(5, 3), torch.zeros(5, dtype=torch.long), r"shape \(\.\.\., 4\)"),
+        (H.multiclass(4), torch.zeros(5, 4, dtype=torch.long), torch.zeros(5, dtype=torch.long), "floating-point"),
+        (H.multiclass(4, label_format="one_hot"), torch.zeros(2, 4), torch.tensor([[1.0, 1, 0, 0], [1, 0, 0, 0]]),
+         "is not one-hot"),
+    ],
+)
+def test_same_errors_as_numpy(head, z, y, message):
+    with pytest.raises((ValueError, TypeError), match=message) as torch_err:
+        compiled(head).loss(z, y)
+    with pytest.raises((ValueError, TypeError)) as numpy_err:
+        unihead.compile(head, "numpy").loss(z.numpy(), y.numpy())
+    assert str(torch_err.value) == str(numpy_err.value)
+    assert type(torch_err.value) is type(numpy_err.value)
+
+
+def test_validate_false_reads_no_values(monkeypatch):
+    """With validation off, the loss never reads a tensor's value on the host (on an accelerator
+    that would be a device synchronisation)."""
+    head = H.multiclass(4, ignore_index=-100, class_weights=[1, 2, 3, 4])
+    z, y = torch.randn(6, 4, requires_grad=True), torch.tensor([0, 1, 2, 3, -100, 1])
+    c = compiled(head, validate=False)
+    expected = compiled(head).loss(z, y)
+
+    def forbidden(*a, **k):
+        raise AssertionError("a tensor value was read on the host")
+
+    for name in ("__bool__", "item", "tolist", "numpy", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    loss = c.loss(z, y)
+    loss.backward()
+    monkeypatch.undo()
+    assert loss.item() == expected.item()
+    # and with validation on, values are read (that is what validation is)
+    for name in ("__bool__",):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    with pytest.raises(AssertionError, match="read on the host"):
+        compiled(head).loss(z, y)
+
+
+def test_labels_on_another_device_or_as_numpy_are_accepted():
+    c = compiled(H.multiclass(3))
+    z = torch.randn(4, 3)
+    y = np.array([0, 1, 2, 1])
+    assert c.loss(z, y).item() == c.loss(z, torch.as_tensor(y)).item()
+    assert c.loss(z.numpy(), y).item() == c.loss(z, y).item()
+
+
+# ------------------------------------------------------------------------------ native rows
+def test_pytorch_rows_of_the_native_equivalence_table_on_the_torch_backend():
+    """The PyTorch column of docs/semantics.md §10, computed by unihead's torch backend."""
+    from . import test_native_equivalence as T
+
+    z, y, yi = torch.as_tensor(T.Z), torch.as_tensor(T.Y), torch.as_tensor(T.Y_IGN)
+    w = torch.as_tensor(T.W)
+
+    def ours(head, zz, yy, sw=None):
+        return compiled(head).loss(torch.as_tensor(zz), torch.as_tensor(yy), sw)
+
+    pairs = [
+        (ours(H.multiclass(T.K), z, y), F.cross_entropy(z, y)),
+        (ours(H.multiclass(T.K, class_weights=T.W, ignore_index=-100), z, yi),
+         F.cross_entropy(z, yi, weight=w, ignore_index=-100)),
+        (ours(H.multiclass(T.K, label_smoothing=T.EPS), z, y), F.cross_entropy(z, y, label_smoothing=T.EPS)),
+        (ours(H.multiclass(T.K, label_format="probabilities"), z, T.T_SOFT), F.cross_entropy(z, torch.as_tensor(T.T_SOFT))),
+        (ours(H.multiclass(T.K, reduction="none"), z, y), F.cross_entropy(z, y, reduction="none")),
+        (ours(H.multiclass(T.K), T.Z3, T.Y3), F.cross_entropy(torch.as_tensor(T.Z3).movedim(-1, 1), torch.as_tensor(T.Y3))),
+        (ours(H.binary(pos_weight=T.PW), T.ZB[:, None], T.YB),
+         F.binary_cross_entropy_with_logits(torch.as_tensor(T.ZB), torch.as_tensor(T.YB), pos_weight=torch.tensor(T.PW, dtype=torch.float64))),
+        (ours(H.binary(binary_units=2), T.Z[:, :2], T.YB), F.cross_entropy(z[:, :2], torch.as_tensor(T.YB).long())),
+        (ours(H.multilabel(T.K, pos_weight=T.PWM), T.ZM, T.YM),
+         F.binary_cross_entropy_with_logits(torch.as_tensor(T.ZM), torch.as_tensor(T.YM), pos_weight=torch.as_tensor(T.PWM))),
+        (ours(H.multilabel(T.K, class_weights=T.W), T.ZM, T.YM),
+         F.binary_cross_entropy_with_logits(torch.as_tensor(T.ZM), torch.as_tensor(T.YM), weight=w / w.mean())),
+    ]
+    for got, want in pairs:
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
+# ------------------------------------------------------------------------------ end to end
+def _train(head, x, y, epochs=60):
+    torch.manual_seed(0)
+    c = compiled(head)
+    model = nn.Sequential(nn.Linear(x.shape[1], 32), nn.ReLU(), c.layer(32))
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    xt, yt = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y)
+    for _ in range(epochs):
+        for i in range(0, len(xt), 64):
+            opt.zero_grad()
+            c.loss(model(xt[i : i + 64]), yt[i : i + 64]).backward()
+            opt.step()
+    with torch.no_grad():
+        return c.predict(model(xt)).numpy()
+
+
+def synthetic(task, n=512, d=6, k=4, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d))
+    w = rng.normal(size=(d, k))
+    s = x @ w + 0.3 * np.sin(3 * x[:, :k])
+    if task == "multiclass":
+        return x, s.argmax(-1)
+    if task == "binary":
+        return x, (s[:, 0] > 0).astype(np.float32)
+    return x, (s > 0).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    "head",
+    [H.multiclass(4), H.binary(), H.binary(binary_units=2), H.multilabel(4)],
+    ids=["multiclass", "binary-1", "binary-2", "multilabel"],
+)
+def test_small_mlp_trains_to_95_percent(head):
+    x, y = synthetic(head.task)
+    pred = _train(head, x, y)
+    acc = (pred == y).mean()
+    assert acc > 0.95, acc
