@@ -35,6 +35,11 @@ class NumpyOps(Ops):
         np.put_along_axis(x, idx[..., None], values[..., None], axis=-1)
         return x
 
+    def row_sum(self, x: Any) -> Any:
+        if x.dtype == np.float32:  # accumulate in float64 (see TorchOps.row_sum)
+            return np.sum(x, axis=-1, keepdims=True, dtype=np.float64).astype(np.float32)
+        return np.sum(x, axis=-1, keepdims=True)
+
     def total(self, x: Any) -> Any:
         if x.dtype == np.float64:
             return np.sum(x)

@@ -24,7 +24,7 @@ import numpy as np
 
 from unihead.spec import ClassificationHead
 
-__all__ = ["DIGITS", "MPReference", "ulp32", "ulp64", "ulp_error"]
+__all__ = ["DIGITS", "FLT_MIN", "DBL_MIN", "MPReference", "ulp32", "ulp64", "ulp_error"]
 
 #: Working precision (decimal digits) of the reference.
 DIGITS = 400
@@ -57,9 +57,16 @@ def ulp64(ref: Any) -> float:
     return float(np.spacing(np.float64(r)))
 
 
-def ulp_error(value: Any, ref: Any, ulp: Any = ulp32, scale: Any = None) -> float:
-    """``|value - ref|`` in units of ``ulp(scale)`` (``scale`` defaults to ``|ref|``).  NaN and
-    infinities compare explicitly: equal non-finite values give 0, a mismatch gives ``inf``."""
+#: Smallest normal float32 and float64: backends that flush subnormal numbers to zero (XLA on
+#: CPU) cannot represent values below these (docs/semantics.md §11).
+FLT_MIN = 2.0**-126
+DBL_MIN = 2.0**-1022
+
+
+def ulp_error(value: Any, ref: Any, ulp: Any = ulp32, scale: Any = None, floor: float = 0.0) -> float:
+    """``|value - ref|`` in units of ``ulp(scale)`` (``scale`` defaults to ``|ref|``), after
+    subtracting an absolute allowance ``floor`` (the flush-to-zero allowance; 0 by default).
+    NaN and infinities compare explicitly: equal non-finite values give 0, a mismatch gives ``inf``."""
     v = mpmath.mpf(float(value)) if not isinstance(value, mpmath.mpf) else value
     r = ref
     if _isnan(v) or _isnan(r):
@@ -67,7 +74,7 @@ def ulp_error(value: Any, ref: Any, ulp: Any = ulp32, scale: Any = None) -> floa
     if mpmath.isinf(v) or mpmath.isinf(r):
         return 0.0 if v == r else math.inf
     s = abs(r) if scale is None or _isnan(scale) else max(abs(r), abs(scale))
-    return float(abs(v - r)) / ulp(s)
+    return max(0.0, float(abs(v - r)) - floor) / ulp(s)
 
 
 class MPReference:

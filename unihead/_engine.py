@@ -154,7 +154,7 @@ class Engine:
     # ------------------------------------------------------------------ loss
     def residual_names(self, path: str, keep: str = "stats") -> list[str]:
         """Names of the residuals :meth:`forward` returns for ``path`` (fixed by the head, so
-        frameworks that trace can rely on them).  The first has the logits' shape."""
+        frameworks that trace can rely on them)."""
         focal = self.gamma != 0.0
         if keep != "stats":
             names = ["z"]
@@ -204,7 +204,7 @@ class Engine:
     ) -> Any:
         """:meth:`backward`, re-preparing the targets from the labels (cheaper to recompute than to
         keep: a multilabel head's targets are as large as the logits)."""
-        like = next(iter(res.values()))  # the first residual has the logits' shape (see residual_names)
+        like = next(res[name] for name in ("z", "Y", "p") if name in res)  # the logits' shape
         return self.backward(res, self.prepare(like, labels, sample_weight), g)
 
     def path_of(self) -> str:

@@ -106,6 +106,13 @@ class Ops:
         return xp.astype(xp.sum(xp.astype(x, xp.float64)), x.dtype)
 
     # -- value inspection (validation only; never on the compute path) -------------------------
+    def eager(self) -> Any:
+        """Context in which operations on concrete arrays give concrete results (validation),
+        even inside a tracing context."""
+        import contextlib
+
+        return contextlib.nullcontext()
+
     def is_concrete(self, x: Any) -> bool:
         """False when ``x`` has no values yet (a tracer): validation of values is skipped."""
         return True

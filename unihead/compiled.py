@@ -61,10 +61,11 @@ class CompiledHead:
         return z
 
     def _inputs(self, z: Any, labels: Any, sample_weight: Any) -> tuple[Any, Any]:
-        labels = self._as_array(labels, z)
-        if sample_weight is not None:
-            sample_weight = self._as_array(sample_weight, z)
-        return check_inputs(self.ops, self.head, z, labels, sample_weight, validate=self.validate)
+        with self.ops.eager():  # constants stay concrete (checkable) even while tracing
+            labels = self._as_array(labels, z)
+            if sample_weight is not None:
+                sample_weight = self._as_array(sample_weight, z)
+            return check_inputs(self.ops, self.head, z, labels, sample_weight, validate=self.validate)
 
     def probabilities(self, logits: Any) -> Any:
         return self._engine().probabilities(self._logits(logits))

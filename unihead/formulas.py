@@ -72,8 +72,9 @@ class SoftmaxStats(NamedTuple):
 
     ``m``: row maximum ``(..., 1)``.  ``Y``: ``exp(z - m)`` with the subtraction's rounding error
     restored, exactly 1 at the maxima, 0 for masked/underflowing classes ``(..., K)``.
-    ``mask``: ``sign(z - m)``, 0 at the maxima and -1 elsewhere ``(..., K)``.  ``sp``: sum of ``Y``
-    over non-maximal classes; ``n``: number of maxima; ``den = n + sp = sum exp(z - m)``;
+    ``mask``: 1 where ``z < m``, 0 at the maxima ``(..., K)`` (a float 0/1 mask: compilers
+    vectorise a multiply far better than a select inside a reduction).  ``sp``: sum of ``Y``
+    over non-maximal classes; ``n``: number of maxima; ``den = sum Y = n + sp``;
     ``L = log(den)`` computed as ``log1p(n - 1 + sp)`` (all ``(..., 1)``).
     """
 
@@ -98,12 +99,17 @@ def softmax_stats(ops: Ops, z: Any) -> SoftmaxStats:
     zc = xp.maximum(z, m - exp_underflow_gap(ops.bits(z)))
     d = zc - m
     err = subtraction_error(ops, zc, m, d)
-    x = xp.exp(d)
-    Y = ops.mul_add(x, x, err)  # exp(d) * (1 + err), err**2 below rounding
-    mask = xp.sign(d)
-    sp = -ops.row_sum(Y * mask)
-    n = ops.row_sum(mask) + k
-    den = n + sp
+    # exp(d + err) = exp(d) (1 + err) to within err**2 (below rounding).  Written as a product with
+    # (1 + err), not exp(d) + exp(d) * err: the latter's small term is subnormal for exp(d) < 1e-32
+    # and flushed to zero where subnormals are (XLA on CPU), losing the correction.
+    Y = xp.exp(d) * (1 + err)
+    mask = xp.astype(d < 0, d.dtype)
+    sp = ops.row_sum(Y * mask)
+    # The maxima contribute exactly 1 each to sum(Y); the sums are pairwise, so their rounding
+    # (about log2(K) ulp of the row sum) is far below 1/2 and n is exact.  Summing Y rather than
+    # the mask saves a (..., K) array where reductions need materialised inputs (XLA on CPU).
+    den = ops.row_sum(Y)
+    n = xp.round(den - sp)
     L = xp.log1p((n - 1) + sp)
     return SoftmaxStats(m, Y, mask, sp, n, den, L)
 
@@ -219,8 +225,8 @@ def softmax_dense_grad(
     v = tau if terms.g is None else tau * terms.g
     v = ops.where0(tau > 0, v)
     V = ops.row_sum(v)
-    R = -ops.row_sum(v * st.mask)  # over non-maximal classes
-    M = ops.row_sum(v * (1 + st.mask))  # over maximal classes (exact for a unique maximum)
+    R = ops.row_sum(v * st.mask)  # over non-maximal classes
+    M = ops.row_sum(v * (1 - st.mask))  # over maximal classes (exact for a unique maximum)
     others = xp.where(st.mask == 0, R + (M - v), V - v)
     return xp.expand_dims(scale, axis=-1) * (terms.p * others - v * terms.q)
 

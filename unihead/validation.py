@@ -136,11 +136,12 @@ def check_inputs(
     normalised: labels in the shape and dtype the engine takes, the sample weight in ``z``'s
     dtype.  Value checks run when ``validate`` and the global switch are on and values exist."""
     lead = tuple(z.shape[:-1])
-    values = validate and validation_enabled() and ops.is_concrete(labels)
-    labels = _check_labels(ops, head, z, lead, labels, values)
-    if sample_weight is not None:
-        values_w = validate and validation_enabled() and ops.is_concrete(sample_weight)
-        sample_weight = _check_sample_weight(ops, head, z, lead, sample_weight, values_w)
+    on = validate and validation_enabled()
+    with ops.eager():
+        labels = _check_labels(ops, head, z, lead, labels, on and ops.is_concrete(labels))
+        if sample_weight is not None:
+            values_w = on and ops.is_concrete(sample_weight)
+            sample_weight = _check_sample_weight(ops, head, z, lead, sample_weight, values_w)
     return labels, sample_weight
 
 
@@ -280,7 +281,7 @@ def _check_dense_values(ops: Ops, head: ClassificationHead, y: Any) -> None:
                 f"(label_format={fmt!r}).{hint}"
             )
         if fmt == "one_hot":
-            count = xp.sum(xp.astype(y != 0, xp.int64), axis=-1)
+            count = xp.sum(xp.astype(y != 0, ops.index_dtype()), axis=-1)
             bad_rows = count != 1
             if _any(ops, bad_rows):
                 i = _first(ops, bad_rows)
