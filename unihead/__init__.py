@@ -14,6 +14,11 @@ from .errors import BackendNotAvailableError, HeadSpecError
 from .spec import ClassificationHead
 from .validation import set_validation, validation
 
+from . import _keras_hook
+
+_keras_hook.install()  # registers unihead's Keras classes when Keras is imported
+del _keras_hook
+
 __all__ = [
     "__version__",
     "ClassificationHead",

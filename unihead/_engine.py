@@ -94,7 +94,7 @@ class Engine:
                 a = a * ops.asarray(head.pos_weight, like=z)
             return Prepared("sigmoid", a=a, b=b, w=w_el)
 
-        ones = xp.ones(lead, dtype=z.dtype, device=ops.device(z))
+        ones = xp.ones_like(z[..., 0])  # shape-agnostic (a batch size may be unknown while tracing)
         w = ones if sample_weight is None else _broadcast_prefix(xp, sample_weight, lead) * ones
         if head.task == "binary":
             q = labels
@@ -127,7 +127,7 @@ class Engine:
                 y = xp.where(valid, y, xp.zeros_like(y))
             y = xp.astype(y, ops.index_dtype())
             if cw is not None:
-                w = w * xp.reshape(xp.take(cw, xp.reshape(y, (-1,))), lead)
+                w = w * ops.lookup(cw, y)
             if path == "sparse":
                 return Prepared("sparse", y=y, w=w)
             t = xp.astype(xp.expand_dims(y, axis=-1) == xp.arange(k, device=ops.device(z)), z.dtype)
@@ -276,6 +276,7 @@ class Engine:
 
 
 def _broadcast_prefix(xp: Any, x: Any, shape: tuple[int, ...]) -> Any:
-    """Reshape ``x`` (whose shape is a prefix of ``shape``) to broadcast against ``shape``."""
-    extra = len(shape) - x.ndim
-    return xp.reshape(x, tuple(x.shape) + (1,) * extra) if extra else x
+    """Add trailing axes to ``x`` (whose shape is a prefix of ``shape``) to broadcast against it."""
+    for _ in range(len(shape) - len(x.shape)):
+        x = xp.expand_dims(x, axis=-1)
+    return x

@@ -92,6 +92,11 @@ class Ops:
         iota = xp.arange(k, dtype=idx.dtype, device=self.device(x))
         return xp.where(iota == xp.expand_dims(idx, axis=-1), xp.expand_dims(values, axis=-1), x)
 
+    def lookup(self, table: Any, idx: Any) -> Any:
+        """``table[idx]`` elementwise for a 1-D ``table`` and integer ``idx`` of any shape."""
+        xp = self.xp
+        return xp.reshape(xp.take(table, xp.reshape(idx, (-1,))), idx.shape)
+
     # -- reductions ---------------------------------------------------------------------------
     def row_sum(self, x: Any) -> Any:
         """Sum over the class axis, keeping it: ``(..., K) -> (..., 1)``."""

@@ -79,6 +79,11 @@ def _value(ops: Ops, x: Any, idx: tuple[int, ...]) -> Any:
     return str(v)  # numpy's shortest repr of the value in its own dtype (1.2, not 1.2000000476837158)
 
 
+def _same(a: tuple, b: tuple) -> bool:
+    """Shapes equal, an unknown dimension (``None``, while tracing) matching anything."""
+    return len(a) == len(b) and all(x is None or y is None or x == y for x, y in zip(a, b))
+
+
 def _any(ops: Ops, x: Any) -> bool:
     return bool(ops.xp.any(x))
 
@@ -157,18 +162,18 @@ def _check_labels(
         raise TypeError(f"labels must be a numeric array; got dtype {_dtype_name(y)}.")
 
     if fmt in ("sparse", "binary"):
-        if fmt == "binary" and shape == lead + (1,):
+        if fmt == "binary" and _same(shape, lead + (1,)):
             y = y[..., 0]
             shape = lead
-        if shape != lead:
+        if not _same(shape, lead):
             want = _fmt_shape(lead)
             hint = ""
-            if fmt == "sparse" and shape == lead + (k,):
+            if fmt == "sparse" and _same(shape, lead + (k,)):
                 hint = (
                     " These look like one-hot rows: write label_format='one_hot' (or pass "
                     "labels.argmax(-1))."
                 )
-            elif fmt == "binary" and shape == lead + (2,):
+            elif fmt == "binary" and _same(shape, lead + (2,)):
                 hint = (
                     " A binary head takes one 0/1 label per example, also with binary_units=2: "
                     "pass labels.argmax(-1) instead of one-hot rows."
@@ -204,7 +209,7 @@ def _check_labels(
             return y
         # binary labels: 0/1 (any numeric dtype) or ignore_index; checked in their own dtype
         if values and not ops.is_bool(y):
-            if _any(ops, xp.isnan(y)):
+            if ops.is_floating(y) and _any(ops, xp.isnan(y)):
                 i = _first(ops, xp.isnan(y))
                 raise ValueError(f"labels{_fmt_index(i)} is NaN; binary labels must be 0 or 1.")
             bad = (y != 0) & (y != 1)
@@ -228,18 +233,18 @@ def _check_labels(
 
     # dense formats
     if head.task == "binary":  # binary probabilities: one P(class 1) per example
-        if shape == lead + (1,):
+        if _same(shape, lead + (1,)):
             y = y[..., 0]
             shape = lead
-        if shape != lead:
+        if not _same(shape, lead):
             raise ValueError(
                 f"labels must have shape {_fmt_shape(lead)} or {_fmt_shape(lead + (1,))} (P(class 1) "
                 f"per example) for a binary head with label_format='probabilities'; got "
                 f"{_fmt_shape(shape)}."
             )
-    elif shape != lead + (k,):
+    elif not _same(shape, lead + (k,)):
         hint = ""
-        if shape == lead and ops.is_integer(y):
+        if _same(shape, lead) and ops.is_integer(y):
             hint = (
                 " These look like integer class ids: "
                 + (
@@ -332,7 +337,7 @@ def _check_sample_weight(
         raise TypeError(f"sample_weight must be a numeric array; got dtype {_dtype_name(sw)}.")
     shape = tuple(sw.shape)
     full = lead + ((head.num_classes,) if head.task == "multilabel" else ())
-    if shape != full[: len(shape)]:
+    if not _same(shape, full[: len(shape)]):
         also = (
             f", or up to {_fmt_shape(full)} for one weight per label" if head.task == "multilabel" else ""
         )

@@ -1,0 +1,196 @@
+"""The shared formulas on TensorFlow tensors (used by Keras on its TensorFlow backend).
+
+TensorFlow has no Array API namespace, so :class:`TFNamespace` maps the few Array API functions
+the formulas use onto TensorFlow ops; :class:`TFHead` attaches the analytic gradient with
+``tf.custom_gradient``.  Value checks run in eager mode and are skipped inside ``tf.function``
+(Keras' compiled train step), where tensors have no values.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from unihead._ops import Ops
+from unihead.compiled import CompiledHead
+from unihead.spec import ClassificationHead
+from unihead.validation import logits_dtype_error
+
+__all__ = ["TFHead", "TFOps", "TFNamespace"]
+
+
+class TFNamespace:
+    """The Array API subset of :mod:`unihead.formulas`, ``_engine`` and ``validation`` on TF."""
+
+    float16, float32, float64 = tf.float16, tf.float32, tf.float64
+    int32, int64, bool = tf.int32, tf.int64, tf.bool
+
+    @staticmethod
+    def _axis(axis: Any) -> Any:
+        return axis
+
+    @staticmethod
+    def max(x: Any, axis: Any = None, keepdims: bool = False) -> Any:
+        return tf.reduce_max(x, axis=axis, keepdims=keepdims)
+
+    @staticmethod
+    def sum(x: Any, axis: Any = None, keepdims: bool = False, dtype: Any = None) -> Any:
+        if dtype is not None:
+            x = tf.cast(x, dtype)
+        return tf.reduce_sum(x, axis=axis, keepdims=keepdims)
+
+    @staticmethod
+    def mean(x: Any, axis: Any = None, keepdims: bool = False) -> Any:
+        return tf.reduce_mean(x, axis=axis, keepdims=keepdims)
+
+    @staticmethod
+    def any(x: Any, axis: Any = None) -> Any:
+        return tf.reduce_any(tf.cast(x, tf.bool), axis=axis)
+
+    @staticmethod
+    def argmax(x: Any, axis: int = -1) -> Any:
+        return tf.argmax(x, axis=axis, output_type=tf.int64)
+
+    exp = staticmethod(tf.exp)
+    log1p = staticmethod(tf.math.log1p)
+    log = staticmethod(tf.math.log)
+    abs = staticmethod(tf.abs)
+    sign = staticmethod(tf.sign)
+    round = staticmethod(tf.round)
+    minimum = staticmethod(tf.minimum)
+    maximum = staticmethod(tf.maximum)
+    isnan = staticmethod(tf.math.is_nan)
+    isfinite = staticmethod(tf.math.is_finite)
+    expand_dims = staticmethod(lambda x, axis: tf.expand_dims(x, axis))
+    reshape = staticmethod(lambda x, shape: tf.reshape(x, shape))
+    stack = staticmethod(lambda xs, axis=0: tf.stack(xs, axis=axis))
+
+    @staticmethod
+    def where(cond: Any, x: Any, y: Any) -> Any:
+        return tf.where(cond, x, y)
+
+    @staticmethod
+    def astype(x: Any, dtype: Any) -> Any:
+        return tf.cast(x, dtype)
+
+    @staticmethod
+    def asarray(x: Any, dtype: Any = None, device: Any = None) -> Any:
+        return tf.convert_to_tensor(x, dtype=dtype)
+
+    @staticmethod
+    def ones(shape: Any, dtype: Any = None, device: Any = None) -> Any:
+        return tf.ones(shape, dtype=dtype or tf.float32)
+
+    @staticmethod
+    def ones_like(x: Any) -> Any:
+        return tf.ones_like(x)
+
+    @staticmethod
+    def zeros_like(x: Any) -> Any:
+        return tf.zeros_like(x)
+
+    @staticmethod
+    def arange(n: int, dtype: Any = None, device: Any = None) -> Any:
+        return tf.range(n, dtype=dtype or tf.int64)
+
+    @staticmethod
+    def take(x: Any, idx: Any, axis: int = 0) -> Any:
+        return tf.gather(x, idx, axis=axis)
+
+    @staticmethod
+    def take_along_axis(x: Any, idx: Any, axis: int = -1) -> Any:
+        return tf.gather(x, idx, axis=-1, batch_dims=len(x.shape) - 1)
+
+    @staticmethod
+    def finfo(dtype: Any) -> Any:
+        return np.finfo(tf.as_dtype(dtype).as_numpy_dtype)
+
+    @staticmethod
+    def isdtype(dtype: Any, kind: str) -> bool:
+        d = tf.as_dtype(dtype)
+        return {"real floating": d.is_floating, "integral": d.is_integer, "bool": d == tf.bool}[kind]
+
+
+class TFOps(Ops):
+    name = "tensorflow"
+
+    def __init__(self) -> None:
+        super().__init__(TFNamespace)
+
+    def bits(self, x: Any) -> int:
+        return x.dtype.size * 8
+
+    def device(self, x: Any) -> Any:
+        return None
+
+    def scalar(self, value: float, like: Any) -> Any:
+        return tf.constant(value, dtype=like.dtype)
+
+    def index_dtype(self) -> Any:
+        return tf.int64
+
+    def lookup(self, table: Any, idx: Any) -> Any:
+        return tf.gather(table, idx)
+
+    def row_sum(self, x: Any) -> Any:
+        if x.dtype == tf.float32:  # accumulate in float64 (see TorchOps.row_sum)
+            return tf.cast(tf.reduce_sum(tf.cast(x, tf.float64), axis=-1, keepdims=True), tf.float32)
+        return tf.reduce_sum(x, axis=-1, keepdims=True)
+
+    def total(self, x: Any) -> Any:
+        if x.dtype == tf.float64:
+            return tf.reduce_sum(x)
+        return tf.cast(tf.reduce_sum(tf.cast(x, tf.float64)), x.dtype)
+
+    def is_concrete(self, x: Any) -> bool:
+        return tf.executing_eagerly() and hasattr(x, "numpy")
+
+    def to_numpy(self, x: Any) -> Any:
+        if x.dtype in (tf.bfloat16, tf.float16):
+            x = tf.cast(x, tf.float32)
+        return x.numpy()
+
+
+_OPS = TFOps()
+_HALF = (tf.float16, tf.bfloat16)
+
+
+class TFHead(CompiledHead):
+    """The shared formulas on TensorFlow tensors, with ``tf.custom_gradient``."""
+
+    backend = "tensorflow"
+    ops = _OPS
+
+    def _logits(self, logits: Any) -> Any:
+        z = tf.convert_to_tensor(logits)
+        if not z.dtype.is_floating:
+            raise logits_dtype_error(z.dtype.name)
+        if z.dtype in _HALF:
+            z = tf.cast(z, tf.float32)  # differentiable: the gradient comes back in half precision
+        return self._check(z)
+
+    def _as_array(self, x: Any, like: Any) -> Any:
+        return tf.convert_to_tensor(x)
+
+    def loss(self, logits: Any, labels: Any, sample_weight: Any = None) -> Any:
+        z = self._logits(logits)
+        labels, sample_weight = self._inputs(z, labels, sample_weight)
+        engine = self._engine()
+        path = engine.path_of()
+
+        @tf.custom_gradient
+        def loss(z: Any) -> Any:
+            value, res = engine.loss_forward(z, labels, sample_weight, keep="stats")
+
+            def grad(g: Any) -> Any:
+                return engine.loss_backward(res, labels, sample_weight, g, path)
+
+            return value, grad
+
+        return loss(z)
+
+
+def compile_head(head: ClassificationHead, *, validate: bool = True) -> TFHead:
+    return TFHead(head, validate=validate)
