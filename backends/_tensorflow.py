@@ -21,6 +21,14 @@ from unihead.validation import logits_dtype_error
 __all__ = ["TFHead", "TFOps", "TFNamespace"]
 
 
+def _via_float64(f: Any, x: Any) -> Any:
+    """TensorFlow's float32 ``log`` and ``log1p`` err by up to 2.9 ulp (measured): evaluate them
+    in float64 and round once."""
+    if x.dtype == tf.float32:
+        return tf.cast(f(tf.cast(x, tf.float64)), tf.float32)
+    return f(x)
+
+
 class TFNamespace:
     """The Array API subset of :mod:`unihead.formulas`, ``_engine`` and ``validation`` on TF."""
 
@@ -54,8 +62,15 @@ class TFNamespace:
         return tf.argmax(x, axis=axis, output_type=tf.int64)
 
     exp = staticmethod(tf.exp)
-    log1p = staticmethod(tf.math.log1p)
-    log = staticmethod(tf.math.log)
+    sqrt = staticmethod(tf.sqrt)
+
+    @staticmethod
+    def log1p(x: Any) -> Any:
+        return _via_float64(tf.math.log1p, x)
+
+    @staticmethod
+    def log(x: Any) -> Any:
+        return _via_float64(tf.math.log, x)
     abs = staticmethod(tf.abs)
     sign = staticmethod(tf.sign)
     round = staticmethod(tf.round)
@@ -64,6 +79,8 @@ class TFNamespace:
     isnan = staticmethod(tf.math.is_nan)
     isfinite = staticmethod(tf.math.is_finite)
     expand_dims = staticmethod(lambda x, axis: tf.expand_dims(x, axis))
+    concat = staticmethod(lambda xs, axis=0: tf.concat(xs, axis=axis))
+    zeros_like = staticmethod(tf.zeros_like)
     reshape = staticmethod(lambda x, shape: tf.reshape(x, shape))
     stack = staticmethod(lambda xs, axis=0: tf.stack(xs, axis=axis))
 
@@ -137,12 +154,17 @@ class TFOps(Ops):
     def row_sum(self, x: Any) -> Any:
         if x.dtype == tf.float32:  # accumulate in float64 (see TorchOps.row_sum)
             return tf.cast(tf.reduce_sum(tf.cast(x, tf.float64), axis=-1, keepdims=True), tf.float32)
+        if x.dtype == tf.float64:
+            return self.compensated_row_sum(x)
         return tf.reduce_sum(x, axis=-1, keepdims=True)
 
     def total(self, x: Any) -> Any:
         if x.dtype == tf.float64:
-            return tf.reduce_sum(x)
+            return self.compensated_total(x)
         return tf.cast(tf.reduce_sum(tf.cast(x, tf.float64)), x.dtype)
+
+    def corrected_exp(self, x: Any, err: Any) -> Any:
+        return self.corrected_exp_ftz(x, err)  # TensorFlow on CPU flushes subnormals
 
     def is_concrete(self, x: Any) -> bool:
         return tf.executing_eagerly() and hasattr(x, "numpy")

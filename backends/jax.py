@@ -56,9 +56,12 @@ class JaxOps(Ops):
         return jnp.asarray(x, dtype=dtype)
 
     def total(self, x: Any) -> Any:
-        if x.dtype == jnp.float64 or not jax.config.jax_enable_x64:
-            return jnp.sum(x)  # XLA's float32 reductions are pairwise (within 1 ulp, measured)
+        if x.dtype == jnp.float64 or not jax.config.jax_enable_x64:  # nothing wider to accumulate in
+            return self.compensated_total(x)
         return jnp.sum(x.astype(jnp.float64)).astype(x.dtype)
+
+    def corrected_exp(self, x: Any, err: Any) -> Any:
+        return self.corrected_exp_ftz(x, err)  # XLA on CPU flushes subnormals
 
     def index_dtype(self) -> Any:
         return jnp.int64 if jax.config.jax_enable_x64 else jnp.int32

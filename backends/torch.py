@@ -104,11 +104,13 @@ class TorchOps(Ops):
         # to ~3 ulp at K = 1000 (measured), which every probability would inherit
         if x.dtype == torch.float32 and x.device.type != "mps":
             return torch.sum(x, dim=-1, keepdim=True, dtype=torch.float64).to(torch.float32)
+        if x.dtype == torch.float64:
+            return self.compensated_row_sum(x)
         return torch.sum(x, dim=-1, keepdim=True)
 
     def total(self, x: Any) -> Any:
-        if x.dtype == torch.float64 or x.device.type == "mps":  # MPS has no float64
-            return torch.sum(x)
+        if x.dtype == torch.float64 or x.device.type == "mps":  # nothing wider (MPS: no float64)
+            return self.compensated_total(x)
         return torch.sum(x, dtype=torch.float64).to(x.dtype)
 
     def index_dtype(self) -> Any:

@@ -328,3 +328,156 @@ class MPReference:
             grads.append(ws[c] * (da + db))
             sizes.append(ws[c] * max(abs(da), abs(db)))
         return losses, grads, sizes
+
+
+class F64Reference:
+    """The same definitions in vectorised float64 NumPy, for cases too large for mpmath.
+
+    Written plainly and independently of ``unihead.formulas`` (no error-free transformations:
+    in float64 the rounding of ``z - max`` is ~1e-16, invisible at float32 resolution), but
+    accurate where a plain float64 formula would not be: ``1 - p`` of a class is the probability
+    of the *other* classes, and the log-partition is ``log1p`` of the non-maximal mass.  Used for
+    float32 and bfloat16 cases (checked against :class:`MPReference` on a sample, see
+    tests/test_conformance.py); float64 cases use :class:`MPReference`.
+    """
+
+    def __init__(self, head: ClassificationHead):
+        self.head = head
+
+    # -- activations ---------------------------------------------------------------------
+    @staticmethod
+    def _softmax(z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(p, log p, 1 - p) over the last axis."""
+        with np.errstate(all="ignore"):
+            k = z.shape[-1]
+            first = np.argmax(z, axis=-1)[..., None]
+            m = np.take_along_axis(z, first, axis=-1)
+            e = np.exp(z - m)
+            is_first = np.arange(k) == first
+            rest = np.where(is_first, 0.0, e).sum(-1, keepdims=True)  # mass of the others
+            den = 1.0 + rest
+            p = e / den
+            logp = (z - m) - np.log1p(rest)
+            # 1 - p_j: the other classes' mass; for the first maximum that is `rest`
+            q = np.where(is_first, rest, den - e) / den
+            bad = ~np.isfinite(m) | np.isnan(z).any(-1, keepdims=True) | (z == np.inf).any(-1, keepdims=True)
+            nan = np.full_like(z, np.nan)
+            return np.where(bad, nan, p), np.where(bad, nan, logp), np.where(bad, nan, q)
+
+    @staticmethod
+    def _sigmoid(z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(p, 1 - p, log p, log(1 - p))."""
+        with np.errstate(all="ignore"):
+            p = 1.0 / (1.0 + np.exp(-z))
+            q = 1.0 / (1.0 + np.exp(z))
+            logp = -np.where(z >= 0, np.log1p(np.exp(-z)), -z + np.log1p(np.exp(z)))
+            logq = -np.where(z >= 0, z + np.log1p(np.exp(-z)), np.log1p(np.exp(z)))
+            return p, q, logp, logq
+
+    def probabilities(self, z: np.ndarray) -> np.ndarray:
+        z = np.asarray(z, np.float64)
+        return self._softmax(z)[0] if self.head.activation == "softmax" else self._sigmoid(z)[0]
+
+    def log_probabilities(self, z: np.ndarray) -> np.ndarray:
+        z = np.asarray(z, np.float64)
+        return self._softmax(z)[1] if self.head.activation == "softmax" else self._sigmoid(z)[2]
+
+    # -- targets ------------------------------------------------------------------------
+    def _targets(self, labels: np.ndarray, lead: tuple, sw: Any) -> tuple:
+        """Per-output positive/target weights and per-example (or per-element) weights."""
+        head = self.head
+        eps = head.label_smoothing
+        k = head.num_classes
+        full = lead + ((k,) if head.task == "multilabel" else ())
+        s = np.ones(full) if sw is None else np.broadcast_to(
+            np.asarray(sw, np.float64).reshape(np.shape(sw) + (1,) * (len(full) - np.ndim(sw))), full)
+        cw = None if head.class_weights is None else np.asarray(head.class_weights, np.float64)
+        pw = head.pos_weight
+        if head.task == "multiclass":
+            if head.label_format == "sparse":
+                y = np.asarray(labels)
+                valid = np.ones(lead, bool) if head.ignore_index is None else y != head.ignore_index
+                t = np.eye(k)[np.where(valid, y, 0)]
+            else:
+                valid = np.ones(lead, bool)
+                t = np.asarray(labels, np.float64)
+            tau = (1 - eps) * t + eps / k
+            w = s * valid * ((t * cw).sum(-1) if cw is not None else 1.0)
+            return tau, w
+        q = np.asarray(labels, np.float64)
+        if head.task == "binary":
+            valid = np.ones(lead, bool) if head.ignore_index is None else q != head.ignore_index
+            q = np.where(valid, q, 0.0)
+            pos = (1 - eps) * q + eps / 2
+            neg = (1 - eps) * (1 - q) + eps / 2
+            pos = pos * (pw if pw is not None else 1.0)
+            w = s * valid * ((cw[0] * (1 - q) + cw[1] * q) if cw is not None else 1.0)
+            return (pos, neg), w
+        pos = (1 - eps) * q + eps / 2
+        neg = (1 - eps) * (1 - q) + eps / 2
+        if pw is not None:
+            pos = pos * np.asarray(pw, np.float64)
+        w = s * (cw if cw is not None else 1.0)
+        return (pos, neg), w
+
+    # -- losses and gradients --------------------------------------------------------------
+    def evaluate(self, z: Any, labels: Any, sample_weight: Any = None) -> dict[str, Any]:
+        """Like :meth:`MPReference.evaluate`, as float64 arrays."""
+        head = self.head
+        z = np.asarray(z, np.float64)
+        labels = np.asarray(labels)
+        lead = z.shape[:-1]
+        if head.task == "binary" and labels.shape == lead + (1,):
+            labels = labels[..., 0]
+        gamma = head.focal_gamma
+        with np.errstate(all="ignore"):
+            targets, w = self._targets(labels, lead, sample_weight)
+            if head.activation == "softmax":
+                if head.task == "binary":
+                    pos, neg = targets
+                    tau = np.stack([neg, pos], -1)
+                else:
+                    tau = targets
+                p, logp, q = self._softmax(z)
+                f = np.where(tau > 0, tau * q**gamma * -logp, 0.0)
+                per = f.sum(-1)
+                if gamma == 0:
+                    g = np.ones_like(p)
+                else:
+                    ratio = np.where(q > 0, -logp / np.where(q > 0, q, 1.0), 1.0)
+                    g = q**gamma * (1 + gamma * np.where(p > 0, p * ratio, 0.0))
+                v = np.where(tau > 0, tau * g, 0.0)
+                # the others' total for each class: V - v_j, except at the first maximum (sum the others)
+                first = (np.arange(z.shape[-1]) == np.argmax(z, axis=-1)[..., None])
+                others = np.where(first, np.where(first, 0.0, v).sum(-1, keepdims=True), v.sum(-1, keepdims=True) - v)
+                t1, t2 = p * others, v * q
+                dper, size = t1 - t2, np.maximum(np.abs(t1), np.abs(t2))
+                wv = np.where(w > 0, w * per, 0.0)
+                w_el = w[..., None]
+            else:
+                pos, neg = targets
+                if head.task == "binary":
+                    pos, neg, w_el = pos[..., None], neg[..., None], w[..., None]
+                else:
+                    w_el = w
+                p, q, logp, logq = self._sigmoid(z)
+                ta = np.where(pos > 0, -pos * q**gamma * logp, 0.0)
+                tb = np.where(neg > 0, -neg * p**gamma * logq, 0.0)
+                el = ta + tb
+                da = np.where(pos > 0, -pos * q**gamma * (q - gamma * np.where(p > 0, p * logp, 0.0)), 0.0)
+                db = np.where(neg > 0, -neg * p**gamma * (gamma * np.where(q > 0, q * logq, 0.0) - p), 0.0)
+                dper, size = da + db, np.maximum(np.abs(da), np.abs(db))
+                wv = np.where(w_el > 0, w_el * el, 0.0).mean(-1)
+                w = w_el.mean(-1)
+            total, wsum = wv.sum(), w.sum()
+            if head.reduction == "none":
+                loss, scale = wv, 1.0
+            elif head.reduction == "sum":
+                loss, scale = total, 1.0
+            else:
+                loss = total / wsum if wsum > 0 else 0.0
+                scale = 1.0 / wsum if wsum > 0 else 0.0
+            k = z.shape[-1] if head.activation == "sigmoid" else 1  # per-example value: mean over labels
+            grad = np.where(w_el > 0, w_el * dper, 0.0) * scale / k
+            gsize = np.where(w_el > 0, w_el * size, 0.0) * scale / k
+        return {"none": wv, "loss": np.asarray(loss, np.float64), "grad": grad, "grad_scale": gsize}

@@ -99,16 +99,74 @@ class Ops:
 
     # -- reductions ---------------------------------------------------------------------------
     def row_sum(self, x: Any) -> Any:
-        """Sum over the class axis, keeping it: ``(..., K) -> (..., 1)``."""
+        """Sum over the class axis, keeping it: ``(..., K) -> (..., 1)``.  float64 sums have no
+        wider type to accumulate in and are compensated (float64 is the accuracy path, not the
+        speed path); backends accumulate float32 sums in float64 where they can."""
+        if x.dtype == self.xp.float64:
+            return self.compensated_row_sum(x)
         return self.xp.sum(x, axis=-1, keepdims=True)
+
+    def compensated_row_sum(self, x: Any) -> Any:
+        """:meth:`row_sum`, pairwise over contiguous halves of the class axis, each level's
+        rounding errors recovered (TwoSum) and added back."""
+        xp = self.xp
+        err = None
+        while x.shape[-1] > 1:
+            if x.shape[-1] % 2:
+                x = xp.concat([x, xp.zeros_like(x[..., :1])], axis=-1)
+            half = x.shape[-1] // 2
+            a, b = x[..., :half], x[..., half:]
+            s = a + b
+            bb = s - a
+            e = (a - (s - bb)) + (b - bb)
+            e = xp.sum(self.where0(xp.isfinite(e), e), axis=-1, keepdims=True)
+            err = e if err is None else err + e
+            x = s
+        return x if err is None else x + err
 
     def total(self, x: Any) -> Any:
         """Accurate sum of every element (the reductions over examples).  Accumulates in float64
-        where the namespace has it; backends without float64 override this."""
+        where the namespace has it; backends without float64 use :meth:`compensated_total`."""
         xp = self.xp
-        if x.dtype == xp.float64:
-            return xp.sum(x)
+        if x.dtype == xp.float64:  # nothing wider to accumulate in
+            return self.compensated_total(x)
         return xp.astype(xp.sum(xp.astype(x, xp.float64)), x.dtype)
+
+    def compensated_total(self, x: Any) -> Any:
+        """Sum of every element without a wider type: pairwise over contiguous halves, each
+        level's rounding errors recovered exactly (TwoSum) and added back.  Nearly correctly
+        rounded; infinities and NaN come through as in a plain sum."""
+        xp = self.xp
+        if len(x.shape) > 1:  # the class axis with the library's pairwise sum, then compensate
+            x = xp.sum(x, axis=-1)
+        x = xp.reshape(x, (-1,))
+        err = None
+        while x.shape[0] > 1:
+            if x.shape[0] % 2:
+                x = xp.concat([x, xp.zeros_like(x[:1])])
+            half = x.shape[0] // 2
+            a, b = x[:half], x[half:]
+            s = a + b
+            bb = s - a
+            e = (a - (s - bb)) + (b - bb)
+            e = xp.sum(self.where0(xp.isfinite(e), e))  # inf - inf in an error term is not an error
+            err = e if err is None else err + e
+            x = s
+        out = x[0] if x.shape[0] else xp.sum(x)
+        return out if err is None else out + err
+
+    def corrected_exp(self, x: Any, err: Any) -> Any:
+        """``x * (1 + err)`` for ``x = exp(d)`` and the rounding error ``err`` of ``d``, as
+        ``x + x * err`` (one rounding).  Backends that flush subnormals to zero call
+        :meth:`corrected_exp_ftz`."""
+        return x + x * err
+
+    def corrected_exp_ftz(self, x: Any, err: Any) -> Any:
+        """:meth:`corrected_exp` where subnormals are flushed to zero: ``x * err`` is subnormal for
+        small ``x`` and would be lost, so below ``2**-100`` the correction is applied as
+        ``x * (1 + err)`` (two roundings; above it, a flushed ``x * err`` is below a quarter ulp)."""
+        xp = self.xp
+        return xp.where(x > 2.0**-100, x + x * err, x * (1 + err))
 
     # -- value inspection (validation only; never on the compute path) -------------------------
     def eager(self) -> Any:

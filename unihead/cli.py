@@ -18,7 +18,19 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--version", action="version", version=f"unihead {__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    from unihead.conformance.cli import add_arguments as conformance_arguments
+    from unihead.conformance.cli import run_command as conformance_command
+
+    p = sub.add_parser(
+        "conformance",
+        help="check every installed backend against the independent reference (the main job)",
+        description="Run the conformance suite on every installed backend and print the matrix; "
+                    "exit 0 only if every installed backend passes.",
+    )
+    conformance_arguments(p)
+    p.set_defaults(func=conformance_command)
     return parser
 
 
@@ -28,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return int(args.func(args) or 0)  # pragma: no cover - subcommands arrive with later issues
+    return int(args.func(args) or 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -35,6 +35,7 @@ from ._ops import Ops, exp_underflow_gap
 __all__ = [
     "SoftmaxStats",
     "SigmoidStats",
+    "focal_power",
     "subtraction_error",
     "softmax_stats",
     "softmax_probabilities",
@@ -49,6 +50,29 @@ __all__ = [
     "sigmoid_loss",
     "sigmoid_grad",
 ]
+
+
+def focal_power(ops: Ops, x: Any, gamma: float) -> Any:
+    """``x ** gamma`` for the focal factors.
+
+    For gamma a multiple of 1/2 (0.5, 1, 1.5, 2, 3, ...) it is computed from ``sqrt`` and
+    multiplications, which are correctly rounded everywhere: ``pow`` is less accurate on some
+    backends (XLA's is ~2 ulp worse than libm's), and a float32 ``pow`` with a Python-float
+    exponent rounds the exponent to float32.  Other exponents use ``x ** gamma`` (see
+    docs/semantics.md §11)."""
+    twice = 2.0 * gamma
+    if twice != int(twice) or twice > 64:
+        return x**gamma
+    whole, half = divmod(int(twice), 2)
+    result = ops.xp.sqrt(x) if half else None
+    base = x
+    while whole:  # binary powering of x**whole
+        if whole & 1:
+            result = base if result is None else result * base
+        whole >>= 1
+        if whole:
+            base = base * base
+    return result if result is not None else ops.xp.ones_like(x)
 
 
 # ----------------------------------------------------------------------------------- softmax
@@ -99,10 +123,9 @@ def softmax_stats(ops: Ops, z: Any) -> SoftmaxStats:
     zc = xp.maximum(z, m - exp_underflow_gap(ops.bits(z)))
     d = zc - m
     err = subtraction_error(ops, zc, m, d)
-    # exp(d + err) = exp(d) (1 + err) to within err**2 (below rounding).  Written as a product with
-    # (1 + err), not exp(d) + exp(d) * err: the latter's small term is subnormal for exp(d) < 1e-32
-    # and flushed to zero where subnormals are (XLA on CPU), losing the correction.
-    Y = xp.exp(d) * (1 + err)
+    # exp(d + err) = exp(d) (1 + err) to within err**2 (below rounding); see Ops.corrected_exp for
+    # the flush-to-zero-safe form on backends that flush subnormals (XLA on CPU).
+    Y = ops.corrected_exp(xp.exp(d), err)
     mask = xp.astype(d < 0, d.dtype)
     sp = ops.row_sum(Y * mask)
     # The maxima contribute exactly 1 each to sum(Y); the sums are pairwise, so their rounding
@@ -188,7 +211,7 @@ def _dense_terms(ops: Ops, z: Any, st: SoftmaxStats, gamma: float, need_nlp: boo
         nlp = st.L - (z - st.m) if need_nlp else None
         return _DenseTerms(p, q, nlp, nlp, None)
     nlp = st.L - (z - st.m)
-    qg = q**gamma
+    qg = focal_power(ops, q, gamma)
     f = qg * nlp
     # g = (1-p)^gamma * (1 + gamma * p * rho), rho = -log(p) / (1 - p)  (>= 1, -> 1 as p -> 1)
     one = ops.scalar(1.0, q)
@@ -274,8 +297,8 @@ def sigmoid_loss(ops: Ops, st: SigmoidStats, a: Any, b: Any, gamma: float) -> An
     if gamma == 0.0:
         fa, fb = st.nlp, st.nlq
     else:
-        fa = st.q**gamma * st.nlp
-        fb = st.p**gamma * st.nlq
+        fa = focal_power(ops, st.q, gamma) * st.nlp
+        fb = focal_power(ops, st.p, gamma) * st.nlq
     return ops.where0(a > 0, a * fa) + ops.where0(b > 0, b * fb)
 
 
@@ -290,6 +313,6 @@ def sigmoid_grad(ops: Ops, st: SigmoidStats, a: Any, b: Any, gamma: float, scale
         return scale * (b * st.p - a * st.q)
     pnlp = ops.where0(st.p > 0, st.p * st.nlp)
     qnlq = ops.where0(st.q > 0, st.q * st.nlq)
-    ga = st.q**gamma * (gamma * pnlp + st.q)
-    gb = st.p**gamma * (gamma * qnlq + st.p)
+    ga = focal_power(ops, st.q, gamma) * (gamma * pnlp + st.q)
+    gb = focal_power(ops, st.p, gamma) * (gamma * qnlq + st.p)
     return scale * (b * gb - a * ga)

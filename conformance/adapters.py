@@ -1,0 +1,288 @@
+"""How the conformance suite runs one case on one backend.
+
+Every adapter returns, as NumPy arrays: ``probabilities``, ``log_probabilities``, ``none`` (the
+per-example losses), ``loss`` (the head's reduction), ``predict`` and ``grad`` (the gradient of the
+loss, or of the sum of per-example losses, with respect to the logits, by the framework's *own*
+autodiff).  Logits are passed in the case's dtype (bfloat16 as the framework's bfloat16).
+
+Third-party implementations plug in with ``--backend package.module:compile_head`` or an entry
+point in the ``unihead.backends`` group: the object is called as ``compile_head(head)`` and must
+return an object with the :class:`unihead.CompiledHead` methods; the gradient is read from its
+``loss_and_gradient(logits, labels, sample_weight)`` if it has one (NumPy-style).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any, Callable
+
+import numpy as np
+
+from .cases import Case
+
+__all__ = ["BUILTIN", "Adapter", "make_adapter", "KERAS_BACKENDS"]
+
+KERAS_BACKENDS = ("jax", "torch", "tensorflow")
+#: name -> (display name, import names that must be installed)
+BUILTIN = {
+    "numpy": ("numpy", ()),
+    "torch": ("torch", ("torch",)),
+    "jax": ("jax", ("jax",)),
+    "keras-jax": ("keras (jax)", ("keras", "jax")),
+    "keras-torch": ("keras (torch)", ("keras", "torch")),
+    "keras-tensorflow": ("keras (tensorflow)", ("keras", "tensorflow")),
+}
+
+
+def missing(name: str) -> list[str]:
+    """The framework imports ``name`` needs that are not installed."""
+    needs = BUILTIN.get(name, ("", ()))[1]
+    return [m for m in needs if importlib.util.find_spec(m) is None]
+
+
+class Adapter:
+    """Runs cases on one backend.  Subclasses implement :meth:`arrays` and :meth:`compile`."""
+
+    name = "?"
+    has_grad = True
+
+    def __init__(self) -> None:
+        self._cache: dict[Any, Any] = {}
+
+    def compiled(self, head: Any) -> Any:
+        if head not in self._cache:
+            self._cache[head] = self.compile(head)
+        return self._cache[head]
+
+    def compile(self, head: Any) -> Any:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def flushes_subnormals(self) -> bool:
+        """Probe: sigmoid(-100) = 3.7e-44 is a float32 subnormal; flush-to-zero gives 0."""
+        from unihead.spec import ClassificationHead
+
+        head = ClassificationHead.binary()
+        p = self.to_numpy(self.compiled(head).probabilities(self.logits(np.array([[-100.0]], np.float32), "float32")))
+        return float(np.ravel(p)[0]) == 0.0
+
+    def logits(self, z: np.ndarray, dtype: str) -> Any:
+        return z.astype(dtype)
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        return np.asarray(x)
+
+    def value_and_grad(self, compiled: Any, z: Any, y: Any, sw: Any) -> tuple[Any, Any]:
+        raise NotImplementedError  # pragma: no cover
+
+    def run(self, case: Case) -> dict[str, np.ndarray]:
+        c = self.compiled(case.head)
+        none = self.compiled(case.head.replace(reduction="none"))
+        z = self.logits(case.logits, case.dtype)
+        y, sw = case.labels, case.sample_weight
+        out = {
+            "probabilities": c.probabilities(z),
+            "log_probabilities": c.log_probabilities(z),
+            "none": none.loss(z, y, sw),
+            "predict": c.predict(z),
+        }
+        loss, grad = self.value_and_grad(c, self.logits(case.logits, case.dtype), y, sw)
+        out["loss"], out["grad"] = loss, grad
+        return {k: self.to_numpy(v) for k, v in out.items() if v is not None}
+
+
+def _bf16_numpy(z: np.ndarray) -> np.ndarray:
+    import ml_dtypes
+
+    return z.astype(ml_dtypes.bfloat16)
+
+
+class NumpyAdapter(Adapter):
+    name = "numpy"
+
+    def compile(self, head: Any) -> Any:
+        import unihead
+
+        return unihead.compile(head, "numpy")
+
+    def logits(self, z: np.ndarray, dtype: str) -> Any:
+        return _bf16_numpy(z) if dtype == "bfloat16" else z.astype(dtype)
+
+    def value_and_grad(self, compiled: Any, z: Any, y: Any, sw: Any) -> tuple[Any, Any]:
+        return compiled.loss_and_gradient(z, y, sw)
+
+
+class TorchAdapter(Adapter):
+    name = "torch"
+
+    def compile(self, head: Any) -> Any:
+        import unihead
+
+        return unihead.compile(head, "torch")
+
+    def logits(self, z: np.ndarray, dtype: str) -> Any:
+        import torch
+
+        t = torch.as_tensor(np.asarray(z, np.float64 if dtype == "float64" else np.float32))
+        return t.to({"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}[dtype])
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        import torch
+
+        if isinstance(x, torch.Tensor):
+            x = x.detach()
+            if x.dtype in (torch.bfloat16, torch.float16):
+                x = x.float()
+            return x.cpu().numpy()
+        return np.asarray(x)
+
+    def value_and_grad(self, compiled: Any, z: Any, y: Any, sw: Any) -> tuple[Any, Any]:
+        z = z.detach().requires_grad_()
+        loss = compiled.loss(z, y, sw)
+        loss.sum().backward()
+        return loss, z.grad
+
+
+class JaxAdapter(Adapter):
+    name = "jax"
+
+    def compile(self, head: Any) -> Any:
+        import unihead
+
+        return unihead.compile(head, "jax")
+
+    def logits(self, z: np.ndarray, dtype: str) -> Any:
+        import jax.numpy as jnp
+
+        return jnp.asarray(np.asarray(z, np.float32 if dtype != "float64" else np.float64), dtype=getattr(jnp, dtype))
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        import jax.numpy as jnp
+
+        x = jnp.asarray(x)
+        if x.dtype in (jnp.bfloat16, jnp.float16):
+            x = x.astype(jnp.float32)
+        return np.asarray(x)
+
+    def value_and_grad(self, compiled: Any, z: Any, y: Any, sw: Any) -> tuple[Any, Any]:
+        import jax
+
+        loss = compiled.loss(z, y, sw)
+        grad = jax.grad(lambda t: compiled.loss(t, y, sw).sum())(z)
+        return loss, grad
+
+    def jitted(self, head: Any) -> Any:
+        """All outputs of one head as one ``jax.jit`` program (how JAX training runs a loss; one
+        compilation per head and input signature instead of one per primitive)."""
+        key = ("jit", head)
+        if key not in self._cache:
+            import jax
+
+            c, none = self.compiled(head), self.compiled(head.replace(reduction="none"))
+
+            def outputs(z: Any, y: Any, sw: Any) -> dict[str, Any]:
+                loss, grad = self.value_and_grad(c, z, y, sw)
+                return {"probabilities": c.probabilities(z), "log_probabilities": c.log_probabilities(z),
+                        "none": none.loss(z, y, sw), "predict": c.predict(z), "loss": loss, "grad": grad}
+
+            self._cache[key] = jax.jit(outputs)
+        return self._cache[key]
+
+    def run(self, case: Case) -> dict[str, np.ndarray]:
+        import jax
+
+        with jax.enable_x64(case.dtype == "float64"):
+            out = self.jitted(case.head)(self.logits(case.logits, case.dtype), case.labels, case.sample_weight)
+            return {k: self.to_numpy(v) for k, v in out.items()}
+
+
+class KerasAdapter(Adapter):
+    """Keras on the backend this process runs (``KERAS_BACKEND``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import keras
+
+        self.backend = keras.backend.backend()
+        self.name = f"keras-{self.backend}"
+
+    def compile(self, head: Any) -> Any:
+        import unihead
+
+        return unihead.compile(head, "keras")
+
+    def logits(self, z: np.ndarray, dtype: str) -> Any:
+        from keras import ops
+
+        return ops.cast(ops.convert_to_tensor(np.asarray(z, np.float64 if dtype == "float64" else np.float32)), dtype)
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        from keras import ops
+
+        x = ops.convert_to_tensor(x)
+        if "float16" in str(x.dtype):
+            x = ops.cast(x, "float32")
+        return np.asarray(ops.convert_to_numpy(x))
+
+    def value_and_grad(self, compiled: Any, z: Any, y: Any, sw: Any) -> tuple[Any, Any]:
+        if self.backend == "jax":
+            return JaxAdapter.value_and_grad(self, compiled, z, y, sw)
+        if self.backend == "torch":
+            return TorchAdapter.value_and_grad(self, compiled, z, y, sw)
+        import tensorflow as tf
+
+        v = tf.Variable(z)
+        with tf.GradientTape() as tape:
+            loss = compiled.loss(v, y, sw)
+            total = tf.reduce_sum(loss)
+        return loss, tape.gradient(total, v)
+
+    def run(self, case: Case) -> dict[str, np.ndarray]:
+        if self.backend == "jax":  # Keras trains jitted on JAX: run the case as one program
+            return JaxAdapter.run(self, case)
+        return super().run(case)
+
+    jitted = JaxAdapter.jitted
+
+
+class ThirdPartyAdapter(Adapter):
+    """An implementation given as ``compile_head(head)`` (entry point or ``module:object``)."""
+
+    def __init__(self, name: str, compile_head: Callable[..., Any]):
+        super().__init__()
+        self.name = name
+        self._compile_head = compile_head
+        self.has_grad = None  # decided by the first compiled head
+
+    def compile(self, head: Any) -> Any:
+        compiled = self._compile_head(head)
+        if self.has_grad is None:
+            self.has_grad = hasattr(compiled, "loss_and_gradient")
+        return compiled
+
+    def logits(self, z: np.ndarray, dtype: str) -> Any:
+        return _bf16_numpy(z) if dtype == "bfloat16" else z.astype(dtype)
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        x = np.asarray(x)
+        return x.astype(np.float32) if x.dtype.name == "bfloat16" else x
+
+    def value_and_grad(self, compiled: Any, z: Any, y: Any, sw: Any) -> tuple[Any, Any]:
+        if hasattr(compiled, "loss_and_gradient"):
+            return compiled.loss_and_gradient(z, y, sw)
+        return compiled.loss(z, y, sw), None
+
+
+def make_adapter(name: str) -> Adapter:
+    """The adapter for a built-in backend name (Keras: the one this process runs on), a
+    ``unihead.backends`` entry point, or ``module:object``."""
+    if name == "numpy":
+        return NumpyAdapter()
+    if name == "torch":
+        return TorchAdapter()
+    if name == "jax":
+        return JaxAdapter()
+    if name.startswith("keras"):
+        return KerasAdapter()
+    from unihead._registry import load_backend
+
+    return ThirdPartyAdapter(name, load_backend(name))

@@ -1,0 +1,244 @@
+"""Conformance cases, generated deterministically from a seed.
+
+Every task x label format x option (label smoothing, class weights, pos_weight, ignore_index
+including an all-ignored batch, focal gamma, sample weights including zeros, each reduction)
+meets every logit regime (ordinary; large scale +-30 and +-1e4; a confident correct class whose
+true loss is tiny; ties; -inf masked classes where defined; leading dimensions (N, T, K)), in
+float32, float64 and bfloat16 inputs.  Class counts: 1 and 2 outputs for binary heads; 2, 3, 10,
+1000 and 32000 for the others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from typing import Any, Iterator
+
+import numpy as np
+
+from unihead.spec import ClassificationHead
+
+__all__ = ["Case", "generate", "REGIMES", "DTYPES"]
+
+REGIMES = ("ordinary", "large30", "large1e4", "confident", "ties", "masked", "leading")
+DTYPES = ("float32", "float64", "bfloat16")
+
+
+@dataclasses.dataclass
+class Case:
+    """One input: a head, logits (values exactly representable in ``dtype``), labels and sample
+    weights.  bfloat16 logits are stored as float32 arrays of bfloat16 values."""
+
+    id: str
+    head: ClassificationHead
+    dtype: str
+    regime: str
+    logits: np.ndarray
+    labels: np.ndarray
+    sample_weight: np.ndarray | None
+
+    @property
+    def tolerance(self) -> float:
+        """docs/semantics.md §11: 4 ulp for values; focal loss 4 + 2 gamma."""
+        return 4.0 + 2.0 * self.head.focal_gamma
+
+    def tolerance_of(self, column: str) -> float:
+        """The tolerance of one output (docs/semantics.md §11): gradients get 2 ulp more than
+        values (a gradient entry is a probability times w / sum(w) and the upstream gradient)."""
+        return self.tolerance + (2.0 if column == "grad" else 0.0)
+
+
+def _round_to(x: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "float64":
+        return x.astype(np.float64)
+    if dtype == "float32":
+        return x.astype(np.float32)
+    import ml_dtypes
+
+    return x.astype(ml_dtypes.bfloat16).astype(np.float32)
+
+
+def _exact(x: np.ndarray, dtype: str) -> np.ndarray:
+    """Floating labels and weights as values of the compute dtype (float32 for float32 and
+    bfloat16 logits): the backends compute with exactly the values the reference sees.  Rows of
+    soft labels are renormalised in that dtype."""
+    if not np.issubdtype(np.asarray(x).dtype, np.floating):
+        return x
+    return np.asarray(x, np.float64 if dtype == "float64" else np.float32)
+
+
+def _heads(quick: bool) -> Iterator[tuple[str, ClassificationHead, dict]]:
+    """(name, head, extras) for every task x format x option; extras: sample weights on/off."""
+    formats = [
+        ("binary", "binary", 1), ("binary", "binary", 2), ("binary", "probabilities", 1),
+        ("binary", "probabilities", 2), ("multiclass", "sparse", None), ("multiclass", "one_hot", None),
+        ("multiclass", "probabilities", None), ("multilabel", "multi_hot", None),
+        ("multilabel", "probabilities", None),
+    ]
+    options = [
+        ("plain", {}),
+        ("smooth", {"label_smoothing": 0.1}),
+        ("cw", {"class_weights": True}),
+        ("pw", {"pos_weight": True}),
+        ("ignore", {"ignore_index": -100}),
+        ("focal", {"focal_gamma": 2.0}),
+        ("sw", {"sample_weight": True}),
+        ("sum", {"reduction": "sum"}),
+        ("none", {"reduction": "none"}),
+        ("all", {"label_smoothing": 0.2, "class_weights": True, "pos_weight": True, "ignore_index": -100,
+                 "focal_gamma": 0.5, "sample_weight": True}),
+    ]
+    if quick:  # every format with no option and with all options at once
+        options = [o for o in options if o[0] in ("plain", "all")]
+    for task, fmt, units in formats:
+        for oname, opts in options:
+            kw: dict[str, Any] = {"label_format": fmt}
+            if units is not None:
+                kw["binary_units"] = units
+            extras = {"sample_weight": bool(opts.get("sample_weight"))}
+            for key, value in opts.items():
+                if key == "sample_weight":
+                    continue
+                if key == "pos_weight" and task == "multiclass":
+                    continue
+                if key == "ignore_index" and fmt not in ("sparse", "binary"):
+                    continue
+                kw[key] = value
+            if oname in ("pw",) and task == "multiclass" or oname == "ignore" and fmt not in ("sparse", "binary"):
+                continue
+            name = f"{task}-{fmt}" + (f"-{units}u" if units else "") + f"/{oname}"
+            yield name, kw, extras
+
+
+def _class_weights(k: int, rng: np.random.Generator) -> list[float]:
+    return [float(v) for v in np.round(rng.uniform(0.25, 4.0, k), 3)]
+
+
+def _logits(regime: str, shape: tuple[int, ...], rng: np.random.Generator, softmax: bool) -> np.ndarray:
+    k = shape[-1]
+    if regime == "ordinary":
+        z = rng.normal(size=shape) * 3
+    elif regime == "large30":
+        z = rng.uniform(-30, 30, size=shape)
+    elif regime == "large1e4":
+        z = rng.uniform(-1e4, 1e4, size=shape)
+    elif regime == "confident":
+        z = rng.normal(size=shape)
+        gap = rng.choice([20.0, 30.0, 60.0, 89.0], size=shape[:-1])
+        if k == 1:
+            z[..., 0] = np.where(rng.uniform(size=shape[:-1]) < 0.5, 1, -1) * gap
+        else:
+            z[..., 0] = z.max(-1) + gap
+    elif regime == "ties":
+        z = np.round(rng.normal(size=shape)) * 2
+        z[..., : max(1, k // 2)] = z.max(-1, keepdims=True)
+    elif regime == "masked":
+        z = rng.normal(size=shape) * 3
+        mask = rng.uniform(size=shape) < 0.3
+        mask[..., 0] = False  # at least one class stays possible
+        z = np.where(mask, -np.inf, z)
+    else:  # leading
+        z = rng.normal(size=shape) * 3
+    return z
+
+
+def _labels(head: ClassificationHead, z: np.ndarray, rng: np.random.Generator, confident: bool) -> np.ndarray:
+    lead = z.shape[:-1]
+    k = head.num_classes
+    fmt = head.label_format
+    if head.task == "multiclass":
+        ids = rng.integers(0, k, lead)
+        if confident:
+            ids = np.where(rng.uniform(size=lead) < 0.6, 0, ids)  # mostly the confident class
+        if not np.all(np.isfinite(z)):  # masked regime: labels on possible classes
+            ids = np.where(np.isfinite(np.take_along_axis(z, ids[..., None], -1)[..., 0]), ids, 0)
+        if fmt == "sparse":
+            if head.ignore_index is not None:
+                ids = np.where(rng.uniform(size=lead) < 0.2, head.ignore_index, ids)
+            return ids
+        if fmt == "one_hot":
+            return np.eye(k)[ids]
+        t = rng.dirichlet(np.ones(k), size=lead)
+        if not np.all(np.isfinite(z)):  # soft labels only on possible classes
+            t = np.where(np.isfinite(z), t, 0.0)
+            t = t / t.sum(-1, keepdims=True)
+        return t
+    if head.task == "binary":
+        if fmt == "binary":
+            y = (rng.uniform(size=lead) < 0.5).astype(np.float64)
+            if confident:
+                y = (z[..., -1] - (z[..., 0] if z.shape[-1] == 2 else 0) > 0).astype(np.float64)
+            if head.ignore_index is not None:
+                y = np.where(rng.uniform(size=lead) < 0.2, float(head.ignore_index), y)
+            return y
+        return rng.uniform(size=lead)
+    if fmt == "multi_hot":
+        y = (rng.uniform(size=lead + (k,)) < 0.4).astype(np.float64)
+        if confident:
+            y = (z > 0).astype(np.float64)
+        return y
+    return rng.uniform(size=lead + (k,))
+
+
+def generate(seed: int = 0, quick: bool = False, tasks: tuple[str, ...] | None = None) -> list[Case]:
+    """All cases for ``seed`` (``quick``: a small subset that runs in seconds)."""
+    cases: list[Case] = []
+    for i, (name, kw, extras) in enumerate(_heads(quick)):
+        task = name.split("-")[0]
+        if tasks and task not in tasks:
+            continue
+        rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+        # one class count per option, cycling through 2, 3 and 10 (1000 and 32000 below)
+        ks = [kw.get("binary_units", 1)] if task == "binary" else [(2, 3, 10)[i % 3]]
+        for k in ks:
+            head_kw = dict(kw)
+            if task != "binary":
+                head_kw["num_classes"] = k
+            if head_kw.get("class_weights") is True:
+                head_kw["class_weights"] = _class_weights(2 if task == "binary" else k, rng)
+            if head_kw.get("pos_weight") is True:
+                head_kw["pos_weight"] = float(np.round(rng.uniform(0.5, 3.0), 3)) if task == "binary" else [
+                    float(v) for v in np.round(rng.uniform(0.5, 3.0, k), 3)]
+            head = ClassificationHead(task, **head_kw)
+            softmax = head.activation == "softmax"
+            regimes = ("ordinary", "confident") if quick else REGIMES
+            for regime in regimes:
+                if regime == "masked" and not softmax:
+                    continue
+                dtypes = ["float32"]
+                if not quick and regime in ("ordinary", "confident"):
+                    dtypes.append("float64")
+                if not quick and regime == "ordinary":
+                    dtypes.append("bfloat16")
+                for dtype in dtypes:
+                    shape = (3, 4, head.num_outputs) if regime == "leading" else (6, head.num_outputs)
+                    z = _round_to(_logits(regime, shape, rng, softmax), dtype)
+                    y = _exact(_labels(head, z, rng, regime == "confident"), dtype)
+                    sw = None
+                    if extras["sample_weight"]:
+                        full = shape[:-1] + ((k,) if task == "multilabel" else ())
+                        sw = _exact(np.round(rng.uniform(0.0, 2.0, full), 3), dtype)
+                        sw.reshape(-1)[::5] = 0.0  # zeros included
+                    cases.append(Case(f"{name}/K{head.num_outputs}/{regime}/{dtype}", head, dtype, regime, z, y, sw))
+    # an all-ignored batch
+    for head in (ClassificationHead.multiclass(4, ignore_index=-100),
+                 ClassificationHead.binary(binary_units=2, ignore_index=-1)):
+        rng = np.random.default_rng([seed, 7])
+        z = _round_to(rng.normal(size=(5, head.num_outputs)) * 3, "float32")
+        y = np.full(5, head.ignore_index, dtype=np.int64 if head.task == "multiclass" else np.float64)
+        cases.append(Case(f"{head.task}/all-ignored/K{head.num_outputs}/ordinary/float32", head, "float32", "ordinary", z, y, None))
+    if not quick:  # large class counts (float32: checked against the float64 reference)
+        for k in (1000, 32000):
+            for head in (ClassificationHead.multiclass(k), ClassificationHead.multiclass(k, label_smoothing=0.1),
+                         ClassificationHead.multilabel(k)):
+                if tasks and head.task not in tasks:
+                    continue
+                for regime in ("ordinary", "confident"):
+                    rng = np.random.default_rng([seed, k, zlib.crc32(repr(head).encode()), len(regime)])
+                    n = 4 if k == 32000 else 8
+                    z = _round_to(_logits(regime, (n, k), rng, head.activation == "softmax"), "float32")
+                    y = _exact(_labels(head, z, rng, regime == "confident"), "float32")
+                    cases.append(Case(f"{head!r}/K{k}/{regime}/float32", head, "float32", regime, z, y, None))
+    if tasks:
+        cases = [c for c in cases if c.head.task in tasks]
+    return cases
