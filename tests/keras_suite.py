@@ -330,3 +330,19 @@ def test_compiled_head_methods_return_backend_tensors():
     for out in (c.probabilities(z), c.log_probabilities(z), c.predict(z), c.loss(z, np.ones((2, 3), "float32"))):
         assert ops.is_tensor(out)
     assert labels_for(H.binary(), 4, np.random.default_rng(0)).shape == (4,)
+
+
+def test_diagnose_and_port_on_this_backend():
+    """The seeds' softmax-over-one-unit is found, and a head round-trips through a head file with
+    bit-identical logits and probabilities within 4 ulp (the port's own check)."""
+    bad = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, activation="softmax")])
+    bad.compile(optimizer="adam", loss="binary_crossentropy")
+    assert unihead.diagnose(bad).codes == ("softmax_one_unit",)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(5, activation="softmax")])
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    to_np = unihead.port(model, to="numpy")
+    assert to_np.head == H.multiclass(5) and to_np.check.passed and to_np.check.logits_identical
+    back = unihead.port((to_np.head, to_np.weights), to="keras")
+    assert back.check.passed and back.check.logits_identical, str(back.check)
+    np.testing.assert_array_equal(ops.convert_to_numpy(back.layer.kernel), ops.convert_to_numpy(model.layers[-1].kernel))

@@ -13,7 +13,11 @@ from pathlib import Path
 
 import pytest
 
+import numpy as np
+
 import unihead
+
+from .conftest import require
 
 ROOT = Path(__file__).resolve().parents[1]
 FRAMEWORKS = ("torch", "jax", "jaxlib", "keras", "tensorflow", "optax", "flax", "mpmath")
@@ -88,6 +92,21 @@ def test_wheel_contains_and_imports_the_whole_tree(tmp_path):
     lines = res.stdout.splitlines()
     assert lines[0].startswith(str(site)) and lines[1].startswith(str(site / "unihead" / "backends"))
     assert abs(float(lines[2]) - 0.6931471805599453) < 1e-6
+
+    # the command line from the wheel: write a head file, port it (checked), diagnose a Keras model
+    head = unihead.ClassificationHead.multiclass(3)
+    unihead.save(tmp_path / "head.safetensors", head, {"kernel": np.ones((4, 3), "f4"), "bias": np.zeros(3, "f4")})
+    cmd = [sys.executable, "-S", "-m", "unihead"]
+    res = subprocess.run([*cmd, "port", "head.safetensors", "--to", "numpy"], capture_output=True, text=True,
+                         env=env, cwd=tmp_path, timeout=120)
+    assert res.returncode == 0 and "port numpy -> numpy" in res.stdout, res.stderr
+    keras = require("keras")
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, activation="softmax")])
+    model.compile(optimizer="adam", loss="binary_crossentropy")
+    model.save(tmp_path / "m.keras")
+    res = subprocess.run([*cmd, "diagnose", "m.keras"], capture_output=True, text=True,
+                         env=dict(env, KERAS_BACKEND="jax"), cwd=tmp_path, timeout=300)
+    assert res.returncode == 1 and "softmax_one_unit" in res.stdout, res.stderr[-2000:]
 
 
 def test_console_script():

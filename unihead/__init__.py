@@ -10,7 +10,10 @@
 from ._registry import available_backends, compile
 from ._version import __version__
 from .compiled import CompiledHead
-from .errors import BackendNotAvailableError, HeadSpecError
+from .diagnose import Diagnosis, Finding, diagnose, infer
+from .errors import BackendNotAvailableError, HeadFileError, HeadSpecError
+from .headfile import load, save
+from .port import Ported, port
 from .spec import ClassificationHead
 from .validation import set_validation, validation
 
@@ -27,6 +30,15 @@ __all__ = [
     "available_backends",
     "set_validation",
     "validation",
+    "infer",
+    "diagnose",
+    "Diagnosis",
+    "Finding",
+    "port",
+    "Ported",
+    "save",
+    "load",
     "HeadSpecError",
+    "HeadFileError",
     "BackendNotAvailableError",
 ]

@@ -31,6 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     conformance_arguments(p)
     p.set_defaults(func=conformance_command)
+
+    from ._cli_heads import add_diagnose, add_port
+
+    add_diagnose(sub)
+    add_port(sub)
     return parser
 
 

@@ -11,7 +11,7 @@ from ._ops import Ops
 from .spec import ClassificationHead
 from .validation import check_inputs, check_logits
 
-__all__ = ["CompiledHead", "canonical_weights", "glorot_uniform"]
+__all__ = ["CompiledHead", "canonical_weights", "host_weights", "glorot_uniform"]
 
 
 class CompiledHead:
@@ -105,6 +105,22 @@ def glorot_uniform(rng: np.random.Generator, fan_in: int, fan_out: int, dtype: A
     """Keras' default kernel initialiser: U(-a, a), a = sqrt(6 / (fan_in + fan_out))."""
     limit = np.sqrt(6.0 / (fan_in + fan_out))
     return rng.uniform(-limit, limit, size=(fan_in, fan_out)).astype(dtype)
+
+
+def host_weights(weights: Any) -> Any:
+    """``weights`` (a ``{"kernel", "bias"}`` mapping or a pair) with every array copied to the
+    host as NumPy (PyTorch tensors on any device, JAX and Keras arrays)."""
+
+    def conv(x: Any) -> Any:
+        if hasattr(x, "detach"):
+            x = x.detach().cpu()
+        return np.asarray(x)
+
+    if isinstance(weights, Mapping):
+        return {k: conv(v) for k, v in weights.items()}
+    if isinstance(weights, (tuple, list)) and len(weights) == 2:
+        return tuple(conv(v) for v in weights)
+    return weights
 
 
 def canonical_weights(

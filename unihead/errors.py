@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["HeadSpecError", "BackendNotAvailableError"]
+__all__ = ["HeadSpecError", "BackendNotAvailableError", "HeadFileError"]
 
 
 class HeadSpecError(ValueError):
@@ -11,3 +11,8 @@ class HeadSpecError(ValueError):
 
 class BackendNotAvailableError(ImportError):
     """The framework a backend needs is not installed (``pip install unihead[<framework>]``)."""
+
+
+class HeadFileError(ValueError):
+    """A head file (``unihead.save``/``unihead.load``) is missing its spec, malformed, or its
+    tensors do not match the spec."""

@@ -410,6 +410,17 @@ class ClassificationHead:
             threshold=threshold,
         )
 
+    @classmethod
+    def from_labels(cls, labels: Any, num_classes: int | None = None, **options: Any) -> "ClassificationHead":
+        """The head a label array calls for: integer ids -> ``multiclass`` (``binary`` for 0/1),
+        one-hot rows -> ``multiclass(K, label_format="one_hot")``, rows with several 1s ->
+        ``multilabel(K)``, floats in [0, 1] -> ``label_format="probabilities"`` (rows summing to 1:
+        multiclass; otherwise multilabel, or binary for one value per example).  Ambiguous labels
+        raise an error that says what to choose between.  ``options`` go to the constructor."""
+        from .labels import head_from_labels
+
+        return head_from_labels(labels, num_classes=num_classes, **options)
+
     # ------------------------------------------------------------------ derived
     @property
     def num_outputs(self) -> int:

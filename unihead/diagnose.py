@@ -1,0 +1,496 @@
+"""Reading an existing head: :func:`infer` (the spec it implements or was evidently meant to
+implement, with its weights) and :func:`diagnose` (what is wrong with it, in plain words, with
+the fix as a :class:`~unihead.ClassificationHead` and as framework lines).
+
+The rules, in the terms of docs/semantics.md: a head's layer produces *logits*, *probabilities*
+(a softmax/sigmoid after it) or *log-probabilities* (``LogSoftmax``), and its loss expects one
+of them (``from_logits=True``, PyTorch ``CrossEntropyLoss``/``BCEWithLogitsLoss``: logits;
+Keras' default ``from_logits=False``, ``BCELoss``: probabilities; ``NLLLoss``:
+log-probabilities).  A mismatch, an activation that cannot describe the classes (softmax over
+one unit, independent sigmoids under a categorical loss) or labels that do not fit the loss
+(ids > 1 under binary cross-entropy, one-hot rows under a sparse loss, ...) is an *error*:
+training gives wrong numbers.  A *warning* is a choice that works but is rarely what is meant; an
+*info* finding says where the framework's numbers differ from unihead's spec for the same
+options (the native-equivalence table, docs/semantics.md §10).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from ._readers import LossReading, Reading, read_model
+from .errors import HeadSpecError
+from .labels import LabelSummary, describe_labels
+from .spec import ClassificationHead
+
+__all__ = ["Finding", "Diagnosis", "Inferred", "infer", "diagnose", "native_lines"]
+
+_CATEGORICAL = ("categorical_ce", "sparse_ce", "ce", "nll")
+_PRODUCES = {"linear": "logits", "softmax": "probabilities", "sigmoid": "probabilities",
+             "log_softmax": "log-probabilities"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Finding:
+    """One problem: ``code`` (stable identifier), ``severity`` (``"error"``, ``"warning"``,
+    ``"info"``), ``what`` is wrong, ``why`` it matters, the ``fix`` as a head, and ``lines``:
+    how to write the fix natively and with unihead (``{"keras"|"torch": ..., "unihead": ...}``)."""
+
+    code: str
+    severity: str
+    what: str
+    why: str
+    fix: ClassificationHead | None = None
+    lines: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def __str__(self) -> str:
+        out = [f"{self.severity.upper()} [{self.code}] {self.what}", f"    why: {self.why}"]
+        if self.fix is not None:
+            out.append(f"    fix: {self.fix!r}")
+            for k, v in self.lines.items():
+                label = {"keras": "Keras", "torch": "PyTorch", "unihead": "unihead"}.get(k, k)
+                body = v.replace("\n", "\n" + " " * 15)
+                out.append(f"      {label + ':':<8} {body}")
+        return "\n".join(out)
+
+
+class Inferred(NamedTuple):
+    """What :func:`infer` returns: the ``head`` and its ``weights`` in the canonical layout
+    (``{"kernel": (in, out), "bias": (out,)}`` NumPy arrays; ``None`` for an unbuilt layer)."""
+
+    head: ClassificationHead
+    weights: dict[str, np.ndarray] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Diagnosis:
+    """What :func:`diagnose` returns.  ``ok`` is true when there is no error (warnings and info
+    findings do not make a head wrong); ``str(diagnosis)`` is the report the CLI prints."""
+
+    head: ClassificationHead
+    weights: dict[str, np.ndarray] | None
+    findings: tuple[Finding, ...]
+    where: str
+    framework: str
+    assumptions: tuple[str, ...] = ()
+
+    @property
+    def errors(self) -> tuple[Finding, ...]:
+        return tuple(f for f in self.findings if f.severity == "error")
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    @property
+    def codes(self) -> tuple[str, ...]:
+        return tuple(f.code for f in self.findings)
+
+    def __str__(self) -> str:
+        n_err = len(self.errors)
+        n_warn = sum(f.severity == "warning" for f in self.findings)
+        status = "OK" if self.ok else f"{n_err} error{'s' * (n_err != 1)}"
+        lines = [f"unihead diagnose: {self.where}: {status}"
+                 + (f", {n_warn} warning{'s' * (n_warn != 1)}" if n_warn else "")]
+        for f in self.findings:
+            lines.append(str(f))
+        lines.append(f"head: {self.head!r}")
+        lines.extend(f"  (assumed: {a})" for a in self.assumptions)
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ fix lines
+def native_lines(head: ClassificationHead, framework: str, in_features: int | None = None) -> dict[str, str]:
+    """How to write ``head`` in ``framework`` ("keras" or "torch") with its own layers and losses
+    (logits out of the layer, a loss that takes logits) and with unihead."""
+    k = head.num_outputs
+    d = in_features if in_features is not None else "in_features"
+    opts = []
+    sparse = head.task == "binary" and k == 2 or head.label_format == "sparse"
+    if framework == "keras":
+        args = ["from_logits=True"]
+        if head.focal_gamma:
+            if head.task == "multiclass" or k == 2:
+                loss = "CategoricalFocalCrossentropy"
+                args += ["alpha=1.0", f"gamma={head.focal_gamma:g}"]
+            else:
+                loss = "BinaryFocalCrossentropy"
+                args.append(f"gamma={head.focal_gamma:g}")
+        elif head.task == "multilabel" or k == 1:
+            loss = "BinaryCrossentropy"
+        elif sparse and not head.label_smoothing:
+            loss = "SparseCategoricalCrossentropy"
+            if head.ignore_index is not None:
+                args.append(f"ignore_class={head.ignore_index}")
+        else:
+            loss = "CategoricalCrossentropy"
+        if head.label_smoothing:
+            args.append(f"label_smoothing={head.label_smoothing:g}")
+        act = "sigmoid" if head.task == "multilabel" or k == 1 else "softmax"
+        native = (f"keras.layers.Dense({k})  # logits, no activation\n"
+                  f"loss=keras.losses.{loss}({', '.join(args)})\n"
+                  f"probabilities = keras.ops.{act}(model(x))")
+        if loss.startswith("Categorical") and sparse:
+            native += f"\nlabels: keras.utils.to_categorical(y, {k})"
+        uni = (f"compiled = unihead.compile(unihead.{head!r}, \"keras\")\n"
+               f"layer = compiled.layer(); model.compile(optimizer, **compiled.compile_kwargs())")
+        return {"keras": native, "unihead": uni}
+    if framework == "torch":
+        if head.task == "multilabel" or k == 1:
+            if head.pos_weight is not None:
+                opts.append(f"pos_weight=torch.tensor({_fmt(head.pos_weight)})")
+            loss, act = "nn.BCEWithLogitsLoss", "torch.sigmoid(logits)"
+            labels = "float labels" + (" of shape (N, 1)" if k == 1 else " (N, K)")
+        else:
+            if head.class_weights is not None:
+                opts.append(f"weight=torch.tensor({_fmt(head.class_weights)})")
+            if head.ignore_index is not None:
+                opts.append(f"ignore_index={head.ignore_index}")
+            if head.label_smoothing:
+                opts.append(f"label_smoothing={head.label_smoothing:g}")
+            loss, act = "nn.CrossEntropyLoss", "torch.softmax(logits, -1)"
+            labels = "integer labels (N,)" if sparse else "float target rows (N, K)"
+        if head.reduction != "mean":
+            opts.append(f"reduction={head.reduction!r}")
+        native = (f"nn.Linear({d}, {k})  # logits, no activation\n"
+                  f"criterion = {loss}({', '.join(opts)})  # {labels}\n"
+                  f"probabilities = {act}")
+        uni = (f"compiled = unihead.compile(unihead.{head!r}, \"torch\")\n"
+               f"layer = compiled.layer({d}); criterion = compiled.loss_module()")
+        return {"torch": native, "unihead": uni}
+    return {"unihead": f"compiled = unihead.compile(unihead.{head!r}, backend)"}
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, (tuple, list)):
+        return "[" + ", ".join(f"{x:g}" for x in v) + "]"
+    return f"{v:g}"
+
+
+# ------------------------------------------------------------------------------ inference
+def _labels_summary(labels: Any) -> LabelSummary | None:
+    if labels is None:
+        return None
+    if hasattr(labels, "detach"):  # torch tensor
+        labels = labels.detach().cpu().numpy()
+    return describe_labels(labels)
+
+
+def _structure(r: Reading, s: LabelSummary | None) -> tuple[ClassificationHead, list[str]]:
+    """The head ``r`` implements or evidently was meant to, before loss options."""
+    u, act = r.units, r.activation
+    kind = r.loss.kind if r.loss is not None else None
+    notes: list[str] = []
+    ids_k = s.classes if s is not None and s.kind == "ids" else None
+    rows_k = s.width if s is not None and s.width is not None else None
+    row_format = {"one_hot": "one_hot", "probability_rows": "probabilities"}.get(s.kind if s else "", None)
+    if u == 1:
+        if ids_k is not None and ids_k > 2:
+            return ClassificationHead.multiclass(ids_k), notes
+        if row_format and rows_k and rows_k > 2:
+            return ClassificationHead.multiclass(rows_k, label_format=row_format), notes
+        fmt = "probabilities" if s is not None and s.kind == "probabilities" else "binary"
+        return ClassificationHead.binary(label_format=fmt), notes
+    if s is not None and s.kind == "multi_hot" or (s is not None and s.kind == "probabilities" and rows_k):
+        fmt = "multi_hot" if s.kind == "multi_hot" else "probabilities"
+        return ClassificationHead.multilabel(rows_k or u, label_format=fmt), notes
+    if kind == "binary_ce" and act in ("sigmoid", "linear") or kind is None and act == "sigmoid":
+        return ClassificationHead.multilabel(u), notes
+    k = u
+    if ids_k is not None and ids_k > u:
+        k = ids_k
+    elif rows_k is not None and rows_k != u:
+        k = rows_k
+    if s is not None and s.kind == "ids":
+        fmt = "sparse"
+    elif row_format:
+        fmt = row_format
+    elif kind in ("categorical_ce", "binary_ce"):
+        fmt = "one_hot"
+    else:
+        fmt = "sparse"
+    if kind is None and act == "linear":
+        notes.append(f"no loss given: {u} linear outputs read as multiclass logits")
+    if k == 2 and fmt == "sparse":
+        return ClassificationHead.binary(binary_units=2), notes
+    return ClassificationHead.multiclass(k, label_format=fmt), notes
+
+
+def _with_options(head: ClassificationHead, loss: LossReading | None, s: LabelSummary | None,
+                  notes: list[str]) -> ClassificationHead:
+    if loss is None:
+        return head
+    if loss.kind == "unihead" and loss.head is not None:
+        return loss.head
+    opts: dict[str, Any] = {}
+    if loss.label_smoothing:
+        opts["label_smoothing"] = loss.label_smoothing
+    if loss.ignore_index is not None:
+        negatives = s.negatives if s is not None else ()
+        default_unused = loss.name in ("CrossEntropyLoss", "NLLLoss") and loss.ignore_index == -100 \
+            and -100 not in negatives
+        if not default_unused:
+            opts["ignore_index"] = int(loss.ignore_index)
+    if loss.class_weights is not None:
+        if head.task == "binary" and loss.kind == "binary_ce":
+            notes.append("BCE weight= rescales elements, not classes: not carried over")
+        else:
+            opts["class_weights"] = loss.class_weights
+    if loss.pos_weight is not None:
+        opts["pos_weight"] = loss.pos_weight
+    if loss.focal_gamma:
+        opts["focal_gamma"] = loss.focal_gamma
+    if loss.reduction != "mean":
+        opts["reduction"] = loss.reduction
+    for key, value in opts.items():
+        try:
+            head = head.replace(**{key: value})
+        except (HeadSpecError, ValueError, TypeError) as e:
+            notes.append(f"{key}={value!r} from the loss does not fit {head!r}: {e}")
+    return head
+
+
+def _weights(r: Reading) -> dict[str, np.ndarray] | None:
+    if r.kernel is None:
+        return None
+    return {"kernel": np.asarray(r.kernel), "bias": np.asarray(r.bias)}
+
+
+def infer(model: Any, loss: Any = None, labels: Any = None) -> Inferred:
+    """The :class:`~unihead.ClassificationHead` an existing Keras model/``Dense`` or PyTorch
+    module/``nn.Linear`` implements (or was evidently meant to implement: a softmax over one unit
+    reads as the binary head it was meant to be; run :func:`diagnose` to see what is wrong), with
+    its weights in the canonical layout.  ``loss``: the PyTorch criterion, or a Keras loss to
+    use instead of the compiled one; ``labels`` (optional) settle the label format and width."""
+    r = read_model(model, loss)
+    s = _labels_summary(labels)
+    return Inferred(_head(r, s, []), _weights(r))
+
+
+def _head(r: Reading, s: LabelSummary | None, notes: list[str]) -> ClassificationHead:
+    if r.head is not None:
+        return r.head
+    head, more = _structure(r, s)
+    notes.extend(more)
+    return _with_options(head, r.loss, s, notes)
+
+
+# ------------------------------------------------------------------------------ rules
+class _Ctx:
+    def __init__(self, r: Reading, s: LabelSummary | None, head: ClassificationHead):
+        self.r, self.s, self.head = r, s, head
+        self.fw = r.framework if r.framework in ("keras", "torch") else (
+            "torch" if type(r.layer).__module__.startswith("torch") or "torch" in type(r.layer).__module__
+            else "keras" if "keras" in type(r.layer).__module__ else "unihead")
+        self.findings: list[Finding] = []
+
+    def add(self, code: str, severity: str, what: str, why: str, fix: ClassificationHead | None = None) -> None:
+        fix = self.head if fix is None and severity != "info" else fix
+        lines = native_lines(fix, self.fw, self.r.in_features) if fix is not None else {}
+        self.findings.append(Finding(code, severity, what, why, fix, lines))
+
+    @property
+    def loss_name(self) -> str:
+        lr = self.r.loss
+        if lr is None:
+            return ""
+        if self.fw == "keras" and lr.name[:1].islower():
+            return f"'{lr.name}'"
+        return lr.name + ("(from_logits=True)" if self.fw == "keras" and lr.from_logits and lr.kind != "unihead"
+                          else "()" if self.fw == "keras" or lr.name.endswith("Loss") else "")
+
+
+def _rules(c: _Ctx) -> None:
+    r, s, L = c.r, c.s, c.r.loss
+    u, act = r.units, r.activation
+    kind = L.kind if L is not None else None
+    produces = _PRODUCES.get(act)
+
+    # a unihead layer / loss: the spec is the contract; only a mismatch between them is an error
+    if r.head is not None or kind == "unihead":
+        if r.head is not None and kind == "unihead" and L.head != r.head:
+            c.add("head_mismatch", "error",
+                  f"the layer was built for {r.head!r} but the loss for {L.head!r}.",
+                  "the loss reads the layer's outputs with a different meaning (width, task or labels).",
+                  r.head)
+        if r.head is not None and L is not None and kind != "unihead":
+            c.add("native_loss_on_head", "warning",
+                  f"a unihead layer ({r.head!r}) is trained with {c.loss_name or L.name}.",
+                  "the layer emits logits; a native loss must take logits and match the spec's options "
+                  "(the native-equivalence table, docs/semantics.md §10); the head's own loss always does.")
+        return
+
+    if produces is None:
+        c.add("not_a_probability_activation", "error",
+              f"the output layer ends in '{act}', which does not turn scores into class probabilities.",
+              "a classification head needs logits (then a loss that takes logits) or a softmax/sigmoid; "
+              f"'{act}' outputs are neither, so the loss reads them with the wrong meaning.")
+        return
+
+    # ---- the activation alone
+    if act in ("softmax", "log_softmax") and u == 1:
+        c.add("softmax_one_unit", "error",
+              f"{r.where}: a {act.replace('_', ' ')} over a single unit always outputs "
+              f"{'1.0' if act == 'softmax' else '0.0'}.",
+              "softmax normalises across the units of a row: with one unit it is exp(z)/exp(z) = 1 for every "
+              "input, so the model predicts the same thing for every example and its gradient is zero. "
+              "For two classes use one unit with a sigmoid (binary cross-entropy), or two units with a softmax.")
+    # ---- activation vs what the loss expects
+    if L is not None and kind != "other":
+        expects = ("log-probabilities" if kind == "nll" else "logits" if L.from_logits else "probabilities")
+        if act == "log_softmax" and kind == "ce":
+            pass  # log_softmax is idempotent under CrossEntropyLoss: redundant, not wrong
+        elif produces == "probabilities" and expects == "logits":
+            c.add("double_activation", "error",
+                  f"{r.where} outputs probabilities, but {c.loss_name} expects logits and applies the "
+                  f"{'softmax' if kind in _CATEGORICAL else 'sigmoid'} itself.",
+                  "the activation is applied twice: the loss sees squashed values in [0, 1], its gradient "
+                  "shrinks towards zero and training stalls (or is stuck at chance).")
+        elif produces == "logits" and expects == "probabilities":
+            c.add("loss_expects_probabilities", "error",
+                  f"{r.where} outputs logits, but {c.loss_name} expects probabilities "
+                  f"({'from_logits=False' if c.fw == 'keras' else 'after a sigmoid'}).",
+                  "logits are not in [0, 1]: the loss clips or rejects them, the numbers are wrong and the "
+                  "gradient vanishes outside [0, 1]. Tell the loss it gets logits (or add the activation).")
+        elif produces == "logits" and expects == "log-probabilities":
+            c.add("nll_without_log_softmax", "error",
+                  f"{r.where} outputs logits, but NLLLoss expects log-probabilities (nn.LogSoftmax before it).",
+                  "NLLLoss just picks -input[y]: on raw logits the loss is unbounded below, so training "
+                  "pushes the true logit to infinity instead of learning probabilities.")
+        elif produces == "probabilities" and expects == "log-probabilities":
+            c.add("nll_on_probabilities", "error",
+                  f"{r.where} outputs probabilities, but NLLLoss expects log-probabilities.",
+                  "NLLLoss picks -p[y]: a loss in [-1, 0] whose gradient ignores how wrong the prediction is; "
+                  "it is not cross-entropy.")
+        elif produces == "log-probabilities" and expects != "log-probabilities":
+            c.add("log_probabilities_into_loss", "error",
+                  f"{r.where} outputs log-probabilities, but {c.loss_name} expects {expects}.",
+                  "log-probabilities are <= 0: read as probabilities they are clipped to the smallest value.")
+
+    if L is not None and act == "sigmoid" and u >= 2 and kind in _CATEGORICAL and not L.from_logits \
+            and kind != "nll":
+        c.add("sigmoid_categorical_loss", "error",
+              f"{r.where}: {u} independent sigmoids trained with {c.loss_name}.",
+              "a categorical loss needs outputs that sum to 1; independent sigmoids do not, so the loss "
+              "renormalises them and nothing stops every output from rising together: predictions become "
+              "rows of 1.0. Use a softmax for exclusive classes (sigmoids only for multilabel, with "
+              "binary cross-entropy).")
+    if L is not None and kind in _CATEGORICAL and u == 1 and act not in ("softmax", "log_softmax"):
+        c.add("categorical_loss_one_unit", "error",
+              f"{r.where} has one output, but {c.loss_name} is a categorical loss over the output units.",
+              "over a single unit the categorical cross-entropy is always 0 (the one 'class' has "
+              "probability 1), so nothing is learned. One unit means binary cross-entropy.")
+    if L is not None and kind == "binary_ce" and act == "softmax" and u >= 2 and not (
+            s is not None and s.kind == "ids" and (s.classes or 0) > 2):
+        c.add("binary_loss_on_softmax", "warning",
+              f"{r.where} is trained with {c.loss_name}, which scores each of the {u} softmax outputs as an "
+              "independent yes/no.",
+              "for exclusive classes the matching loss is categorical cross-entropy (and Keras' 'accuracy' "
+              "becomes binary accuracy per output, which looks better than it is).")
+
+    # ---- labels
+    if s is not None:
+        _label_rules(c, s)
+
+    # ---- where the framework's numbers differ from the spec's
+    if L is not None:
+        _native_differences(c, L)
+
+
+def _label_rules(c: _Ctx, s: LabelSummary) -> None:
+    r, L = c.r, c.r.loss
+    u = r.units
+    kind = L.kind if L is not None else None
+    if kind == "binary_ce" and (s.kind == "ids" and (s.max > 1 or s.negatives) or s.kind == "other"):
+        too_wide = s.kind == "ids" and (s.classes or 0) > 2 and u < (s.classes or 0)
+        c.add("bce_multiclass_labels", "error",
+              f"binary cross-entropy with labels {s.describe()}"
+              + (f", on {u} output{'s' * (u != 1)}" if too_wide else "") + ".",
+              "binary cross-entropy -y*log(p) - (1-y)*log(1-p) is only a loss for y in [0, 1]: with y = 2 or 3 "
+              "the (1-y) term turns negative, the loss is unbounded below and training runs it to "
+              "-infinity." + (f" {s.classes} classes also need {s.classes} outputs, not {u}." if too_wide else ""))
+        return
+    sparse_loss = kind in ("sparse_ce", "nll")
+    if s.kind in ("one_hot", "multi_hot", "probability_rows") and sparse_loss:
+        c.add("one_hot_with_sparse_loss", "error",
+              f"{c.loss_name} expects integer class ids, but the labels are {s.describe()}.",
+              "a sparse loss reads each label as a class id: one-hot rows fail with a shape error or are "
+              "misread. Use the categorical loss for one-hot rows, or pass np.argmax(labels, -1).")
+        return
+    if s.kind == "ids" and kind == "categorical_ce":
+        c.add("ids_with_categorical_loss", "error",
+              f"{c.loss_name} expects one-hot rows of width {u}, but the labels are {s.describe()}.",
+              "a categorical loss multiplies the label row with the log-probabilities: integer ids fail with "
+              "a shape error or broadcast into a wrong loss. Use the sparse loss for integer ids (or one-hot "
+              "encode them).")
+        return
+    if s.kind == "ids" and kind == "binary_ce" and u >= 2:
+        c.add("ids_with_row_loss", "error",
+              f"binary cross-entropy over {u} outputs expects 0/1 rows of width {u}, but the labels are "
+              f"{s.describe()}.",
+              "the label column is broadcast against every output: each output is trained on the same id.")
+        return
+    if s.kind == "ids" and s.negatives and (c.head.ignore_index is None or
+                                            any(n != c.head.ignore_index for n in s.negatives)):
+        c.add("negative_labels", "error",
+              f"the labels contain negative ids {list(s.negatives)}, and the loss ignores none of them.",
+              "a negative id is not a class: the loss indexes out of range or reads the wrong class. If it "
+              "marks examples to leave out, set ignore_index (ignore_class in Keras).")
+    if s.kind == "ids" and u >= 2 and (s.classes or 0) > u:
+        c.add("width_mismatch", "error",
+              f"the labels go up to class {s.classes - 1}, but the layer has {u} outputs.",
+              f"{s.classes} classes need {s.classes} outputs: ids >= {u} have no output to score them "
+              "(an index error, or silently wrong losses on some devices).")
+    elif s.width is not None and u >= 2 and s.width != u:
+        c.add("width_mismatch", "error",
+              f"the label rows have width {s.width}, but the layer has {u} outputs.",
+              f"every output needs its column in the labels: {s.width} columns for {s.width} classes.")
+    if r.activation == "sigmoid" and u >= 2 and s.kind == "one_hot" and kind in ("binary_ce", None):
+        c.add("sigmoid_exclusive_labels", "warning",
+              f"{r.where} scores {u} classes independently, but every label row has exactly one 1.",
+              "exclusive classes are what a softmax describes: independent sigmoids give probabilities "
+              "that need not sum to 1 and waste capacity on a constraint the labels already carry.",
+              ClassificationHead.multiclass(u, label_format="one_hot"))
+
+
+def _native_differences(c: _Ctx, L: LossReading) -> None:
+    h = c.head
+    if L.name == "CrossEntropyLoss" and L.class_weights is not None and L.label_smoothing:
+        c.add("differs_from_native", "info",
+              "CrossEntropyLoss(weight=, label_smoothing=) weights the smoothing term per class; "
+              f"{h!r} weights each example by its true class (docs/semantics.md §10, row mc8).",
+              "the same options give different losses and gradients in PyTorch and in unihead.")
+    if L.name == "BCEWithLogitsLoss" and h.task == "multilabel":
+        if L.reduction == "sum":
+            c.add("differs_from_native", "info",
+                  f"BCEWithLogitsLoss(reduction='sum') sums over the {h.num_outputs} labels too: it is "
+                  f"{h.num_outputs}x unihead's 'sum' (docs/semantics.md §10, row ml2).",
+                  "unihead (and Keras) average the labels of an example, then sum the examples.")
+        if L.class_weights is not None:
+            c.add("differs_from_native", "info",
+                  "BCEWithLogitsLoss(weight=w) divides by N*K, not by the weights: it is mean(w) times "
+                  "unihead's class_weights=w (docs/semantics.md §10, row ml5).",
+                  "the loss scale (and so the effective learning rate) differs by mean(w).")
+    if L.name == "CategoricalFocalCrossentropy":
+        c.add("differs_from_native", "info",
+              "CategoricalFocalCrossentropy multiplies the loss by alpha (0.25 by default); unihead's focal "
+              "loss has no alpha (it equals alpha=1.0, docs/semantics.md §10, row mc14).",
+              "the loss and its gradients are alpha times unihead's.")
+
+
+def diagnose(model: Any, loss: Any = None, labels: Any = None) -> Diagnosis:
+    """Findings on an existing head (see the module docstring): a Keras model/``Dense`` (its
+    activation or a following ``Activation``/``Softmax`` layer, and its compiled loss, or
+    ``loss``), or a PyTorch module/``nn.Linear`` with its criterion as ``loss``.  ``labels``
+    (a label array, optional) enable the label checks.  A correct head gives no finding."""
+    r = read_model(model, loss)
+    s = _labels_summary(labels)
+    notes: list[str] = []
+    head = _head(r, s, notes)
+    ctx = _Ctx(r, s, head)
+    _rules(ctx)
+    where = r.where + (f" + {ctx.loss_name}" if r.loss is not None else " (no loss given)")
+    return Diagnosis(head, _weights(r), tuple(ctx.findings), where, ctx.fw, tuple(notes))
