@@ -202,7 +202,12 @@ class HeadLoss(keras.losses.Loss):
         self.validate = bool(validate)
 
     def _compiled(self, head: ClassificationHead) -> KerasHead:
-        return KerasHead(head, validate=self.validate)
+        # one compiled head per spec, kept: the PyTorch one holds its fused kernels, which
+        # torch.compile builds on first use (a new one per call would recompile every step)
+        cache = self.__dict__.setdefault("_heads", {})
+        if head not in cache:
+            cache[head] = KerasHead(head, validate=self.validate)
+        return cache[head]
 
     def __call__(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> Any:
         y_true = _keras_labels(self.head, y_true, y_pred, self.validate)

@@ -154,16 +154,20 @@ class _Kernels:
 
     def __init__(self, engine: Engine):
         self.engine = engine
+        # sigmoid heads keep only the logits and recompute the statistics in the backward pass
+        # (saving them would hold two more (..., K) tensors than BCEWithLogits); softmax heads
+        # keep the statistics: one (..., K) tensor, like F.cross_entropy's log-softmax output
+        self.keep = "inputs" if engine.path_of() == "sigmoid" else "stats"
         self._fused: tuple[Any, Any] | None = None
         self.failed = False
 
     def _forward(self, z: Any, labels: Any, sw: Any) -> tuple[Any, tuple]:
-        loss, res = self.engine.loss_forward(z, labels, sw, keep="stats")
+        loss, res = self.engine.loss_forward(z, labels, sw, keep=self.keep)
         # an input returned as an output must be a view of it (autograd.Function rule)
         return loss, tuple(r.view_as(r) if r is z else r for r in res.values())
 
     def _backward(self, res: tuple, labels: Any, sw: Any, g: Any, path: str) -> Any:
-        names = self.engine.residual_names(path)
+        names = self.engine.residual_names(path, self.keep)
         return self.engine.loss_backward(dict(zip(names, res)), labels, sw, g, path)
 
     def _compiled(self) -> tuple[Any, Any]:
@@ -234,6 +238,9 @@ class _Loss(torch.autograd.Function):
         return None, None, None, grad.to(ctx.z_dtype), None, None
 
 
+_APPLY = super(torch.autograd.Function, _Loss).apply  # torch._C._FunctionBase.apply, bound to _Loss
+
+
 class TorchHead(CompiledHead):
     """The compiled head on PyTorch (see :class:`unihead.CompiledHead` for the methods)."""
 
@@ -283,7 +290,14 @@ class TorchHead(CompiledHead):
         if z0 is not None and z0.dtype in _HALF and z0.requires_grad:
             z = z0.float()  # keep the graph to the half-precision logits
         path = self._kernels.engine.path_of()
-        out = _Loss.apply(self._kernels, path, self._use_fused(z), z, labels, sample_weight)
+        args = (self._kernels, path, self._use_fused(z), z, labels, sample_weight)
+        if torch._C._are_functorch_transforms_active():
+            out = _Loss.apply(*args)
+        else:
+            # Function.apply binds default arguments with inspect.signature on every call (for
+            # torch.func); every argument is given here, so go straight to the C implementation
+            # (tens of microseconds per call at small sizes)
+            out = _APPLY(*args)
         return out[0]
 
     def loss_module(self) -> "HeadLoss":

@@ -346,3 +346,13 @@ def test_diagnose_and_port_on_this_backend():
     back = unihead.port((to_np.head, to_np.weights), to="keras")
     assert back.check.passed and back.check.logits_identical, str(back.check)
     np.testing.assert_array_equal(ops.convert_to_numpy(back.layer.kernel), ops.convert_to_numpy(model.layers[-1].kernel))
+
+
+def test_head_loss_keeps_its_compiled_head_between_calls():
+    """A new compiled head per call would rebuild (on PyTorch: recompile) its kernels every step."""
+    loss = compiled(H.multiclass(3)).keras_loss()
+    z = np.zeros((2, 3), "float32")
+    loss(np.array([0, 1]), z)
+    first = loss._compiled(loss.head)
+    loss(np.array([0, 2]), z)
+    assert loss._compiled(loss.head) is first
