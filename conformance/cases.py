@@ -114,7 +114,7 @@ def _class_weights(k: int, rng: np.random.Generator) -> list[float]:
     return [float(v) for v in np.round(rng.uniform(0.25, 4.0, k), 3)]
 
 
-def _logits(regime: str, shape: tuple[int, ...], rng: np.random.Generator, softmax: bool) -> np.ndarray:
+def regime_logits(regime: str, shape: tuple[int, ...], rng: np.random.Generator, softmax: bool) -> np.ndarray:
     k = shape[-1]
     if regime == "ordinary":
         z = rng.normal(size=shape) * 3
@@ -212,7 +212,7 @@ def generate(seed: int = 0, quick: bool = False, tasks: tuple[str, ...] | None =
                     dtypes.append("bfloat16")
                 for dtype in dtypes:
                     shape = (3, 4, head.num_outputs) if regime == "leading" else (6, head.num_outputs)
-                    z = _round_to(_logits(regime, shape, rng, softmax), dtype)
+                    z = _round_to(regime_logits(regime, shape, rng, softmax), dtype)
                     y = _exact(_labels(head, z, rng, regime == "confident"), dtype)
                     sw = None
                     if extras["sample_weight"]:
@@ -236,7 +236,7 @@ def generate(seed: int = 0, quick: bool = False, tasks: tuple[str, ...] | None =
                 for regime in ("ordinary", "confident"):
                     rng = np.random.default_rng([seed, k, zlib.crc32(repr(head).encode()), len(regime)])
                     n = 4 if k == 32000 else 8
-                    z = _round_to(_logits(regime, (n, k), rng, head.activation == "softmax"), "float32")
+                    z = _round_to(regime_logits(regime, (n, k), rng, head.activation == "softmax"), "float32")
                     y = _exact(_labels(head, z, rng, regime == "confident"), "float32")
                     cases.append(Case(f"{head!r}/K{k}/{regime}/float32", head, "float32", regime, z, y, None))
     if tasks:
