@@ -48,6 +48,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from unihead.port import ulp32_errors  # imports no framework
+
 ROOT = Path(__file__).resolve().parents[1]
 PATHS = ("torch", "torch-compile", "jax", "keras-jax", "keras-torch", "keras-tensorflow")
 SHAPES = ((4096, 10), (4096, 1000), (256, 32000), (64, 128000))
@@ -106,15 +108,6 @@ def reference_none(head: Any, z: np.ndarray, y: np.ndarray) -> np.ndarray:
     from unihead.conformance.reference import F64Reference
 
     return np.asarray(F64Reference(head.replace(reduction="none")).evaluate(z.astype(np.float64), y)["none"])
-
-
-def ulp_errors(value: Any, ref: np.ndarray, floor: float = 0.0) -> np.ndarray:
-    """float32 ulp of ``ref`` (subnormal spacing near 0), after an absolute allowance ``floor``."""
-    v = np.asarray(value, np.float64).reshape(ref.shape)
-    s = np.spacing(np.abs(ref).astype(np.float32)).astype(np.float64)
-    with np.errstate(all="ignore"):
-        e = np.maximum(0.0, np.abs(v - ref) - floor) / s
-    return np.where(np.isnan(v) != np.isnan(ref), np.inf, np.nan_to_num(e, nan=0.0))
 
 
 def blocks(ours: Callable[[], Any], native: Callable[[], Any], repeats: int, sync: Callable[[Any], Any]
@@ -468,8 +461,8 @@ def worker(path: str, quick: bool) -> list[dict[str, Any]]:
                 ref = reference_none(head, z, y)
                 ours, nat = a.per_example(head, z, y)
                 floor = z.shape[-1] * FLT_MIN if ftz else 0.0
-                errs_u.append(ulp_errors(ours, ref, floor).ravel())
-                errs_n.append(ulp_errors(nat, ref, floor).ravel())
+                errs_u.append(ulp32_errors(ours, ref, floor).ravel())
+                errs_n.append(ulp32_errors(nat, ref, floor).ravel())
             eu, en = np.concatenate(errs_u), np.concatenate(errs_n)
             rows.append({"kind": "accuracy", "path": path, "task": task, "regime": regime, "ftz": ftz,
                          "unihead_worst": float(eu.max()), "unihead_median": float(np.median(eu)),

@@ -45,7 +45,7 @@ class LossReading:
 
 @dataclasses.dataclass
 class Reading:
-    framework: str  # "keras" | "torch" | "unihead"
+    framework: str  # the layer's framework: "keras" | "torch" | "numpy" (a unihead layer has ``head``)
     units: int
     in_features: int | None
     kernel: np.ndarray | None  # canonical (in, out)
@@ -93,7 +93,7 @@ def _keras_reading(model: Any, loss: Any) -> Reading:
         in_features = int(kernel.shape[0])
     if loss is None:
         loss = getattr(model, "loss", None)
-    return Reading("unihead" if head else "keras", int(dense.units), in_features, kernel, bias, act, where,
+    return Reading("keras", int(dense.units), in_features, kernel, bias, act, where,
                    read_loss(loss) if loss is not None else None, head, dense)
 
 
@@ -166,7 +166,7 @@ def _torch_reading(model: Any, loss: Any) -> Reading:
     kernel = np.ascontiguousarray(w.T)
     bias = lin.bias.detach().cpu().numpy() if lin.bias is not None else np.zeros(lin.out_features, kernel.dtype)
     head = getattr(lin, "head", None)
-    return Reading("unihead" if head else "torch", int(lin.out_features), int(lin.in_features), kernel, bias, act,
+    return Reading("torch", int(lin.out_features), int(lin.in_features), kernel, bias, act,
                    where, read_loss(loss) if loss is not None else None, head, lin)
 
 
@@ -219,7 +219,7 @@ def read_model(model: Any, loss: Any = None) -> Reading:
     head = getattr(model, "head", None)
     if isinstance(head, ClassificationHead) and hasattr(model, "kernel"):  # NumPy Dense
         k = np.asarray(model.kernel)
-        return Reading("unihead", head.num_outputs, int(k.shape[0]), k, np.asarray(model.bias), "linear",
+        return Reading("numpy", head.num_outputs, int(k.shape[0]), k, np.asarray(model.bias), "linear",
                        "unihead Dense", read_loss(loss) if loss is not None else None, head, model)
     raise TypeError(
         f"unihead reads Keras models and layers and PyTorch modules; got {type(model).__name__}."

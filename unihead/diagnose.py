@@ -282,9 +282,7 @@ def _head(r: Reading, s: LabelSummary | None, notes: list[str]) -> Classificatio
 class _Ctx:
     def __init__(self, r: Reading, s: LabelSummary | None, head: ClassificationHead):
         self.r, self.s, self.head = r, s, head
-        self.fw = r.framework if r.framework in ("keras", "torch") else (
-            "torch" if type(r.layer).__module__.startswith("torch") or "torch" in type(r.layer).__module__
-            else "keras" if "keras" in type(r.layer).__module__ else "unihead")
+        self.fw = r.framework
         self.findings: list[Finding] = []
 
     def add(self, code: str, severity: str, what: str, why: str, fix: ClassificationHead | None = None) -> None:

@@ -195,12 +195,19 @@ def _native_activation(framework: str, head: ClassificationHead, logits: Any) ->
     return None
 
 
-def _ulp(value: np.ndarray, ref: np.ndarray) -> float:
-    v = np.asarray(value, np.float64)
+def ulp32_errors(value: Any, ref: Any, floor: float = 0.0) -> np.ndarray:
+    """Elementwise ``|value - ref|`` in float32 ulp of ``ref`` (the subnormal spacing near 0),
+    after an absolute allowance ``floor``; a NaN on one side only counts as infinitely wrong."""
     r = np.asarray(ref, np.float64)
-    spacing = np.spacing(np.abs(r).astype(np.float32)).astype(np.float64)
-    err = np.maximum(0.0, np.abs(v - r) - _FLT_MIN) / spacing
-    return float(np.max(err, initial=0.0))
+    v = np.asarray(value, np.float64).reshape(r.shape)
+    s = np.spacing(np.abs(r).astype(np.float32)).astype(np.float64)
+    with np.errstate(all="ignore"):
+        e = np.maximum(0.0, np.abs(v - r) - floor) / s
+    return np.where(np.isnan(v) != np.isnan(r), np.inf, np.nan_to_num(e, nan=0.0))
+
+
+def _ulp(value: Any, ref: Any) -> float:
+    return float(np.max(ulp32_errors(value, ref, _FLT_MIN), initial=0.0))
 
 
 def _p1(p: np.ndarray, head: ClassificationHead) -> np.ndarray:
