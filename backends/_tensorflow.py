@@ -151,6 +151,16 @@ class TFOps(Ops):
     def lookup(self, table: Any, idx: Any) -> Any:
         return tf.gather(table, idx)
 
+    def put_last(self, x: Any, idx: Any, values: Any) -> Any:
+        # a scatter (XLA writes it in place); the portable compare-with-iota select is a full
+        # pass of index arithmetic over (..., K)
+        k = tf.shape(x)[-1]
+        flat = tf.reshape(x, [-1, k])
+        rows = tf.range(tf.shape(flat)[0], dtype=idx.dtype)
+        where = tf.stack([rows, tf.reshape(idx, [-1])], axis=1)
+        out = tf.tensor_scatter_nd_update(flat, where, tf.cast(tf.reshape(values, [-1]), x.dtype))
+        return tf.reshape(out, tf.shape(x))
+
     def row_sum(self, x: Any) -> Any:
         if x.dtype == tf.float32:  # accumulate in float64 (see TorchOps.row_sum)
             return tf.cast(tf.reduce_sum(tf.cast(x, tf.float64), axis=-1, keepdims=True), tf.float32)

@@ -66,6 +66,13 @@ class JaxOps(Ops):
     def index_dtype(self) -> Any:
         return jnp.int64 if jax.config.jax_enable_x64 else jnp.int32
 
+    def put_last(self, x: Any, idx: Any, values: Any) -> Any:
+        # a scatter, which XLA runs in place on a buffer nothing else reads; the portable
+        # compare-with-iota select costs a full pass of index arithmetic over (..., K)
+        return jnp.put_along_axis(
+            x, idx[..., None], values[..., None].astype(x.dtype), axis=-1, inplace=False
+        )
+
     def eager(self) -> Any:
         return jax.ensure_compile_time_eval()
 

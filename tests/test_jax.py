@@ -218,6 +218,26 @@ def test_optax_rows_of_the_native_equivalence_table_on_the_jax_backend():
         np.testing.assert_allclose(got, want, rtol=3e-6, atol=0)
 
 
+@pytest.mark.parametrize("keep", ["inputs", "stats"])
+def test_sparse_step_keeps_no_logits_sized_intermediate(keep):
+    """jit(value_and_grad(loss)) of a sparse multiclass head: the accurate softmax runs in the
+    same passes as optax's (one (N, K) array of exponentials, which XLA places in the gradient's
+    buffer), so the step needs no more memory than optax's beyond a few per-row vectors."""
+    n, k = 512, 1000
+    z, y = jnp.zeros((n, k), jnp.float32), jnp.zeros((n,), jnp.int32)
+    c = compiled(H.multiclass(k), keep=keep)
+
+    def memory(f):
+        m = jax.jit(jax.value_and_grad(f)).lower(z, y).compile().memory_analysis()
+        return m.temp_size_in_bytes, m.output_size_in_bytes
+
+    ours = memory(lambda x, t: c.loss(x, t))
+    native = memory(lambda x, t: optax.softmax_cross_entropy_with_integer_labels(x, t).mean())
+    assert ours[1] == native[1]
+    assert ours[0] <= native[0] + 8 * n * 4, (ours, native)  # at most 8 more float32 (N,) vectors
+    assert ours[0] < n * k * 4 // 8, ours  # nothing near an (N, K) buffer
+
+
 # ------------------------------------------------------------------------------ end to end
 def _mlp_train(head, x, y, steps=400):
     c = compiled(head)

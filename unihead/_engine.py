@@ -161,7 +161,7 @@ class Engine:
         elif path == "sigmoid":
             names = ["p", "q"] + (["nlp", "nlq"] if focal else [])
         elif path == "sparse":
-            names = ["Y", "den", "n", "sp", "gap"]
+            names = ["A", "den", "S", "gap", "Yy"]
         else:
             names = ["Y", "mask", "sp", "n", "den"] + (["z", "m", "L"] if focal else [])
         return names + (["norm"] if self.head.reduction == "mean" else [])
@@ -182,14 +182,14 @@ class Engine:
             st = F.sigmoid_stats(ops, z)
             per = F.sigmoid_loss(ops, st, prep.a, prep.b, gamma)
             found.update(st._asdict())
+        elif prep.path == "sparse":
+            sst = F.softmax_sparse_stats(ops, z, prep.y)
+            found.update(sst._asdict())
+            per = F.softmax_sparse_loss(ops, z, sst, self.eps)
         else:
             st = F.softmax_stats(ops, z)
             found.update(st._asdict())
-            if prep.path == "sparse":
-                found["gap"] = F.softmax_target_gap(ops, z, st, prep.y)
-                per = F.softmax_sparse_loss(ops, z, st, found["gap"], self.eps)
-            else:
-                per = F.softmax_dense_loss(ops, z, st, prep.tau, gamma)
+            per = F.softmax_dense_loss(ops, z, st, prep.tau, gamma)
         loss, found["norm"] = self._reduce(per, prep.w)
         return loss, {name: found[name] for name in self.residual_names(prep.path, keep)}
 
@@ -204,7 +204,7 @@ class Engine:
     ) -> Any:
         """:meth:`backward`, re-preparing the targets from the labels (cheaper to recompute than to
         keep: a multilabel head's targets are as large as the logits)."""
-        like = next(res[name] for name in ("z", "Y", "p") if name in res)  # the logits' shape
+        like = next(res[name] for name in ("z", "Y", "A", "p") if name in res)  # the logits' shape
         return self.backward(res, self.prepare(like, labels, sample_weight), g)
 
     def path_of(self) -> str:
@@ -247,7 +247,7 @@ class Engine:
             scale = w * g
         else:
             scale = w * (g / res["norm"])
-        recompute = "z" in res and "Y" not in res and "p" not in res
+        recompute = set(res) <= {"z", "norm"}  # keep="inputs": only the logits were saved
         if prep.path == "sigmoid":
             if head.reduction != "mean":
                 scale = scale / prep.a.shape[-1]
@@ -257,21 +257,21 @@ class Engine:
                 st = F.SigmoidStats(res["p"], res["q"], res.get("nlp"), res.get("nlq"))
             grad = F.sigmoid_grad(ops, st, prep.a, prep.b, self.gamma, scale)
             return ops.where0(w > 0, grad)
+        if prep.path == "sparse":
+            if recompute:
+                res = F.softmax_sparse_stats(ops, res["z"], prep.y)._asdict()
+            # the ignored rows are zeroed before the scatter: one elementwise pass, not two
+            return F.softmax_sparse_grad(
+                ops, res["A"], res["den"], res["S"], prep.y, res["gap"], res["Yy"], self.eps, scale,
+                live=w > 0,
+            )
         if recompute:
             z = res["z"]
-            st = F.softmax_stats(ops, z)
-            res = dict(st._asdict(), z=z)
-            if prep.path == "sparse":
-                res["gap"] = F.softmax_target_gap(ops, z, st, prep.y)
-        if prep.path == "sparse":
-            grad = F.softmax_sparse_grad(
-                ops, res["Y"], res["den"], res["n"], res["sp"], prep.y, res["gap"], self.eps, scale
-            )
-        else:
-            st = F.SoftmaxStats(
-                res.get("m"), res["Y"], res["mask"], res["sp"], res["n"], res["den"], res.get("L")
-            )
-            grad = F.softmax_dense_grad(ops, res.get("z"), st, prep.tau, self.gamma, scale)
+            res = dict(F.softmax_stats(ops, z)._asdict(), z=z)
+        st = F.SoftmaxStats(
+            res.get("m"), res["Y"], res["mask"], res["sp"], res["n"], res["den"], res.get("L")
+        )
+        grad = F.softmax_dense_grad(ops, res.get("z"), st, prep.tau, self.gamma, scale)
         return ops.where0(xp.expand_dims(w, axis=-1) > 0, grad)
 
 

@@ -10,11 +10,11 @@ Accuracy notes (float32, measured against 50-digit mpmath in the tests):
 
 * Softmax.  With ``m = max(z)`` and ``d_j = z_j - m``, the loss of a confident, correct class is
   ``log(1 + S)`` with ``S = sum_{j not max} exp(d_j)`` tiny; ``logsumexp(z) - z_y`` returns 0 or
-  noise there.  We sum ``S`` over the non-maximal classes only and take ``log1p``.  What is left is
+  noise there.  We sum ``S`` over the other classes only (the non-maximal ones for probabilities,
+  the non-target ones for integer targets) and take ``log1p``.  What is left is
   the rounding of ``fl(z_j - m)``: for ``|d_j| ~ 30`` it costs ~15 ulp in ``exp(d_j)``.  That
-  rounding error is recovered exactly by an error-free subtraction (Fast2Sum with the operands
-  ordered by magnitude: ``a = min(z, -m)``, ``b = max(z, -m)``, ``err = b - (fl(a + b) - a)``)
-  and applied as ``exp(d_j) * (1 + err_j)``.  Probabilities and losses then stay within a few ulp.
+  rounding error is recovered exactly by an error-free subtraction (TwoSum) and applied as
+  ``exp(d_j) * (1 + err_j)``.  Probabilities and losses then stay within a few ulp.
 * Sigmoid.  ``softplus(x) = max(x, 0) + log1p(exp(-|x|))`` and ``sigmoid`` from ``exp(-|z|)`` on the
   side that does not cancel.
 * Gradients are analytic (``p - t`` forms) with ``1 - p`` of the most probable class computed as
@@ -40,7 +40,9 @@ __all__ = [
     "softmax_stats",
     "softmax_probabilities",
     "softmax_log_probabilities",
-    "softmax_target_gap",
+    "shifted_exp",
+    "SparseStats",
+    "softmax_sparse_stats",
     "softmax_sparse_loss",
     "softmax_sparse_grad",
     "softmax_dense_loss",
@@ -77,18 +79,32 @@ def focal_power(ops: Ops, x: Any, gamma: float) -> Any:
 
 # ----------------------------------------------------------------------------------- softmax
 def subtraction_error(ops: Ops, z: Any, m: Any, d: Any) -> Any:
-    """Exact rounding error of ``d = fl(z - m)`` when ``z <= m``: ``z - m == d + err`` exactly.
+    """Exact rounding error of ``d = fl(z - m)``: ``z - m == d + err`` exactly.
 
-    Fast2Sum needs its first operand to be the larger in magnitude; ``a = min(z, -m)`` and
-    ``b = max(z, -m)`` are that order whatever the signs (``m >= 0, z <= -m``: ``|z| >= m``;
-    ``m >= 0, z > -m``: ``|z| <= m``; ``m < 0``: ``z <= m < 0`` so ``|z| >= |m|``).  Then
-    ``fl(a + b) == d`` and ``err = b - (d - a)`` with both operations exact.
+    Knuth's TwoSum of ``z`` and ``-m``: ``bb = d - z``, ``err = (z - (d - bb)) + (-m - bb)``.  It
+    needs no ordering of the operands by magnitude, so it is five additions and no compare or
+    select (a Fast2Sum ordered by ``min``/``max`` costs more where ``min``/``max`` propagate NaN,
+    as XLA's do); every operation is exact as long as nothing overflows (``|d| <= 1024`` here).
     """
+    bb = d - z
+    return (z - (d - bb)) + (-m - bb)
+
+
+def shifted_exp(ops: Ops, z: Any, m: Any) -> tuple[Any, Any]:
+    """``(Y, d)``: ``Y = exp(z - m)`` with the subtraction's rounding error restored and
+    ``d = fl(z - m)`` (``Y`` is exactly 1 where ``z == m``, 0 where ``z - m`` underflows).
+
+    Logits further than ``exp_underflow_gap`` below ``m`` are clamped there first (their ``Y`` is
+    0 either way; a ``-inf`` logit would give ``-inf - -inf`` in the error term).  The clamp keeps
+    NaN (``where(z < lo, lo, z)``), so a NaN logit gives a NaN row even where a row maximum skips
+    NaN."""
     xp = ops.xp
-    nm = -m
-    a = xp.minimum(z, nm)
-    b = xp.maximum(z, nm)
-    return b - (d - a)
+    lo = m - exp_underflow_gap(ops.bits(z))
+    zc = xp.where(z < lo, lo, z)
+    d = zc - m
+    # exp(d + err) = exp(d) (1 + err) to within err**2 (below rounding); see Ops.corrected_exp for
+    # the flush-to-zero-safe form on backends that flush subnormals (XLA on CPU).
+    return ops.corrected_exp(xp.exp(d), subtraction_error(ops, zc, m, d)), d
 
 
 class SoftmaxStats(NamedTuple):
@@ -118,14 +134,8 @@ def softmax_stats(ops: Ops, z: Any) -> SoftmaxStats:
     ``sp / den`` (no cancellation).  A row containing NaN or ``+inf``, or only ``-inf``, gives NaN.
     """
     xp = ops.xp
-    k = z.shape[-1]
     m = xp.max(z, axis=-1, keepdims=True)
-    zc = xp.maximum(z, m - exp_underflow_gap(ops.bits(z)))
-    d = zc - m
-    err = subtraction_error(ops, zc, m, d)
-    # exp(d + err) = exp(d) (1 + err) to within err**2 (below rounding); see Ops.corrected_exp for
-    # the flush-to-zero-safe form on backends that flush subnormals (XLA on CPU).
-    Y = ops.corrected_exp(xp.exp(d), err)
+    Y, d = shifted_exp(ops, z, m)
     mask = xp.astype(d < 0, d.dtype)
     sp = ops.row_sum(Y * mask)
     # The maxima contribute exactly 1 each to sum(Y); the sums are pairwise, so their rounding
@@ -147,14 +157,53 @@ def softmax_log_probabilities(ops: Ops, z: Any, st: SoftmaxStats) -> Any:
     return (z - st.m) - st.L
 
 
-def softmax_target_gap(ops: Ops, z: Any, st: SoftmaxStats, y: Any) -> Any:
-    """``z_y - m`` per row (``<= 0``; exactly 0 when the target is a maximum, ``-inf`` if masked)."""
-    return ops.take_last(z, y) - st.m[..., 0]
+class SparseStats(NamedTuple):
+    """What a softmax over integer targets ``y`` needs (``...`` = leading dims, no class axis
+    except ``m`` ``(..., 1)`` and ``A`` ``(..., K)``).
+
+    ``m``: row maximum.  ``A``: ``Y = exp(z - m)`` (as in :class:`SoftmaxStats`) with the
+    target's entry set to 0.  ``S``: sum of ``A``, the other classes' mass.  ``gap``: ``z_y - m``
+    (``<= 0``; exactly 0 when the target is a maximum).  ``Yy``: ``Y`` at the target (exactly 1
+    when ``gap == 0``).  ``den = Yy + S = sum Y``.  ``L = log(den)``, as ``log1p(S)`` when
+    ``gap == 0``.
+    """
+
+    m: Any
+    A: Any
+    S: Any
+    gap: Any
+    Yy: Any
+    den: Any
+    L: Any
 
 
-def softmax_sparse_loss(ops: Ops, z: Any, st: SoftmaxStats, gap: Any, eps: float) -> Any:
-    """Cross-entropy per row for integer targets with label smoothing ``eps``, given
-    ``gap = z_y - m`` (:func:`softmax_target_gap`):
+def softmax_sparse_stats(ops: Ops, z: Any, y: Any) -> SparseStats:
+    """:class:`SparseStats` of logits ``z`` ``(..., K)`` for integer targets ``y`` ``(...)``.
+
+    Summing the classes *other than the target* is what keeps a confident, correct prediction
+    accurate: there ``p_y = 1 / (1 + S)`` and ``-log p_y = log1p(S)``, ``1 - p_y = S / (1 + S)``,
+    with ``S`` tiny and summed directly (never ``sum(Y) - 1``).  Other maxima tied with the
+    target are in ``S`` with ``Y = 1`` each, as they should be.  When the target is not a
+    maximum, ``den >= 1 + Yy`` and ``-log p_y = log(den) - gap`` is a sum of two non-negative
+    terms, the larger at least ``log 2``.  One ``(..., K)`` array and one reduction over it: the
+    same passes as the plain ``logsumexp`` cross-entropy."""
+    xp = ops.xp
+    m = xp.max(z, axis=-1, keepdims=True)
+    Y, _ = shifted_exp(ops, z, m)
+    zy = ops.take_last(z, y)
+    # Y at the target, computed from z_y (exactly 1 when gap == 0): gathering it from Y would make
+    # the scatter below copy Y under XLA instead of writing in place
+    Yy, _ = shifted_exp(ops, zy, m[..., 0])
+    gap = zy - m[..., 0]  # unclamped: -inf for a masked target
+    A = ops.put_last(Y, y, xp.zeros_like(Yy))
+    S = ops.row_sum(A)[..., 0]
+    den = Yy + S
+    L = xp.where(gap == 0, xp.log1p(S), xp.log(den))
+    return SparseStats(m, A, S, gap, Yy, den, L)
+
+
+def softmax_sparse_loss(ops: Ops, z: Any, st: SparseStats, eps: float) -> Any:
+    """Cross-entropy per row for integer targets with label smoothing ``eps``:
 
         l = -sum_c t'_c log p_c,   t' = (1 - eps) onehot(y) + eps / K
           = L - (1 - eps) (z_y - m) - (eps / K) sum_c (z_c - m)
@@ -163,34 +212,37 @@ def softmax_sparse_loss(ops: Ops, z: Any, st: SoftmaxStats, gap: Any, eps: float
     """
     xp = ops.xp
     k = z.shape[-1]
-    L = st.L[..., 0]
     if eps == 0.0:
-        return L - gap
-    return (L - (1.0 - eps) * gap) - (eps / k) * xp.sum(z - st.m, axis=-1)
+        return st.L - st.gap
+    return (st.L - (1.0 - eps) * st.gap) - (eps / k) * xp.sum(z - st.m, axis=-1)
 
 
 def softmax_sparse_grad(
-    ops: Ops, Y: Any, den: Any, n: Any, sp: Any, y: Any, gap: Any, eps: float, scale: Any
+    ops: Ops, A: Any, den: Any, S: Any, y: Any, gap: Any, Yy: Any, eps: float, scale: Any,
+    live: Any = None,
 ) -> Any:
     """``d(scale * l) / dz`` for :func:`softmax_sparse_loss`: ``scale * (p - t')``, from the
-    statistics ``Y``, ``den``, ``n``, ``sp`` of :class:`SoftmaxStats` (``(..., 1)`` shapes).
+    :class:`SparseStats` fields ``A``, ``den``, ``S``, ``gap``, ``Yy``.
 
-    At the target: if ``y`` is a maximum (``gap == 0``), ``p_y - t'_y = eps (K-1)/K -
-    (n - 1 + sp)/den`` (no cancellation when ``p_y -> 1``); otherwise ``p_y <= 1/2`` and the
-    direct form is exact.
+    Off the target ``p_j = A_j / den``.  At the target: if it is a maximum (``gap == 0``),
+    ``p_y - t'_y = eps (K-1)/K - S / den`` (no cancellation as ``p_y -> 1``); otherwise
+    ``p_y = Yy / den <= 1/2`` and the direct form is exact.  Rows where the boolean ``live``
+    ``(...)`` is false get exactly 0 (even with non-finite logits).
     """
     xp = ops.xp
-    k = Y.shape[-1]
-    c = xp.expand_dims(scale, axis=-1) / den
+    k = A.shape[-1]
+    c = xp.expand_dims(scale / den, axis=-1)
     if eps == 0.0:
-        g = Y * c
+        g = A * c
     else:
-        g = ops.mul_add(xp.expand_dims(scale * (-eps / k), axis=-1), Y, c)
-    den, n, sp = den[..., 0], n[..., 0], sp[..., 0]
-    p_y = ops.take_last(Y, y) / den
-    g_max = (eps * (k - 1) / k) - ((n - 1) + sp) / den
-    g_else = p_y - (1.0 - eps + eps / k)
-    return ops.put_last(g, y, scale * xp.where(gap == 0, g_max, g_else))
+        g = ops.mul_add(xp.expand_dims(scale * (-eps / k), axis=-1), A, c)
+    g_top = (eps * (k - 1) / k) - S / den
+    g_else = Yy / den - (1.0 - eps + eps / k)
+    g_y = scale * xp.where(gap == 0, g_top, g_else)
+    if live is not None:
+        g = ops.where0(xp.expand_dims(live, axis=-1), g)
+        g_y = ops.where0(live, g_y)
+    return ops.put_last(g, y, g_y)
 
 
 class _DenseTerms(NamedTuple):
