@@ -11,13 +11,21 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["Ops", "exp_underflow_gap"]
+__all__ = ["Ops", "exp_underflow_gap", "two_sum_error"]
 
 
 def exp_underflow_gap(dtype_bits: int) -> float:
     """A shift ``g`` with ``exp(-g) == 0`` in a float of this width: logits further than ``g``
     below the row maximum contribute exactly nothing to a softmax, so they may be clamped there."""
     return {16: 32.0, 32: 128.0, 64: 1024.0}[dtype_bits]
+
+
+def two_sum_error(a: Any, b: Any, s: Any) -> Any:
+    """The exact rounding error of ``s = fl(a + b)``: ``a + b == s + err`` exactly (Knuth's
+    TwoSum, six additions in all, no ordering of ``a`` and ``b`` by magnitude needed; exact
+    unless an intermediate overflows)."""
+    bb = s - a
+    return (a - (s - bb)) + (b - bb)
 
 
 class Ops:
@@ -117,8 +125,7 @@ class Ops:
             half = x.shape[-1] // 2
             a, b = x[..., :half], x[..., half:]
             s = a + b
-            bb = s - a
-            e = (a - (s - bb)) + (b - bb)
+            e = two_sum_error(a, b, s)
             e = xp.sum(self.where0(xp.isfinite(e), e), axis=-1, keepdims=True)
             err = e if err is None else err + e
             x = s
@@ -153,8 +160,7 @@ class Ops:
             half = x.shape[0] // 2
             a, b = x[:half], x[half:]
             s = a + b
-            bb = s - a
-            e = (a - (s - bb)) + (b - bb)
+            e = two_sum_error(a, b, s)
             e = self.where0(xp.isfinite(e), e)  # inf - inf in an error term is not an error
             err = e if err is None else e + (err[:half] + err[half:])
             x = s

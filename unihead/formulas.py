@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from ._ops import Ops, exp_underflow_gap
+from ._ops import Ops, exp_underflow_gap, two_sum_error
 
 __all__ = [
     "SoftmaxStats",
@@ -81,13 +81,12 @@ def focal_power(ops: Ops, x: Any, gamma: float) -> Any:
 def subtraction_error(ops: Ops, z: Any, m: Any, d: Any) -> Any:
     """Exact rounding error of ``d = fl(z - m)``: ``z - m == d + err`` exactly.
 
-    Knuth's TwoSum of ``z`` and ``-m``: ``bb = d - z``, ``err = (z - (d - bb)) + (-m - bb)``.  It
-    needs no ordering of the operands by magnitude, so it is five additions and no compare or
-    select (a Fast2Sum ordered by ``min``/``max`` costs more where ``min``/``max`` propagate NaN,
-    as XLA's do); every operation is exact as long as nothing overflows (``|d| <= 1024`` here).
+    TwoSum of ``z`` and ``-m`` (:func:`~unihead._ops.two_sum_error`): it needs no ordering of
+    the operands by magnitude, so it is additions only, no compare or select (a Fast2Sum ordered
+    by ``min``/``max`` costs more where ``min``/``max`` propagate NaN, as XLA's do); nothing
+    overflows (``|d| <= 1024`` here).
     """
-    bb = d - z
-    return (z - (d - bb)) + (-m - bb)
+    return two_sum_error(z, -m, d)
 
 
 def shifted_exp(ops: Ops, z: Any, m: Any) -> tuple[Any, Any]:
