@@ -2,7 +2,8 @@
 
 Every task x label format x option (label smoothing, class weights, pos_weight, ignore_index
 including an all-ignored batch, focal gamma, sample weights including zeros, each reduction)
-meets every logit regime (ordinary; large scale +-30 and +-1e4; a confident correct class whose
+meets every logit regime (ordinary; large scale +-30 and +-1e4; huge, +-1e12, where float32
+spacing exceeds exp's underflow gap; a confident correct class whose
 true loss is tiny; ties; -inf masked classes where defined; leading dimensions (N, T, K)), in
 float32, float64 and bfloat16 inputs.  Class counts: 1 and 2 outputs for binary heads; 2, 3, 10,
 1000 and 32000 for the others.
@@ -20,7 +21,7 @@ from unihead.spec import ClassificationHead
 
 __all__ = ["Case", "generate", "REGIMES", "DTYPES"]
 
-REGIMES = ("ordinary", "large30", "large1e4", "confident", "ties", "masked", "leading")
+REGIMES = ("ordinary", "large30", "large1e4", "confident", "ties", "masked", "leading", "huge")
 DTYPES = ("float32", "float64", "bfloat16")
 
 
@@ -122,6 +123,8 @@ def regime_logits(regime: str, shape: tuple[int, ...], rng: np.random.Generator,
         z = rng.uniform(-30, 30, size=shape)
     elif regime == "large1e4":
         z = rng.uniform(-1e4, 1e4, size=shape)
+    elif regime == "huge":  # float32 spacing (65536 at 1e12) far beyond exp's underflow gap
+        z = rng.uniform(-1e12, 1e12, size=shape)
     elif regime == "confident":
         z = rng.normal(size=shape)
         gap = rng.choice([20.0, 30.0, 60.0, 89.0], size=shape[:-1])

@@ -46,7 +46,7 @@ def test_cases_cover_every_task_format_option_regime_and_dtype():
     assert any(h.pos_weight is not None for h in heads) and any(h.ignore_index is not None for h in heads)
     assert any(h.focal_gamma for h in heads) and {h.reduction for h in heads} == {"mean", "sum", "none"}
     assert any(c.sample_weight is not None and (c.sample_weight == 0).any() for c in full)
-    assert {c.regime for c in full} == {"ordinary", "large30", "large1e4", "confident", "ties", "masked", "leading"}
+    assert {c.regime for c in full} == {"ordinary", "large30", "large1e4", "huge", "confident", "ties", "masked", "leading"}
     assert {c.dtype for c in full} == {"float32", "float64", "bfloat16"}
     assert any("all-ignored" in c.id for c in full)
     assert any(c.logits.ndim == 3 for c in full) and any(np.isneginf(c.logits).any() for c in full)

@@ -1,5 +1,6 @@
-"""The array primitives the formulas share (unihead._ops): the compensated total, checked against
-math.fsum (an exactly rounded sum) on NumPy, PyTorch and JAX arrays."""
+"""The array primitives the formulas share, on NumPy, PyTorch and JAX arrays: the compensated
+total (unihead._ops) against math.fsum (an exactly rounded sum), and the shifted exponential
+(unihead.formulas.shifted_exp) against 50-digit mpmath."""
 
 from __future__ import annotations
 
@@ -51,3 +52,48 @@ def test_compensated_total_passes_infinities_and_nan_through(backend):
     assert math.isnan(f([np.inf, 1.0, -np.inf]))
     assert math.isnan(f([1.0, np.nan, 2.0]))
     assert f([]) == 0.0
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch", "jax"])
+@pytest.mark.parametrize("s", [0.0, 0.3, 7.0, -20.0, -1.7e-3, 123456.8, -1000003.0, 2.0**24 + 2, -(2.0**25)])
+def test_shifted_exp_recovers_the_subtraction_error(backend, s):
+    """``exp(z - m)`` against 50-digit mpmath: the rounding of ``z - m`` costs up to ~50 ulp at
+    ``|z - m| ~ 87`` uncorrected; restored, what is left is the exponential's own error (about
+    1 ulp) and one rounding."""
+    mpmath = pytest.importorskip("mpmath")
+    from unihead.formulas import shifted_exp
+
+    ops, arr = _ops(backend)
+    rng = np.random.default_rng(int(abs(s)) % 1000)
+    # offsets over the whole normal range of the result, with full-precision fractions, and
+    # logits of both signs around the shift (z > m is not a softmax input, but the identity holds)
+    t = np.concatenate([rng.uniform(-87.0, 20.0, 2000), rng.uniform(-1.0, 1.0, 200)])
+    z = (s + t).astype(np.float32)
+    s = float(np.float32(s))
+    got = np.asarray(ops.to_numpy(shifted_exp(ops, arr(z), arr(np.float32(s)))[0]), np.float64)
+    mpmath.mp.dps = 50
+    worst = 0.0
+    for zi, gi in zip(z, got):
+        exact = mpmath.exp(mpmath.mpf(float(zi)) - mpmath.mpf(s))
+        if exact < 2.0**-126:  # subnormal results: flushed on XLA
+            continue
+        ulp = float(np.spacing(np.float32(float(exact))))
+        worst = max(worst, float(abs(mpmath.mpf(float(gi)) - exact)) / ulp)
+    assert worst <= 1.5
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch", "jax"])
+def test_shifted_exp_far_below_the_shift_is_exactly_zero(backend):
+    """Masked (``-inf``) logits and logits far below the shift give 0, not NaN, also where the
+    shift is so large that its spacing exceeds the underflow gap (there the clamp used to give
+    every logit of the row ``exp(0) = 1``)."""
+    from unihead.formulas import shifted_exp
+
+    ops, arr = _ops(backend)
+    for s in (0.0, -20.0, 1e10, -1e10, 3e38):
+        s32 = np.float32(s)
+        # the next float below s is far below it for the large shifts (spacing 1024 at 1e10)
+        far = [-np.inf, -3e38] + ([np.nextafter(s32, -np.inf)] if abs(s) > 1e9 else [s - 200.0])
+        z = np.array(far + [s], np.float32)
+        got = np.asarray(ops.to_numpy(shifted_exp(ops, arr(z), arr(s32))[0]))
+        assert got.tolist() == [0.0] * len(far) + [1.0], s

@@ -93,12 +93,15 @@ def shifted_exp(ops: Ops, z: Any, m: Any) -> tuple[Any, Any]:
     """``(Y, d)``: ``Y = exp(z - m)`` with the subtraction's rounding error restored and
     ``d = fl(z - m)`` (``Y`` is exactly 1 where ``z == m``, 0 where ``z - m`` underflows).
 
-    Logits further than ``exp_underflow_gap`` below ``m`` are clamped there first (their ``Y`` is
-    0 either way; a ``-inf`` logit would give ``-inf - -inf`` in the error term).  The clamp keeps
-    NaN (``where(z < lo, lo, z)``), so a NaN logit gives a NaN row even where a row maximum skips
-    NaN."""
+    Logits below ``lo = m - exp_underflow_gap - |m| 2**-20`` are clamped to it first (their ``Y``
+    is 0 either way; a ``-inf`` logit would give ``-inf - -inf`` in the error term).  The ``|m|``
+    term keeps ``lo`` below ``m`` where ``m`` is so large (``|m| >= 2**31`` in float32) that
+    ``m - exp_underflow_gap`` rounds back to ``m``: clamping there would give every logit of the
+    row ``Y = 1``.  (Within 16 ulp of the most negative float, ``lo`` overflows to ``-inf`` and a
+    ``-inf`` logit in that row gives NaN.)  The clamp keeps NaN (``where(z < lo, lo, z)``), so a
+    NaN logit gives a NaN row even where a row maximum skips NaN."""
     xp = ops.xp
-    lo = m - exp_underflow_gap(ops.bits(z))
+    lo = (m - exp_underflow_gap(ops.bits(z))) - xp.abs(m) * 2.0**-20
     zc = xp.where(z < lo, lo, z)
     d = zc - m
     # exp(d + err) = exp(d) (1 + err) to within err**2 (below rounding); see Ops.corrected_exp for
