@@ -60,7 +60,7 @@ def test_shifted_exp_recovers_the_subtraction_error(backend, s):
     """``exp(z - m)`` against 50-digit mpmath: the rounding of ``z - m`` costs up to ~50 ulp at
     ``|z - m| ~ 87`` uncorrected; restored, what is left is the exponential's own error (about
     1 ulp) and one rounding."""
-    mpmath = pytest.importorskip("mpmath")
+    mpmath = require("mpmath")
     from unihead.formulas import shifted_exp
 
     ops, arr = _ops(backend)
