@@ -40,6 +40,7 @@ _HALF = (jnp.float16, jnp.bfloat16)
 
 class JaxOps(Ops):
     name = "jax"
+    poly_exp = True  # XLA fuses the polynomial exponential into one loop (see Ops.poly_exp)
 
     def __init__(self) -> None:
         super().__init__(jnp)
@@ -62,6 +63,14 @@ class JaxOps(Ops):
 
     def corrected_exp(self, x: Any, err: Any) -> Any:
         return self.corrected_exp_ftz(x, err)  # XLA on CPU flushes subnormals
+
+    def pow2(self, n: Any) -> Any:
+        # n + 1.5 * 2**23 holds n in its low mantissa bits (exactly, |n| < 2**22); shifted up by 23
+        # they are n in the exponent field, the rest shifted out: + bits(1.0) gives (n + 127) << 23,
+        # which is 0.0 at n = -127.  (A float-to-int conversion is five instructions in XLA: it
+        # saturates and maps NaN.)
+        bits = jax.lax.bitcast_convert_type(n + 12582912.0, jnp.int32)
+        return jax.lax.bitcast_convert_type(jax.lax.shift_left(bits, 23) + 0x3F800000, jnp.float32)
 
     def index_dtype(self) -> Any:
         return jnp.int64 if jax.config.jax_enable_x64 else jnp.int32

@@ -37,6 +37,13 @@ class Ops:
 
     name = "array-api"
 
+    #: Whether float32 exponentials of shifted logits use the library's own polynomial, which takes
+    #: the subtraction's rounding error into its argument (:func:`unihead.formulas.shifted_exp`),
+    #: instead of ``xp.exp`` and a correction.  It is fewer operations per element, which pays
+    #: where a compiler fuses the formula into one loop (XLA); where every operation is a kernel
+    #: of its own (eager NumPy and PyTorch) it is more kernels, and ``xp.exp`` is faster.
+    poly_exp = False
+
     def __init__(self, xp: Any):
         self.xp = xp
 
@@ -165,6 +172,13 @@ class Ops:
             err = e if err is None else e + (err[:half] + err[half:])
             x = s
         return x[0] if err is None else x[0] + err[0]
+
+    def pow2(self, n: Any) -> Any:
+        """``2**n`` for integer-valued ``n`` in ``[-127, 127]`` (a float32 array), exactly 0 at
+        ``n = -127`` (the polynomial exponential uses it for "underflowed").  Backends with a
+        bit cast build it from the exponent bits."""
+        xp = self.xp
+        return xp.where(n < -126.5, self.scalar(0.0, n), xp.pow(self.scalar(2.0, n), n))
 
     def corrected_exp(self, x: Any, err: Any) -> Any:
         """``x * (1 + err)`` for ``x = exp(d)`` and the rounding error ``err`` of ``d``, as

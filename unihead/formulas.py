@@ -14,7 +14,10 @@ Accuracy notes (float32, measured against 50-digit mpmath in the tests):
   the non-target ones for integer targets) and take ``log1p``.  What is left is
   the rounding of ``fl(z_j - m)``: for ``|d_j| ~ 30`` it costs ~15 ulp in ``exp(d_j)``.  That
   rounding error is recovered exactly by an error-free subtraction (TwoSum) and applied as
-  ``exp(d_j) * (1 + err_j)``.  Probabilities and losses then stay within a few ulp.
+  ``exp(d_j) * (1 + err_j)``; or, where the backend fuses the formula into one loop (XLA), a
+  float32 exponential of our own takes the error into its reduced argument, which costs fewer
+  operations than ``exp`` and the correction (:func:`shifted_exp`).  Probabilities and losses then
+  stay within a few ulp.
 * Sigmoid.  ``softplus(x) = max(x, 0) + log1p(exp(-|x|))`` and ``sigmoid`` from ``exp(-|z|)`` on the
   side that does not cancel.
 * Gradients are analytic (``p - t`` forms) with ``1 - p`` of the most probable class computed as
@@ -41,6 +44,7 @@ __all__ = [
     "softmax_probabilities",
     "softmax_log_probabilities",
     "shifted_exp",
+    "exp_poly_coefficients",
     "SparseStats",
     "softmax_sparse_stats",
     "softmax_sparse_loss",
@@ -89,9 +93,12 @@ def subtraction_error(ops: Ops, z: Any, m: Any, d: Any) -> Any:
     return two_sum_error(z, -m, d)
 
 
-def shifted_exp(ops: Ops, z: Any, m: Any) -> tuple[Any, Any]:
-    """``(Y, d)``: ``Y = exp(z - m)`` with the subtraction's rounding error restored and
-    ``d = fl(z - m)`` (``Y`` is exactly 1 where ``z == m``, 0 where ``z - m`` underflows).
+def shifted_exp(ops: Ops, z: Any, m: Any) -> Any:
+    """``Y = exp(z - m)`` with the subtraction's rounding error restored (``Y`` is exactly 1 where
+    ``z == m``, 0 where ``z - m`` underflows); ``m`` broadcasts against ``z``.
+
+    float32 on a backend with ``ops.poly_exp`` (XLA) takes :func:`_shifted_exp_poly`; otherwise
+    ``exp(d)`` of ``d = fl(z - m)`` is corrected by the exact error of ``d`` (TwoSum).
 
     Logits below ``lo = m - exp_underflow_gap - |m| 2**-20`` are clamped to it first (their ``Y``
     is 0 either way; a ``-inf`` logit would give ``-inf - -inf`` in the error term).  The ``|m|``
@@ -101,12 +108,76 @@ def shifted_exp(ops: Ops, z: Any, m: Any) -> tuple[Any, Any]:
     ``-inf`` logit in that row gives NaN.)  The clamp keeps NaN (``where(z < lo, lo, z)``), so a
     NaN logit gives a NaN row even where a row maximum skips NaN."""
     xp = ops.xp
-    lo = (m - exp_underflow_gap(ops.bits(z))) - xp.abs(m) * 2.0**-20
+    bits = ops.bits(z)
+    if bits == 32 and ops.poly_exp:
+        return _shifted_exp_poly(ops, z, m)
+    lo = (m - exp_underflow_gap(bits)) - xp.abs(m) * 2.0**-20
     zc = xp.where(z < lo, lo, z)
     d = zc - m
     # exp(d + err) = exp(d) (1 + err) to within err**2 (below rounding); see Ops.corrected_exp for
     # the flush-to-zero-safe form on backends that flush subnormals (XLA on CPU).
-    return ops.corrected_exp(xp.exp(d), subtraction_error(ops, zc, m, d)), d
+    return ops.corrected_exp(xp.exp(d), subtraction_error(ops, zc, m, d))
+
+
+# A float32 exponential by Cody-Waite range reduction: exp(x) = 2**n exp(r), n = round(x / ln 2),
+# r = x - n ln 2 with ln 2 split in two so that n * _LN2_HI is exact (15 significant bits, |n| <= 2**9).
+_LOG2E = 1.4426950408889634
+_LN2_HI = float.fromhex("0x1.62e4p-1")
+_LN2_LO = float.fromhex("0x1.7f7d1cp-20")  # ln 2 - _LN2_HI, rounded to float32
+#: ``exp(r) ~ 1 + r + r**2 Q(r)`` on ``|r| <= 0.3468`` (``ln(2)/2`` and a margin for the rounding
+#: of ``n``): the coefficients of ``Q``, lowest degree first, float32 values of the minimax fit
+#: (relative error 3.1e-9 before rounding) made by ``tools/fit_exp_polynomial.py``.
+_EXP_Q = tuple(float.fromhex(h) for h in (
+    "0x1.fffffcp-2", "0x1.555490p-3", "0x1.5558f4p-5", "0x1.123a36p-7", "0x1.6a23a8p-10"))
+
+
+def exp_poly_coefficients() -> dict[str, Any]:
+    """The constants of the float32 exponential of :func:`_shifted_exp_poly` (for tests/tools)."""
+    return {"log2e": _LOG2E, "ln2_hi": _LN2_HI, "ln2_lo": _LN2_LO, "q": _EXP_Q}
+
+
+def _shifted_exp_poly(ops: Ops, z: Any, m: Any) -> Any:
+    """``exp(z - m)`` for float32 ``z`` with an exponential of our own that takes the rounding
+    error of the subtraction into its reduced argument: within about 1 ulp (the polynomial's
+    0.74 and one rounding of the argument), exactly 1 at ``z == m``.
+
+    Per element it costs about what ``exp(z - m)`` alone costs in XLA (whose ``exp`` is the same
+    kind of polynomial with clamps), where ``exp`` plus the TwoSum correction costs ~11 more
+    operations.  Steps:
+
+    * Shift by ``s``, ``m`` rounded to a multiple of ``2**-16`` (``s = m`` from ``|m| >= 2**8``):
+      ``d = fl(z - s)``, and ``rr = m - s`` exactly (``|rr| <= 2**-17``).
+    * Because ``s`` is a multiple of ``ulp(d)`` (``|d| < 128`` where it matters), the error of
+      ``d`` is ``err = z - (d + s)`` exactly, two operations where TwoSum needs five.  Proof: ``d +
+      s`` is a multiple of ``ulp(d)``; if ``z - s`` is inexact, ``z`` has bits below ``ulp(d)``,
+      so ``|z| < |d|`` and ``|d + s| = |z - err| < 2**24 ulp(d)``: ``d + s`` is a float, computed
+      exactly, and ``z - (d + s)`` is the rounding error of a sum, itself a float.
+    * ``z - m = d + (err - rr)``.  ``n = round(d log2 e)``, ``r = (d - n LN2_HI) + ((err - rr) -
+      n LN2_LO)``: the first part is exact (Sterbenz), the second tiny, one rounding in the sum.
+      At ``z == m``, ``d = rr``, ``err = 0``, ``n = 0`` and ``r = 0`` exactly, so ``Y = 1``.
+    * ``Y = (1 + r + r**2 Q(r)) * 2**n`` (``ops.pow2``).
+    * ``d < -88`` (including ``-inf`` logits and rows so large that ``d`` overflows) is replaced by
+      ``d = -88, err = 0``: then ``n = -127`` and ``2**n`` is exactly 0, so ``Y = 0``.  Results
+      below ``2**-126.5`` are 0 (subnormal: flushed on XLA on CPU anyway); between that and
+      ``2**-126`` they are subnormal products, flushed where the backend flushes.
+    * NaN in ``z`` or ``m`` gives NaN; ``m = +-inf`` gives NaN (a row with ``+inf``, or only
+      ``-inf``).
+    """
+    xp = ops.xp
+    big = xp.abs(m) >= 2.0**24  # integers already (and m * 2**16 could overflow)
+    s = xp.where(big, m, xp.round(xp.where(big, 0.0, m) * 2.0**16) * 2.0**-16)
+    rr = m - s
+    d = z - s
+    low = d < -88.0
+    x = xp.where(low, ops.scalar(-88.0, d), d)
+    err = ops.where0(~low, z - (x + s))
+    n = xp.round(x * _LOG2E)
+    r = (x - n * _LN2_HI) + ((err - rr) - n * _LN2_LO)
+    q = _EXP_Q
+    p = q[4] * r + q[3]
+    for c in (q[2], q[1], q[0], 1.0, 1.0):
+        p = p * r + c
+    return p * ops.pow2(n)
 
 
 class SoftmaxStats(NamedTuple):
@@ -137,8 +208,8 @@ def softmax_stats(ops: Ops, z: Any) -> SoftmaxStats:
     """
     xp = ops.xp
     m = xp.max(z, axis=-1, keepdims=True)
-    Y, d = shifted_exp(ops, z, m)
-    mask = xp.astype(d < 0, d.dtype)
+    Y = shifted_exp(ops, z, m)
+    mask = xp.astype(z < m, z.dtype)
     sp = ops.row_sum(Y * mask)
     # The maxima contribute exactly 1 each to sum(Y); the sums are pairwise, so their rounding
     # (about log2(K) ulp of the row sum) is far below 1/2 and n is exact.  Summing Y rather than
@@ -191,11 +262,11 @@ def softmax_sparse_stats(ops: Ops, z: Any, y: Any) -> SparseStats:
     same passes as the plain ``logsumexp`` cross-entropy."""
     xp = ops.xp
     m = xp.max(z, axis=-1, keepdims=True)
-    Y, _ = shifted_exp(ops, z, m)
+    Y = shifted_exp(ops, z, m)
     zy = ops.take_last(z, y)
     # Y at the target, computed from z_y (exactly 1 when gap == 0): gathering it from Y would make
     # the scatter below copy Y under XLA instead of writing in place
-    Yy, _ = shifted_exp(ops, zy, m[..., 0])
+    Yy = shifted_exp(ops, zy, m[..., 0])
     gap = zy - m[..., 0]  # unclamped: -inf for a masked target
     A = ops.put_last(Y, y, xp.zeros_like(Yy))
     S = ops.row_sum(A)[..., 0]
