@@ -12,7 +12,10 @@ Pure functions over arrays and pytrees, the way JAX code is written:
 
 The math is the shared formula code running on ``jax.numpy`` (an Array API namespace).  Under
 XLA the backward pass recomputes the softmax statistics from the logits instead of saving them:
-the recomputation fuses into the backward kernel and saves a ``(..., K)`` buffer.
+the recomputation fuses into the backward kernel and saves a ``(..., K)`` buffer.  float32
+exponentials of shifted logits use the shared polynomial exponential
+(:func:`unihead.formulas.shifted_exp`, ``JaxOps.poly_exp``), which XLA fuses into one loop at
+about the cost of its own ``exp(z - m)``; this module adds only ``2**n`` from exponent bits.
 
 Validation of label values needs concrete values: it runs on eager calls and is skipped under
 tracing (``jit``, ``grad``, ``vmap``), where a traced call never raises a

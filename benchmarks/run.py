@@ -112,8 +112,10 @@ def reference_none(head: Any, z: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 def blocks(ours: Callable[[], Any], native: Callable[[], Any], repeats: int, sync: Callable[[Any], Any]
            ) -> tuple[float, float, float]:
-    """Interleaved timing: blocks of unihead calls and native calls alternate; returns median
-    times and the median of the per-block ratios."""
+    """Interleaved timing: short blocks of unihead calls and native calls alternate; returns
+    median times and the median of the per-block ratios.  Blocks of three calls, at least five
+    pairs of them: on a shared machine whose speed drifts within seconds, many short pairs give
+    a steadier median ratio than two or three long ones."""
     def run(fn: Callable[[], Any], n: int) -> list[float]:
         out = []
         for _ in range(n):
@@ -124,9 +126,9 @@ def blocks(ours: Callable[[], Any], native: Callable[[], Any], repeats: int, syn
 
     for _ in range(2):
         sync(ours()), sync(native())
-    block = 5 if repeats <= 15 else 10
+    block = 3
     a, b, ratios = [], [], []
-    for _ in range(max(2, repeats // block)):
+    for _ in range(max(5, repeats // block)):
         ta, tb = run(ours, block), run(native, block)
         a += ta
         b += tb
