@@ -162,6 +162,7 @@ def _shifted_exp_poly(ops: Ops, z: Any, m: Any) -> Any:
       ``2**-126`` they are subnormal products, flushed where the backend flushes.
     * NaN in ``z`` or ``m`` gives NaN; ``m = +-inf`` gives NaN (a row with ``+inf``, or only
       ``-inf``).
+    * Above, ``z - m <= 88`` (every caller has ``z <= m``): ``2**n`` has no exponent for more.
     """
     xp = ops.xp
     big = xp.abs(m) >= 2.0**24  # integers already (and m * 2**16 could overflow)
