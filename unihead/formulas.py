@@ -98,7 +98,7 @@ def shifted_exp(ops: Ops, z: Any, m: Any) -> Any:
     ``z == m``, 0 where ``z - m`` underflows); ``m`` broadcasts against ``z``.
 
     float32 on a backend with ``ops.poly_exp`` (XLA) takes :func:`_shifted_exp_poly`; otherwise
-    ``exp(d)`` of ``d = fl(z - m)`` is corrected by the exact error of ``d`` (TwoSum).
+    ``exp(d)`` of ``d = fl(z - m)`` is corrected by the exact error of ``d`` (TwoSum), as follows.
 
     Logits below ``lo = m - exp_underflow_gap - |m| 2**-20`` are clamped to it first (their ``Y``
     is 0 either way; a ``-inf`` logit would give ``-inf - -inf`` in the error term).  The ``|m|``
