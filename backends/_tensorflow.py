@@ -132,6 +132,7 @@ class TFNamespace:
 
 class TFOps(Ops):
     name = "tensorflow"
+    flushes_subnormals = True  # TensorFlow on CPU
 
     def __init__(self) -> None:
         super().__init__(TFNamespace)
@@ -160,21 +161,6 @@ class TFOps(Ops):
         where = tf.stack([rows, tf.reshape(idx, [-1])], axis=1)
         out = tf.tensor_scatter_nd_update(flat, where, tf.cast(tf.reshape(values, [-1]), x.dtype))
         return tf.reshape(out, tf.shape(x))
-
-    def row_sum(self, x: Any) -> Any:
-        if x.dtype == tf.float32:  # accumulate in float64 (see TorchOps.row_sum)
-            return tf.cast(tf.reduce_sum(tf.cast(x, tf.float64), axis=-1, keepdims=True), tf.float32)
-        if x.dtype == tf.float64:
-            return self.compensated_row_sum(x)
-        return tf.reduce_sum(x, axis=-1, keepdims=True)
-
-    def total(self, x: Any) -> Any:
-        if x.dtype == tf.float64:
-            return self.compensated_total(x)
-        return tf.cast(tf.reduce_sum(tf.cast(x, tf.float64)), x.dtype)
-
-    def corrected_exp(self, x: Any, err: Any) -> Any:
-        return self.corrected_exp_ftz(x, err)  # TensorFlow on CPU flushes subnormals
 
     def is_concrete(self, x: Any) -> bool:
         return tf.executing_eagerly() and hasattr(x, "numpy")

@@ -44,6 +44,7 @@ _HALF = (jnp.float16, jnp.bfloat16)
 class JaxOps(Ops):
     name = "jax"
     poly_exp = True  # XLA fuses the polynomial exponential into one loop (see Ops.poly_exp)
+    flushes_subnormals = True  # XLA on CPU
 
     def __init__(self) -> None:
         super().__init__(jnp)
@@ -59,13 +60,8 @@ class JaxOps(Ops):
             return jnp.asarray(x, dtype=dtype if dtype is not None else like.dtype)
         return jnp.asarray(x, dtype=dtype)
 
-    def total(self, x: Any) -> Any:
-        if x.dtype == jnp.float64 or not jax.config.jax_enable_x64:  # nothing wider to accumulate in
-            return self.compensated_total(x)
-        return jnp.sum(x.astype(jnp.float64)).astype(x.dtype)
-
-    def corrected_exp(self, x: Any, err: Any) -> Any:
-        return self.corrected_exp_ftz(x, err)  # XLA on CPU flushes subnormals
+    def accumulate64(self, x: Any) -> bool:
+        return bool(jax.config.jax_enable_x64)  # without it there is no float64 under jit
 
     def pow2(self, n: Any) -> Any:
         # n + 1.5 * 2**23 holds n in its low mantissa bits (exactly, |n| < 2**22); shifted up by 23

@@ -47,6 +47,7 @@ def _namespace() -> Any:
 
 class NumpyOps(Ops):
     name = "numpy"
+    wide = True  # float32 in float64, rounded once (see Ops.wide)
 
     def __init__(self) -> None:
         super().__init__(_namespace())
@@ -57,16 +58,6 @@ class NumpyOps(Ops):
     def put_last(self, x: Any, idx: Any, values: Any) -> Any:
         np.put_along_axis(x, idx[..., None], values[..., None], axis=-1)
         return x
-
-    def row_sum(self, x: Any) -> Any:
-        if x.dtype == np.float32:  # accumulate in float64 (see TorchOps.row_sum)
-            return np.sum(x, axis=-1, keepdims=True, dtype=np.float64).astype(np.float32)
-        return super().row_sum(x)
-
-    def total(self, x: Any) -> Any:
-        if x.dtype == np.float64:
-            return self.compensated_total(x)
-        return np.sum(x, dtype=np.float64).astype(x.dtype)
 
     def device(self, x: Any) -> Any:
         return None
@@ -152,9 +143,7 @@ class NumpyHead(CompiledHead):
         """The loss (0-d array, or ``(...)`` per example for ``reduction="none"``)."""
         z = self._logits(logits)
         labels, sample_weight = self._inputs(z, labels, sample_weight)
-        engine = self._engine()
-        loss, _ = engine.forward(z, engine.prepare(z, labels, sample_weight), keep="inputs")
-        return np.asarray(loss)
+        return np.asarray(self._engine().loss_and_grad(z, labels, sample_weight, grad=False)[0])
 
     @_quiet
     def loss_and_gradient(
@@ -166,14 +155,11 @@ class NumpyHead(CompiledHead):
         for ``reduction="none"`` (default all ones)."""
         z = self._logits(logits)
         labels, sample_weight = self._inputs(z, labels, sample_weight)
-        engine = self._engine()
-        prep = engine.prepare(z, labels, sample_weight)
-        loss, res = engine.forward(z, prep, keep="stats")
-        if upstream is None:
-            g = np.ones(np.shape(loss), dtype=z.dtype)
-        else:
+        loss, grad = self._engine().loss_and_grad(z, labels, sample_weight)
+        if upstream is not None:  # the gradient is linear in the upstream gradient
             g = np.broadcast_to(np.asarray(upstream, dtype=z.dtype), np.shape(loss))
-        return np.asarray(loss), np.asarray(engine.backward(res, prep, g))
+            grad = grad * (g[..., None] if np.ndim(loss) else g)
+        return np.asarray(loss), np.asarray(grad)
 
     def layer(
         self,

@@ -34,7 +34,7 @@ from unihead._engine import Engine
 from unihead._ops import Ops
 from unihead.compiled import CompiledHead, canonical_weights
 from unihead.spec import ClassificationHead
-from unihead.validation import logits_dtype_error
+from unihead.validation import logits_dtype_error, validation_enabled, value_errors
 
 __all__ = ["compile_head", "TorchHead", "TorchOps", "HeadLinear", "HeadLoss"]
 
@@ -45,11 +45,13 @@ def _namespace() -> Any:
     ns = types.SimpleNamespace(**{k: getattr(_compat, k) for k in dir(_compat) if not k.startswith("__")})
     ns.sign = torch.sign  # NaN -> 0 here; a NaN row is NaN through exp() anyway
     ns.exp = torch.exp
+    ns.expm1 = torch.expm1
     ns.log1p = torch.log1p
     ns.abs = torch.abs
     ns.minimum = torch.minimum
     ns.maximum = torch.maximum
     ns.where = torch.where
+    ns.sum = lambda x, axis=None, keepdims=False, dtype=None: torch.sum(x, dim=axis, keepdim=keepdims, dtype=dtype)
     ns.max = lambda x, axis=None, keepdims=False: (
         torch.amax(x, dim=axis, keepdim=keepdims) if axis is not None else torch.amax(x)
     )
@@ -57,14 +59,55 @@ def _namespace() -> Any:
 
 
 _XP = _namespace()
+
+
+def _inplace_ok(x: Any) -> bool:
+    """Whether a formula may write into the tensor it just created: not while Dynamo traces
+    (functional graphs) or under ``torch.func`` transforms (no batching rule for ``scatter_``)."""
+    return not (torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(x))
 _HALF = (torch.float16, torch.bfloat16)
+_SMALL_INTS = (torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 class TorchOps(Ops):
     name = "torch"
+    wide = True  # on CPU: float32 in float64, rounded once (see Ops.wide and TorchHead.loss)
 
     def __init__(self) -> None:
         super().__init__(_XP)
+
+    def wide_dtype(self, x: Any) -> Any:
+        # CPU only: float64 is 1/32 to 1/64 of float32's rate on most GPUs
+        if self.wide and x.dtype == torch.float32 and x.device.type == "cpu":
+            return torch.float64
+        return None
+
+    def reciprocal(self, x: Any) -> Any:
+        return torch.reciprocal(x)  # Python's 1.0 / tensor is two kernels and a Python frame
+
+    def log_softmax(self, x: Any) -> Any:
+        return torch.log_softmax(x, -1)
+
+    def sigmoid(self, x: Any) -> Any:
+        return torch.sigmoid(x)
+
+    def log_sigmoid(self, x: Any) -> Any:
+        return torch.nn.functional.logsigmoid(x)
+
+    def softplus(self, x: Any) -> Any:
+        # above the threshold softplus returns x, dropping log1p(exp(-x)): below 1e-19 of the value
+        # at 40 (PyTorch's default, 20, would drop 1e-10 of it: too much for float64 results)
+        return torch.nn.functional.softplus(x, threshold=40.0)
+
+    def last_index(self, idx: Any, k: int | None = None) -> Any:
+        return idx.unsqueeze(-1)  # the (..., 1) index of gather and scatter
+
+    def zero_last(self, x: Any, idx: Any) -> Any:
+        if idx.dim() < x.dim():
+            idx = idx.unsqueeze(-1)
+        if self.writes_in_place or _inplace_ok(x):
+            return x.scatter_(-1, idx, 0.0)  # x is a tensor the caller just created
+        return torch.scatter(x, -1, idx, 0.0)
 
     def bits(self, x: Any) -> int:
         return torch.finfo(x.dtype).bits
@@ -91,27 +134,22 @@ class TorchOps(Ops):
         return torch.addcmul(x, y, z)
 
     def take_last(self, x: Any, idx: Any) -> Any:
-        return torch.gather(x, -1, idx.unsqueeze(-1)).squeeze(-1)
+        if idx.dim() < x.dim():
+            idx = idx.unsqueeze(-1)
+        return torch.gather(x, -1, idx).squeeze(-1)
 
     def put_last(self, x: Any, idx: Any, values: Any) -> Any:
-        idx, values = idx.unsqueeze(-1), values.unsqueeze(-1).to(x.dtype)
-        if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(x):
-            return torch.scatter(x, -1, idx, values)  # has a vmap batching rule
-        return x.scatter_(-1, idx, values)  # x is a tensor the caller just created
+        if idx.dim() < x.dim():
+            idx = idx.unsqueeze(-1)
+        values = values.unsqueeze(-1)
+        if values.dtype != x.dtype:
+            values = values.to(x.dtype)
+        if self.writes_in_place or _inplace_ok(x):
+            return x.scatter_(-1, idx, values)  # x is a tensor the caller just created
+        return torch.scatter(x, -1, idx, values)  # has a vmap batching rule
 
-    def row_sum(self, x: Any) -> Any:
-        # float32 sums over the class axis accumulate in float64: torch's float32 row sums lose up
-        # to ~3 ulp at K = 1000 (measured), which every probability would inherit
-        if x.dtype == torch.float32 and x.device.type != "mps":
-            return torch.sum(x, dim=-1, keepdim=True, dtype=torch.float64).to(torch.float32)
-        if x.dtype == torch.float64:
-            return self.compensated_row_sum(x)
-        return torch.sum(x, dim=-1, keepdim=True)
-
-    def total(self, x: Any) -> Any:
-        if x.dtype == torch.float64 or x.device.type == "mps":  # nothing wider (MPS: no float64)
-            return self.compensated_total(x)
-        return torch.sum(x, dtype=torch.float64).to(x.dtype)
+    def accumulate64(self, x: Any) -> bool:
+        return x.device.type != "mps"  # MPS has no float64
 
     def index_dtype(self) -> Any:
         return torch.int64
@@ -143,21 +181,31 @@ def _own_code(fn: Any) -> Any:
 
 
 class _Kernels:
-    """Forward and backward passes of one head, eager or fused.
+    """Forward and backward passes of one head, in one of three modes.
 
-    Eager runs the shared formulas op by op.  Fused runs the *same functions* through
-    ``torch.compile`` (dynamic shapes), which fuses the ~20 elementwise steps of the accurate
-    formulas (error-free subtraction, corrected exponentials, masked sums) into one or two loops;
-    Inductor keeps IEEE semantics (no fast-math, no FP contraction on CPU), so the error-free
-    transformations survive.  A compilation failure (no C++ compiler, an unsupported device)
-    falls back to eager once, with a warning."""
+    * ``"wide"`` (float32 on the CPU, except large inputs with fused kernels): the wide formulas
+      (float64, rounded once; a dozen native kernels), or the same function compiled ahead of time
+      into one kernel (:mod:`._torch_aot`) where one has been built, up to :data:`AOT_MAX_ROWS`
+      rows.  The forward pass also forms the gradient (float32, what the backward pass scales),
+      so the backward pass is one multiply.  Also what large inputs take when nothing can be
+      compiled: two to three times faster in eager mode than the float32 formulas.
+    * ``"eager"``: the float32 formulas with error-free transformations, op by op (CUDA, float64
+      logits, ``torch.func`` transforms, and inside ``torch.compile``, which fuses them itself).
+    * ``"fused"``: the *same functions* as ``"eager"`` through ``torch.compile`` (dynamic shapes)
+      for inputs of at least :data:`FUSED_MIN_ELEMENTS` elements, fused into one or two loops;
+      Inductor keeps IEEE semantics (no fast-math, no FP contraction on CPU), so the error-free
+      transformations survive.  A compilation failure (no C++ compiler, an unsupported device)
+      falls back to ``"wide"`` (CPU) or ``"eager"`` once, with a warning: numbers within the
+      tolerances of docs/semantics.md §11, as every path's."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, aot: Any = None):
         self.engine = engine
+        self.aot = aot  # _torch_aot.KernelCache: the wide formulas as one compiled kernel
+        self.path = engine.path_of()
         # sigmoid heads keep only the logits and recompute the statistics in the backward pass
         # (saving them would hold two more (..., K) tensors than BCEWithLogits); softmax heads
         # keep the statistics: one (..., K) tensor, like F.cross_entropy's log-softmax output
-        self.keep = "inputs" if engine.path_of() == "sigmoid" else "stats"
+        self.keep = "inputs" if self.path == "sigmoid" else "stats"
         self._fused: tuple[Any, Any] | None = None
         self.failed = False
 
@@ -180,6 +228,36 @@ class _Kernels:
             )
         return self._fused
 
+    def forward(self, mode: str, z: Any, labels: Any, sw: Any) -> tuple[Any, tuple]:
+        if mode.startswith("wide"):
+            return self.wide(z, labels, sw, check=mode == "wide+check")
+        return self.run(0, mode == "fused", z, labels, sw)
+
+    def wide(self, z: Any, labels: Any, sw: Any, check: bool) -> tuple[Any, tuple]:
+        """The wide formulas: the compiled kernel where there is one, else op by op.  ``check``:
+        look at the one flag of :func:`~unihead.validation.value_errors` (class ids out of range
+        fail in the indexing kernels themselves)."""
+        runner = None
+        if self.aot is not None and z.numel() <= AOT_MAX_ELEMENTS and z.numel() <= AOT_MAX_ROWS * z.shape[-1]:
+            flat = _flatten(self.engine.head, z, labels, sw)
+            runner = self.aot.runner(0 if flat[2] is None else flat[2].dim())
+        if runner is not None:
+            loss, grad, bad = runner.run([t for t in flat if t is not None])
+            if check and bad.item():
+                raise _InvalidValues
+            if z.dim() != 2:
+                loss, grad = loss.reshape(z.shape[:-1]) if loss.dim() else loss, grad.reshape(z.shape)
+            return loss, (grad,)
+        if check and value_errors(_OPS, self.engine.head, labels, sw, ids_checked=True).item():
+            raise _InvalidValues
+        loss, grad = self.engine.loss_and_grad(z, labels, sw)
+        return loss, (grad,)
+
+    def backward(self, mode: str, res: tuple, labels: Any, sw: Any, g: Any) -> Any:
+        if mode.startswith("wide"):  # the gradient is linear in the upstream gradient
+            return res[0] * (g.unsqueeze(-1) if g.dim() else g)
+        return self.run(1, mode == "fused", res, labels, sw, g, self.path)
+
     def run(self, which: int, fused: bool, *args: Any) -> Any:
         eager = (self._forward, self._backward)[which]
         if not fused or self.failed:
@@ -196,49 +274,110 @@ class _Kernels:
 
             warnings.warn(
                 f"unihead: compiling the fused PyTorch loss kernels failed ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0] if str(exc) else ''}); using the eager kernels (same "
-                f"numbers, slower). Pass fused=False to unihead.compile(..., 'torch') to skip this.",
+                f"{str(exc).splitlines()[0] if str(exc) else ''}); the loss runs eagerly from now on "
+                f"(slower, within the same tolerances). Pass fused=False to unihead.compile(..., "
+                f"'torch') to skip this.",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=5,
             )
             return out
 
 
+class _InvalidValues(Exception):
+    """A label or weight value is invalid: ``TorchHead.loss`` runs the checks that say which."""
+
+
+#: The compiled kernel of the wide formulas is used for at most this many rows and elements:
+#: Inductor's code for it costs about 150 ns a row at K = 10 (masked vectors, per-row
+#: transcendentals) where the eager kernels cost ~40 us a call plus ~40 ns a row, so from a few
+#: hundred rows on the eager formulas are faster (measured; docs/benchmarks.md).
+AOT_MAX_ROWS = 256
+AOT_MAX_ELEMENTS = 1 << 15
+
+
+def _flatten(head: ClassificationHead, z: Any, labels: Any, sw: Any) -> tuple[Any, Any, Any]:
+    """Logits, labels and sample weight in the layout of the compiled kernels: leading dimensions
+    flattened into one, sparse ids as int64, the sample weight over every leading dimension."""
+    if labels.dtype in _SMALL_INTS:
+        labels = labels.long()
+    if z.dim() == 2 and (sw is None or sw.dim() == 1 or sw.shape == z.shape):
+        return z, labels, sw
+    k = z.shape[-1]
+    lead = z.shape[:-1]
+    z2 = z.reshape(-1, k)
+    y = labels.reshape(-1) if labels.dim() == len(lead) else labels.reshape(-1, k)
+    if sw is None:
+        return z2, y, None
+    if sw.dim() <= len(lead):  # one weight per example, possibly for a leading part of them
+        w = sw.reshape(sw.shape + (1,) * (len(lead) - sw.dim())).expand(lead).reshape(-1)
+    else:  # one per label
+        w = sw.expand(z.shape).reshape(-1, k)
+    return z2, y, w
+
+
 class _Loss(torch.autograd.Function):
-    """The loss with its analytic gradient.  Inputs: the kernels, the target path, whether to run
-    fused, the logits, the validated labels and sample weight (not differentiated).  Outputs: the
-    loss and the residuals named by ``engine.residual_names(path)`` (marked non-differentiable;
-    ``TorchHead.loss`` returns only the loss)."""
+    """The loss with its analytic gradient.  Inputs: the kernels, the mode (see :class:`_Kernels`),
+    the logits, the validated labels and sample weight (not differentiated).  Outputs: the loss
+    and the residuals of the mode (marked non-differentiable; ``TorchHead.loss`` returns only the
+    loss)."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(kernels: _Kernels, path: str, fused: bool, z: Any, labels: Any, sw: Any):
-        loss, res = kernels.run(0, fused, z, labels, sw)
+    def forward(kernels: _Kernels, mode: str, z: Any, labels: Any, sw: Any):
+        loss, res = kernels.forward(mode, z, labels, sw)
         return (loss, *res)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        kernels, path, fused, z, labels, sw = inputs
-        ctx.kernels, ctx.path, ctx.fused = kernels, path, fused
+        kernels, mode, z, labels, sw = inputs
+        ctx.kernels, ctx.mode = kernels, mode
         ctx.z_dtype = z.dtype
-        ctx.has_sw = sw is not None
         ctx.mark_non_differentiable(*output[1:])
         ctx.set_materialize_grads(False)  # the residual outputs get no gradient: no zero tensors
+        if mode.startswith("wide"):  # the gradient itself: nothing else is needed
+            ctx.has_sw = False
+            ctx.save_for_backward(*output[1:])
+            return
+        ctx.has_sw = sw is not None
         ctx.save_for_backward(labels, *((sw,) if sw is not None else ()), *output[1:])
 
     @staticmethod
     def backward(ctx: Any, g: Any, *_: Any):
         if g is None:  # the loss itself received no gradient
-            return None, None, None, None, None, None
+            return None, None, None, None, None
         saved = ctx.saved_tensors
-        labels, sw = saved[0], (saved[1] if ctx.has_sw else None)
-        res = tuple(saved[2 if ctx.has_sw else 1 :])
-        grad = ctx.kernels.run(1, ctx.fused, res, labels, sw, g, ctx.path)
-        return None, None, None, grad.to(ctx.z_dtype), None, None
+        if ctx.mode.startswith("wide"):
+            grad = ctx.kernels.backward("wide", saved, None, None, g)
+        else:
+            labels, sw = saved[0], (saved[1] if ctx.has_sw else None)
+            res = tuple(saved[2 if ctx.has_sw else 1 :])
+            grad = ctx.kernels.backward(ctx.mode, res, labels, sw, g)
+        return None, None, grad.to(ctx.z_dtype), None, None
 
 
 _APPLY = super(torch.autograd.Function, _Loss).apply  # torch._C._FunctionBase.apply, bound to _Loss
+
+
+class _Kernel(torch.autograd.Function):
+    """The compiled kernel of the wide formulas, called with the fewest Python steps (the common
+    case of :meth:`TorchHead.loss`): ``(runner, check, z, labels) -> loss``; the gradient it
+    returned, times the upstream gradient, is the backward pass."""
+
+    @staticmethod
+    def forward(ctx: Any, runner: Any, check: bool, z: Any, labels: Any) -> Any:
+        loss, grad, bad = runner.run([z, labels])
+        if check and bad.item():
+            raise _InvalidValues
+        ctx.grad = grad
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, g: Any) -> Any:
+        return None, None, ctx.grad * (g.unsqueeze(-1) if g.dim() else g), None
+
+
+_KERNEL = super(torch.autograd.Function, _Kernel).apply
 
 
 class TorchHead(CompiledHead):
@@ -267,38 +406,115 @@ class TorchHead(CompiledHead):
         if fused == "auto" and os.environ.get("UNIHEAD_TORCH_FUSED", "1") == "0":
             fused = False
         self.fused = fused
-        self._kernels = _Kernels(self._engine())
+        self._k = head.num_outputs
+        # the labels the compiled kernel takes as they are (validation's normal form)
+        self._label_dtype = torch.int64 if head.label_format == "sparse" else torch.float32
+        self._dense_labels = head.label_format in ("one_hot", "multi_hot") or (
+            head.label_format == "probabilities" and head.task != "binary"
+        )
+        aot = None
+        if fused is not False:
+            from ._torch_aot import KernelCache
+
+            aot = KernelCache(head, fused)
+        self._kernels = _Kernels(self._engine(), aot)
 
     def options(self) -> dict[str, Any]:
         return {"validate": self.validate, "fused": self.fused}
 
     def _use_fused(self, z: Any) -> bool:
-        """Fused kernels for large, plain tensors; the eager ones inside ``torch.compile`` (which
-        fuses them itself) and ``torch.func`` transforms."""
-        if self.fused is False or self._kernels.failed or z.device.type not in ("cpu", "cuda"):
-            return False
+        """Whether ``z`` takes the fused float32 kernels (large plain tensors on CPU and CUDA)."""
+        return self._mode(z) == "fused"
+
+    def _mode(self, z: Any) -> str:
+        """``"fused"``, ``"wide"`` or ``"eager"`` (see :class:`_Kernels`) for logits ``z``."""
         if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(z):
-            return False
-        return self.fused is True or z.numel() >= FUSED_MIN_ELEMENTS
+            # Dynamo fuses the float32 formulas itself; the wide ones write into their own
+            # arrays, which torch.func has no batching rules for
+            return "eager"
+        if z.numel() >= FUSED_MIN_ELEMENTS and self.fused is not False and not self._kernels.failed \
+                and z.device.type in ("cpu", "cuda"):
+            return "fused"
+        return "eager" if _OPS.wide_dtype(z) is None else "wide"
 
     def loss(self, logits: Any, labels: Any, sample_weight: Any = None) -> torch.Tensor:
         """The loss (0-d tensor, or ``(...)`` for ``reduction="none"``), differentiable with
         respect to ``logits``; float32 for half-precision logits."""
+        # The common call first, in as few Python steps as possible (in a training step the
+        # interpreter's caches are cold, and every line costs): a (N, K) float32 CPU tensor, a
+        # tensor of labels, no sample weight, the compiled kernel ready.  Anything else, and any
+        # doubt, takes the general path below, which checks and converts.
+        aot = self._kernels.aot
+        if (
+            aot is not None
+            and sample_weight is None
+            and type(logits) is torch.Tensor
+            and type(labels) is torch.Tensor
+            and logits.dtype is torch.float32
+            and logits.dim() == 2
+            and logits.shape[1] == self._k
+            and logits.shape[0] <= AOT_MAX_ROWS
+            and logits.is_cpu
+            and labels.is_cpu
+            and labels.shape == (logits.shape if self._dense_labels else logits.shape[:1])
+            and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active()
+        ):
+            runner = aot.runner(0)
+            if runner is not None:
+                y = labels
+                if y.dtype is not self._label_dtype:  # validation's normal form: int64 ids, else float32
+                    if y.is_floating_point() if self._label_dtype is torch.int64 else y.is_complex():
+                        runner = None  # not labels of this kind: the general path says why
+                    else:
+                        y = y.to(self._label_dtype)
+                if runner is not None:
+                    check = self.validate and validation_enabled()
+                    try:
+                        return _KERNEL(runner, check, logits, y)
+                    except (_InvalidValues, RuntimeError):
+                        self._inputs(logits, labels, None, validate=True)  # raises the error that says which
+                        raise
         z0 = logits if isinstance(logits, torch.Tensor) else None
         z = self._logits(logits)
-        labels, sample_weight = self._inputs(z, labels, sample_weight)
+        mode = self._mode(z)
+        if mode == "wide":  # shapes and dtypes now; values in the computation (one flag)
+            y, sw = self._inputs(z, labels, sample_weight, validate=False)
+            if self.validate and validation_enabled():
+                mode = "wide+check"
+        else:
+            y, sw = self._inputs(z, labels, sample_weight)
         if z0 is not None and z0.dtype in _HALF and z0.requires_grad:
             z = z0.float()  # keep the graph to the half-precision logits
-        path = self._kernels.engine.path_of()
-        args = (self._kernels, path, self._use_fused(z), z, labels, sample_weight)
-        if torch._C._are_functorch_transforms_active():
-            out = _Loss.apply(*args)
-        else:
-            # Function.apply binds default arguments with inspect.signature on every call (for
-            # torch.func); every argument is given here, so go straight to the C implementation
-            # (tens of microseconds per call at small sizes)
-            out = _APPLY(*args)
+        args = (self._kernels, mode, z, y, sw)
+        try:
+            if torch._C._are_functorch_transforms_active():
+                out = _Loss.apply(*args)
+            else:
+                # Function.apply binds default arguments with inspect.signature on every call
+                # (for torch.func); every argument is given here, so go straight to the C
+                # implementation (tens of microseconds per call at small sizes)
+                out = _APPLY(*args)
+        except _InvalidValues:
+            self._inputs(z, labels, sample_weight, validate=True)  # raises the error that says which
+            raise AssertionError("unihead: a value check failed but no value was found") from None
+        except (RuntimeError, IndexError):
+            if mode.startswith("wide"):  # a class id out of range (the indexing kernel's check)
+                self._inputs(z, labels, sample_weight, validate=True)
+            raise
         return out[0]
+
+    def warmup(self, sample_weight: Any = False) -> bool:
+        """Build the compiled kernel of this head's loss now and wait for it (or load it from the
+        cache): the kernel ``fused="auto"`` builds in the background after a head's first
+        calls.  ``sample_weight``: for calls without one (False), with one weight per example
+        (True), or one per label of a multilabel head (``"per_label"``).  Returns whether the
+        kernel is in use (False without a C++ compiler, or with ``fused=False``).  See
+        docs/benchmarks.md, "Compilation"."""
+        if self._kernels.aot is None:
+            return False
+        ndim = 0 if sample_weight is False else 2 if sample_weight == "per_label" else 1
+        return self._kernels.aot.warmup(ndim)
 
     def loss_module(self) -> "HeadLoss":
         """An ``nn.Module`` computing :meth:`loss`: ``criterion(logits, target[, sample_weight])``."""

@@ -5,6 +5,8 @@
 * In CI (``CI=true``) or with ``UNIHEAD_REQUIRE_ALL=1`` every framework must be installed: a test
   that would skip for a missing framework fails instead, so nothing is silently skipped there.
 * Hypothesis runs derandomized (fixed seed): the suite is deterministic.
+* Compiled PyTorch kernels go to a cache directory of the run's own and are never built in the
+  background; the tests of that mechanism build them on purpose.
 """
 
 from __future__ import annotations
@@ -14,6 +16,14 @@ import os
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Compiled PyTorch kernels (backends/_torch_aot.py): a cache of this run's own, and no builds in the
+# background (a head the suite calls 500 times would start one); tests/test_torch_aot.py builds
+# the kernels it checks explicitly.
+if "UNIHEAD_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["UNIHEAD_CACHE_DIR"] = tempfile.mkdtemp(prefix="unihead-test-cache-")
+os.environ.setdefault("UNIHEAD_TORCH_HOT_CALLS", str(10**9))
 
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402

@@ -48,14 +48,96 @@ class Engine:
         self.ops = ops
         self.gamma = float(head.focal_gamma)
         self.eps = float(head.label_smoothing)
+        self._wide_engine: Engine | None = None
+        self._path = self.path_of()
+        self._lean = "sparse" if self._path == "sparse" else "sigmoid" if self.hard_sigmoid() else None
+
+    # ------------------------------------------------------------------ the wide policy
+    @property
+    def wide(self) -> "Engine":
+        """This head's engine over :meth:`Ops.widened` (float64 arrays carrying float32 results)."""
+        if self._wide_engine is None:
+            self._wide_engine = Engine(self.head, self.ops.widened())
+        return self._wide_engine
+
+    def _widen(self, z: Any) -> Any:
+        """``z`` in the dtype it is evaluated in under ``ops.wide``, or None (its own dtype)."""
+        dtype = self.ops.wide_dtype(z)
+        return None if dtype is None else self.ops.xp.astype(z, dtype)
+
+    def hard_sigmoid(self) -> bool:
+        """Sigmoid targets that are the labels themselves (0/1, no smoothing, ``pos_weight`` or
+        focal factor): :func:`unihead.formulas.sigmoid_hard_wide` applies."""
+        head = self.head
+        return (
+            head.activation == "sigmoid"
+            and head.label_format in ("binary", "multi_hot")
+            and self.eps == 0.0
+            and self.gamma == 0.0
+            and head.pos_weight is None
+        )
+
+    def loss_and_grad(self, z: Any, labels: Any, sample_weight: Any = None, grad: bool = True) -> tuple[Any, Any]:
+        """The loss of validated inputs and its gradient with respect to ``z`` for a unit upstream
+        gradient (per example for ``reduction="none"``: the gradient for upstream ``g`` is then
+        ``grad * g[..., None]``), in ``z``'s dtype.  ``grad=False`` skips the gradient (None).
+
+        Under the wide policy (``ops.wide_dtype(z)`` is not None) everything is evaluated in the
+        wider dtype and rounded once; plain sparse-target and hard-label sigmoid heads then take
+        the lean formulas (:func:`~unihead.formulas.sparse_nll_wide`,
+        :func:`~unihead.formulas.sigmoid_hard_wide`).  Every other case runs :meth:`forward`
+        and :meth:`backward`."""
+        zw = self._widen(z)
+        eng = self if zw is None else self.wide
+        xp = eng.ops.xp
+        if zw is None:
+            zw = z
+        prep = eng.prepare(zw, labels, sample_weight)
+        lean = self._lean if eng is not self else None
+        if lean == "sparse":  # zw is a fresh array: the formula may overwrite it
+            per, g0 = F.sparse_nll_wide(eng.ops, zw, prep.y, self.eps, grad)
+        elif lean == "sigmoid":
+            per, g0 = F.sigmoid_hard_wide(eng.ops, zw, prep.a, grad)
+        else:
+            loss, res = eng.forward(zw, prep, keep="stats")
+            g = eng.backward(res, prep, eng._unit_upstream(loss, array=True)) if grad else None
+            return xp.astype(loss, z.dtype), (None if g is None else xp.astype(g, z.dtype))
+        loss, norm = eng._reduce(per, prep.w)
+        if not grad:
+            return xp.astype(loss, z.dtype), None
+        if isinstance(norm, _Count):  # the unweighted mean: one multiply
+            g0 *= 1.0 / norm.n
+        else:
+            g0 = eng._apply_scale(g0, eng._scale(prep, eng._unit_upstream(loss), norm), prep)
+        return xp.astype(loss, z.dtype), xp.astype(g0, z.dtype)
+
+    def _unit_upstream(self, loss: Any, array: bool = False) -> Any:
+        """An upstream gradient of ones shaped like ``loss`` (for a scalar loss the number 1.0, or
+        a 0-d array with ``array``)."""
+        if len(loss.shape) == 0:
+            return self.ops.scalar(1.0, loss) if array else 1.0
+        return self.ops.xp.ones_like(loss)
 
     # ------------------------------------------------------------------ probabilities
     def probabilities(self, z: Any) -> Any:
+        zw = self._widen(z)
+        if zw is not None:  # sigmoid, or exp(log_softmax): a few float64 roundings, rounded once
+            ops = self.wide.ops
+            p = ops.xp.exp(ops.log_softmax(zw)) if self.head.activation == "softmax" else ops.sigmoid(zw)
+            return ops.xp.astype(p, z.dtype)
         if self.head.activation == "softmax":
             return F.softmax_probabilities(self.ops, F.softmax_stats(self.ops, z))
         return F.sigmoid_probabilities(self.ops, z)[0]
 
     def log_probabilities(self, z: Any) -> Any:
+        zw = self._widen(z)
+        if zw is not None:  # the top class's log p is -log1p(off-maximum mass): the stats, not log_softmax
+            ops = self.wide.ops
+            if self.head.activation == "softmax":
+                lp = F.softmax_log_probabilities(ops, zw, F.softmax_stats(ops, zw))
+            else:
+                lp = ops.log_sigmoid(zw)
+            return ops.xp.astype(lp, z.dtype)
         if self.head.activation == "softmax":
             return F.softmax_log_probabilities(self.ops, z, F.softmax_stats(self.ops, z))
         return -F.sigmoid_stats(self.ops, z).nlp
@@ -76,34 +158,43 @@ class Engine:
 
     # ------------------------------------------------------------------ targets and weights
     def prepare(self, z: Any, labels: Any, sample_weight: Any = None) -> Prepared:
-        """Turn validated labels and sample weights into :class:`Prepared` targets/weights."""
+        """Turn validated labels and sample weights into :class:`Prepared` targets/weights.
+        ``w`` is None where every weight is 1 (no sample or class weights, no ignored labels):
+        the unweighted mean needs no multiplications."""
         ops, xp, head = self.ops, self.ops.xp, self.head
-        path = self.path_of()
+        path = self._path
+        if path == "sparse" and sample_weight is None and head.class_weights is None and head.ignore_index is None:
+            # the common case first, with nothing to multiply (every weight 1)
+            y = labels if head.task == "multiclass" else xp.astype(labels, ops.index_dtype())
+            return Prepared("sparse", y=y if y.dtype == ops.index_dtype() else xp.astype(y, ops.index_dtype()))
         lead = tuple(z.shape[:-1])
         k = head.num_outputs
         cw = None if head.class_weights is None else ops.asarray(head.class_weights, like=z)
 
         if head.task == "multilabel":
             q = labels
-            w_el = _broadcast_prefix(xp, sample_weight, lead + (k,)) if sample_weight is not None else None
-            w_el = xp.ones_like(z) if w_el is None else w_el * xp.ones_like(z)
+            w_el = None
+            if sample_weight is not None:
+                w_el = _broadcast_prefix(xp, sample_weight, lead + (k,)) * xp.ones_like(z)
             if cw is not None:
-                w_el = w_el * cw
+                w_el = cw * xp.ones_like(z) if w_el is None else w_el * cw
             a, b = self._binary_targets(q)
             if head.pos_weight is not None:
                 a = a * ops.asarray(head.pos_weight, like=z)
             return Prepared("sigmoid", a=a, b=b, w=w_el)
 
-        ones = xp.ones_like(z[..., 0])  # shape-agnostic (a batch size may be unknown while tracing)
-        w = ones if sample_weight is None else _broadcast_prefix(xp, sample_weight, lead) * ones
+        w = None
+        if sample_weight is not None:  # times ones: to the leading shape (a batch size may be unknown while tracing)
+            w = _broadcast_prefix(xp, sample_weight, lead) * xp.ones_like(z[..., 0])
         if head.task == "binary":
             q = labels
             if head.ignore_index is not None:
                 valid = labels != head.ignore_index
-                w = ops.where0(valid, w)
+                w = xp.astype(valid, z.dtype) if w is None else ops.where0(valid, w)
                 q = ops.where0(valid, q)
             if cw is not None:
-                w = w * (cw[0] * (1 - q) + cw[1] * q)
+                cwq = cw[0] * (1 - q) + cw[1] * q
+                w = cwq if w is None else w * cwq
             if path == "sparse":
                 return Prepared("sparse", y=xp.astype(q, ops.index_dtype()), w=w)
             a, b = self._binary_targets(q)
@@ -114,7 +205,7 @@ class Engine:
                     "sigmoid",
                     a=xp.expand_dims(a, axis=-1),
                     b=xp.expand_dims(b, axis=-1),
-                    w=xp.expand_dims(w, axis=-1),
+                    w=None if w is None else xp.expand_dims(w, axis=-1),
                 )
             return Prepared("dense", tau=xp.stack([b, a], axis=-1), w=w)
 
@@ -123,18 +214,21 @@ class Engine:
             y = labels
             if head.ignore_index is not None:
                 valid = y != head.ignore_index
-                w = ops.where0(valid, w)
+                w = xp.astype(valid, z.dtype) if w is None else ops.where0(valid, w)
                 y = xp.where(valid, y, xp.zeros_like(y))
-            y = xp.astype(y, ops.index_dtype())
+            if y.dtype != ops.index_dtype():
+                y = xp.astype(y, ops.index_dtype())
             if cw is not None:
-                w = w * ops.lookup(cw, y)
+                cwy = ops.lookup(cw, y)
+                w = cwy if w is None else w * cwy
             if path == "sparse":
                 return Prepared("sparse", y=y, w=w)
             t = xp.astype(xp.expand_dims(y, axis=-1) == xp.arange(k, device=ops.device(z)), z.dtype)
             return Prepared("dense", tau=self._smooth(t), w=w)
         t = labels
         if cw is not None:
-            w = w * xp.sum(t * cw, axis=-1)
+            cwt = xp.sum(t * cw, axis=-1)
+            w = cwt if w is None else w * cwt
         return Prepared("dense", tau=self._smooth(t), w=w)
 
     def _smooth(self, t: Any) -> Any:
@@ -190,7 +284,9 @@ class Engine:
             st = F.softmax_stats(ops, z)
             found.update(st._asdict())
             per = F.softmax_dense_loss(ops, z, st, prep.tau, gamma)
-        loss, found["norm"] = self._reduce(per, prep.w)
+        loss, norm = self._reduce(per, prep.w)
+        # residuals are arrays (frameworks save them for the backward pass)
+        found["norm"] = ops.scalar(norm.n, loss) if isinstance(norm, _Count) else norm
         return loss, {name: found[name] for name in self.residual_names(prep.path, keep)}
 
     def loss_forward(
@@ -221,9 +317,10 @@ class Engine:
         return "sparse" if (head.label_format == "binary" and head.pos_weight is None) else "dense"
 
     def _reduce(self, per: Any, w: Any) -> tuple[Any, Any]:
-        """Weighted reduction.  Returns the loss and the normaliser the backward pass divides by."""
+        """Weighted reduction.  Returns the loss and the normaliser the backward pass divides by
+        (None for ``sum`` and ``none``; a :class:`_Count` for an unweighted mean)."""
         ops, xp = self.ops, self.ops.xp
-        v = ops.where0(w > 0, w * per)
+        v = per if w is None else ops.where0(w > 0, w * per)
         sigmoid = self.head.activation == "sigmoid"
         k = per.shape[-1] if sigmoid else 1
         red = self.head.reduction
@@ -232,38 +329,65 @@ class Engine:
         total = ops.total(v)
         if red == "sum":
             return (total / k if sigmoid else total), None
-        wsum = ops.total(w)
+        if w is None:
+            n = _size(per)
+            if n is not None and (type(n) is not int or n > 0):  # every weight 1: divide by the count
+                return total / n, _Count(n)
+            wsum = ops.count(per)
+        else:
+            wsum = ops.total(w)
         safe = xp.where(wsum > 0, wsum, ops.scalar(1.0, wsum))
         return ops.where0(wsum > 0, total / safe), safe
+
+    def _scale(self, prep: Prepared, g: Any, norm: Any) -> Any:
+        """What the gradient of each example's (each element's) loss is multiplied by: the
+        upstream gradient ``g`` (per example for ``none``) times its weight, over the normaliser
+        for ``mean``, over K for a sigmoid head's ``sum`` and ``none`` (a Python number, 0-d or
+        per-example array)."""
+        xp = self.ops.xp
+        sigmoid = prep.path == "sigmoid"
+        red = self.head.reduction
+        if red == "none" and sigmoid:
+            g = xp.expand_dims(g, axis=-1)
+        elif red == "mean":
+            g = g / norm
+        if sigmoid and red != "mean":
+            g = g / prep.a.shape[-1]
+        return g if prep.w is None else prep.w * g
+
+    def _apply_scale(self, grad: Any, scale: Any, prep: Prepared) -> Any:
+        """``grad * scale`` (the scale broadcast over the class axis), and exactly 0 where the
+        weight is 0 (even for non-finite logits)."""
+        xp = self.ops.xp
+        if prep.path != "sigmoid" and len(getattr(scale, "shape", ())) > 0:
+            scale = xp.expand_dims(scale, axis=-1)
+        grad = grad * scale
+        if prep.w is None:
+            return grad
+        w = prep.w if prep.path == "sigmoid" else xp.expand_dims(prep.w, axis=-1)
+        return self.ops.where0(w > 0, grad)
 
     def backward(self, res: dict[str, Any], prep: Prepared, g: Any) -> Any:
         """Gradient of the loss with respect to the logits, times the upstream gradient ``g``
         (a scalar, or per example for ``reduction="none"``), from :meth:`forward`'s residuals."""
-        ops, xp, head = self.ops, self.ops.xp, self.head
+        ops, xp = self.ops, self.ops.xp
         w = prep.w
-        if head.reduction == "none":
-            scale = w * (xp.expand_dims(g, axis=-1) if prep.path == "sigmoid" else g)
-        elif head.reduction == "sum":
-            scale = w * g
-        else:
-            scale = w * (g / res["norm"])
+        scale = self._scale(prep, g, res.get("norm"))
         recompute = set(res) <= {"z", "norm"}  # keep="inputs": only the logits were saved
         if prep.path == "sigmoid":
-            if head.reduction != "mean":
-                scale = scale / prep.a.shape[-1]
             if recompute:
                 st = F.sigmoid_stats(ops, res["z"])
             else:
                 st = F.SigmoidStats(res["p"], res["q"], res.get("nlp"), res.get("nlq"))
             grad = F.sigmoid_grad(ops, st, prep.a, prep.b, self.gamma, scale)
-            return ops.where0(w > 0, grad)
+            return grad if w is None else ops.where0(w > 0, grad)
         if prep.path == "sparse":
             if recompute:
                 res = F.softmax_sparse_stats(ops, res["z"], prep.y)._asdict()
             # the ignored rows are zeroed before the scatter: one elementwise pass, not two
             return F.softmax_sparse_grad(
                 ops, res["A"], res["den"], res["S"], prep.y, res["gap"], res["Yy"], self.eps, scale,
-                live=w > 0,
+                live=None if w is None else w > 0,
             )
         if recompute:
             z = res["z"]
@@ -272,7 +396,28 @@ class Engine:
             res.get("m"), res["Y"], res["mask"], res["sp"], res["n"], res["den"], res.get("L")
         )
         grad = F.softmax_dense_grad(ops, res.get("z"), st, prep.tau, self.gamma, scale)
-        return ops.where0(xp.expand_dims(w, axis=-1) > 0, grad)
+        return grad if w is None else ops.where0(xp.expand_dims(w, axis=-1) > 0, grad)
+
+
+class _Count:
+    """The normaliser of an unweighted mean: the number of elements ``n`` (a Python int, or a
+    symbolic size while tracing with dynamic shapes), not an array."""
+
+    __slots__ = ("n",)
+
+    def __init__(self, n: Any):
+        self.n = n
+
+
+def _size(x: Any) -> Any:
+    """The number of elements of ``x``: a Python int, a symbolic size while a framework traces with
+    dynamic shapes (divisions by it stay symbolic), or None where a dimension is unknown."""
+    n = 1
+    for d in x.shape:
+        if d is None:
+            return None
+        n = n * d
+    return n
 
 
 def _broadcast_prefix(xp: Any, x: Any, shape: tuple[int, ...]) -> Any:

@@ -44,8 +44,49 @@ class Ops:
     #: of its own (eager NumPy and PyTorch) it is more kernels, and ``xp.exp`` is faster.
     poly_exp = False
 
+    #: Whether float32 arrays are evaluated in float64 and rounded once at the end (the *wide*
+    #: policy, :meth:`wide_dtype`).  float64 has 29 bits more than float32, so plain float64
+    #: formulas (a handful of native kernels: ``log_softmax``, ``exp``, one reduction) give
+    #: float32 results that are correctly rounded in nearly every case, where float32 evaluation
+    #: needs error-free transformations (about three times as many operations).  It pays where
+    #: every operation is a kernel of its own and a kernel's cost is its dispatch (eager NumPy and
+    #: PyTorch on CPU at moderate sizes); where a compiler fuses the formulas (XLA, Inductor) and
+    #: the pass is compute-bound, float64 transcendentals cost two to four times float32's.
+    wide = False
+
+    #: Whether the backend's float32 arithmetic flushes subnormal results to zero (XLA and
+    #: TensorFlow on CPU do): formulas then keep intermediates of normal results normal.
+    flushes_subnormals = False
+
+    #: Whether float64 arrays are the accuracy target: compensated row sums and totals, corrected
+    #: exponentials.  False in the view :meth:`widened` returns, whose float64 arrays carry float32
+    #: results and have 29 bits to spare.
+    compensate = True
+
+    #: Whether formulas may write into the arrays they create (``put_last``, ``zero_last``):
+    #: backends that cannot tell a functional trace from eager execution cheaply say False and
+    #: check per call.  The :meth:`widened` view is used in eager execution only and says True.
+    writes_in_place = False
+
     def __init__(self, xp: Any):
         self.xp = xp
+
+    def wide_dtype(self, x: Any) -> Any:
+        """The dtype in which the floating array ``x`` is evaluated under the wide policy
+        (float64 for float32 ``x``), or None: ``x`` is evaluated in its own dtype."""
+        if self.wide and x.dtype == self.xp.float32:
+            return self.xp.float64
+        return None
+
+    def widened(self) -> "Ops":
+        """This backend's primitives for float64 arrays that carry float32 results: plain float64
+        sums and exponentials, no compensation (see :attr:`wide`)."""
+        import copy
+
+        view = copy.copy(self)
+        view.compensate = False
+        view.writes_in_place = True
+        return view
 
     # -- dtypes --------------------------------------------------------------------------
     def bits(self, x: Any) -> int:
@@ -93,11 +134,59 @@ class Ops:
         """``where(cond, x, 0)``."""
         return self.xp.where(cond, x, self.scalar(0.0, x))
 
+    def count(self, x: Any) -> Any:
+        """The number of elements of ``x`` as a 0-d array of its dtype (the divisor of an
+        unweighted mean); counted on the device where a dimension is unknown while tracing."""
+        n = 1
+        for d in x.shape:
+            if type(d) is not int:  # unknown (None) or symbolic while tracing
+                return self.xp.sum(self.xp.ones_like(x))
+            n *= d
+        return self.scalar(float(n), x)
+
+    def reciprocal(self, x: Any) -> Any:
+        """``1 / x``."""
+        return 1.0 / x
+
+    # -- functions with a fused native kernel in most libraries --------------------------------
+    def log_softmax(self, x: Any) -> Any:
+        """``log softmax(x)`` over the last axis: ``(x - m) - log(sum(exp(x - m)))``, ``m`` the
+        row maximum (NaN for a row with NaN or ``+inf``, or with every entry ``-inf``)."""
+        xp = self.xp
+        d = x - xp.max(x, axis=-1, keepdims=True)
+        return d - xp.log(xp.sum(xp.exp(d), axis=-1, keepdims=True))
+
+    def sigmoid(self, x: Any) -> Any:
+        """``1 / (1 + exp(-x))``, from ``t = exp(-|x|)`` on the side that does not overflow."""
+        xp = self.xp
+        t = xp.exp(-xp.abs(x))
+        return xp.where(x >= 0, 1 / (1 + t), t / (1 + t))
+
+    def softplus(self, x: Any) -> Any:
+        """``log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|))`` (a sum of two non-negative terms)."""
+        xp = self.xp
+        return xp.maximum(x, self.scalar(0.0, x)) + xp.log1p(xp.exp(-xp.abs(x)))
+
+    def log_sigmoid(self, x: Any) -> Any:
+        """``log sigmoid(x) = min(x, 0) - log1p(exp(-|x|))`` (a sum of two non-positive terms)."""
+        xp = self.xp
+        return xp.minimum(x, self.scalar(0.0, x)) - xp.log1p(xp.exp(-xp.abs(x)))
+
     # -- indexing along the class axis --------------------------------------------------------
     def take_last(self, x: Any, idx: Any) -> Any:
         """``x[..., idx]`` for one index per row: ``(..., K), (...) -> (...)``."""
         xp = self.xp
         return xp.take_along_axis(x, xp.expand_dims(idx, axis=-1), axis=-1)[..., 0]
+
+    def last_index(self, idx: Any, k: int | None = None) -> Any:
+        """``idx`` (one index per row, into a class axis of length ``k``) in the form
+        :meth:`take_last`, :meth:`put_last` and :meth:`zero_last` take fastest, for a formula that
+        indexes with it several times (they also take ``idx`` itself)."""
+        return idx
+
+    def zero_last(self, x: Any, idx: Any) -> Any:
+        """``x`` with ``x[..., idx] = 0`` (one index per row); may write into ``x``."""
+        return self.put_last(x, idx, self.xp.zeros_like(x[..., 0]))
 
     def put_last(self, x: Any, idx: Any, values: Any) -> Any:
         """``x`` with ``x[..., idx] = values`` (one index per row).  May write into ``x`` when the
@@ -113,13 +202,24 @@ class Ops:
         return xp.reshape(xp.take(table, xp.reshape(idx, (-1,))), idx.shape)
 
     # -- reductions ---------------------------------------------------------------------------
+    def accumulate64(self, x: Any) -> bool:
+        """Whether sums of the float32 array ``x`` can accumulate in float64 (the namespace has
+        float64 on ``x``'s device).  Where they cannot, totals are compensated instead."""
+        return True
+
     def row_sum(self, x: Any) -> Any:
-        """Sum over the class axis, keeping it: ``(..., K) -> (..., 1)``.  float64 sums have no
-        wider type to accumulate in and are compensated (float64 is the accuracy path, not the
-        speed path); backends accumulate float32 sums in float64 where they can."""
-        if x.dtype == self.xp.float64:
-            return self.compensated_row_sum(x)
-        return self.xp.sum(x, axis=-1, keepdims=True)
+        """Sum over the class axis, keeping it: ``(..., K) -> (..., 1)``.
+
+        float32 sums accumulate in float64 where :meth:`accumulate64` (a library's float32 row sum
+        loses up to ~3 ulp at K = 1000, measured on PyTorch, which every probability would
+        inherit).  float64 sums have no wider type and are compensated (float64 results are the
+        accuracy path, not the speed path), except in the :meth:`widened` view."""
+        xp = self.xp
+        if x.dtype == xp.float64:
+            return self.compensated_row_sum(x) if self.compensate else xp.sum(x, axis=-1, keepdims=True)
+        if x.dtype == xp.float32 and self.accumulate64(x):
+            return xp.astype(xp.sum(x, axis=-1, keepdims=True, dtype=xp.float64), x.dtype)
+        return xp.sum(x, axis=-1, keepdims=True)
 
     def compensated_row_sum(self, x: Any) -> Any:
         """:meth:`row_sum`, pairwise over contiguous halves of the class axis, each level's
@@ -139,12 +239,15 @@ class Ops:
         return x if err is None else x + err
 
     def total(self, x: Any) -> Any:
-        """Accurate sum of every element (the reductions over examples).  Accumulates in float64
-        where the namespace has it; backends without float64 use :meth:`compensated_total`."""
+        """Accurate sum of every element (the reductions over examples): float32 accumulates in
+        float64 where :meth:`accumulate64`, otherwise (and for float64, except in the
+        :meth:`widened` view) the sum is compensated (:meth:`compensated_total`)."""
         xp = self.xp
         if x.dtype == xp.float64:  # nothing wider to accumulate in
-            return self.compensated_total(x)
-        return xp.astype(xp.sum(xp.astype(x, xp.float64)), x.dtype)
+            return self.compensated_total(x) if self.compensate else xp.sum(x)
+        if self.accumulate64(x):
+            return xp.astype(xp.sum(x, dtype=xp.float64), x.dtype)
+        return self.compensated_total(x)
 
     def compensated_total(self, x: Any) -> Any:
         """Sum of every element without a wider type: pairwise over contiguous halves, each
@@ -182,8 +285,10 @@ class Ops:
 
     def corrected_exp(self, x: Any, err: Any) -> Any:
         """``x * (1 + err)`` for ``x = exp(d)`` and the rounding error ``err`` of ``d``, as
-        ``x + x * err`` (one rounding).  Backends that flush subnormals to zero call
-        :meth:`corrected_exp_ftz`."""
+        ``x + x * err`` (one rounding); :meth:`corrected_exp_ftz` where the backend
+        :attr:`flushes_subnormals`."""
+        if self.flushes_subnormals:
+            return self.corrected_exp_ftz(x, err)
         return x + x * err
 
     def corrected_exp_ftz(self, x: Any, err: Any) -> Any:

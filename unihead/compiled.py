@@ -60,12 +60,17 @@ class CompiledHead:
         check_logits(self.ops, self.head, z)
         return z
 
-    def _inputs(self, z: Any, labels: Any, sample_weight: Any) -> tuple[Any, Any]:
+    def _inputs(self, z: Any, labels: Any, sample_weight: Any, validate: bool | None = None) -> tuple[Any, Any]:
+        """Labels and sample weight as the backend's arrays, checked and normalised
+        (:func:`~unihead.validation.check_inputs`); ``validate`` overrides the head's option."""
         with self.ops.eager():  # constants stay concrete (checkable) even while tracing
             labels = self._as_array(labels, z)
             if sample_weight is not None:
                 sample_weight = self._as_array(sample_weight, z)
-            return check_inputs(self.ops, self.head, z, labels, sample_weight, validate=self.validate)
+            return check_inputs(
+                self.ops, self.head, z, labels, sample_weight,
+                validate=self.validate if validate is None else validate,
+            )
 
     def probabilities(self, logits: Any) -> Any:
         return self._engine().probabilities(self._logits(logits))

@@ -55,6 +55,8 @@ __all__ = [
     "sigmoid_stats",
     "sigmoid_loss",
     "sigmoid_grad",
+    "sparse_nll_wide",
+    "sigmoid_hard_wide",
 ]
 
 
@@ -69,7 +71,7 @@ def focal_power(ops: Ops, x: Any, gamma: float) -> Any:
     twice = 2.0 * gamma
     if twice != int(twice) or twice > 64:
         return x**gamma
-    whole, half = divmod(int(twice), 2)
+    whole, half = int(twice) // 2, int(twice) % 2  # (Dynamo cannot trace divmod)
     result = ops.xp.sqrt(x) if half else None
     base = x
     while whole:  # binary powering of x**whole
@@ -109,6 +111,8 @@ def shifted_exp(ops: Ops, z: Any, m: Any) -> Any:
     NaN logit gives a NaN row even where a row maximum skips NaN."""
     xp = ops.xp
     bits = ops.bits(z)
+    if bits == 64 and not ops.compensate:  # float64 carrying float32 results: 29 bits to spare
+        return xp.exp(z - m)
     if bits == 32 and ops.poly_exp:
         return _shifted_exp_poly(ops, z, m)
     lo = (m - exp_underflow_gap(bits)) - xp.abs(m) * 2.0**-20
@@ -442,3 +446,77 @@ def sigmoid_grad(ops: Ops, st: SigmoidStats, a: Any, b: Any, gamma: float, scale
     ga = focal_power(ops, st.q, gamma) * (gamma * pnlp + st.q)
     gb = focal_power(ops, st.p, gamma) * (gamma * qnlq + st.p)
     return scale * (b * gb - a * ga)
+
+
+# ------------------------------------------------------------------------ the wide policy
+# float32 logits evaluated in float64 (``Ops.wide``) and rounded once by the caller.  float64
+# carries 29 bits more than the results need, so the plain formulas below, a few native kernels,
+# give float32 values that are correctly rounded in nearly every case.  Two things still need care
+# because float64 only moves a cancellation, it does not remove it: ``1 - p`` of a probable class
+# (summed from the other classes, never formed as a difference) and a tiny loss (``log1p`` of that
+# sum, never ``log`` of a number near 1).  These formulas are not accurate enough for float64
+# *results*; float64 logits take the compensated formulas above.
+
+
+def sparse_nll_wide(ops: Ops, z: Any, y: Any, eps: float, grad: bool = True) -> tuple[Any, Any]:
+    """Per-row cross-entropy for integer targets ``y`` with label smoothing ``eps``, and its
+    gradient ``p - t'`` (``t' = (1 - eps) onehot(y) + eps / K``), for float64 logits ``z`` that
+    carry float32 values (``z`` is overwritten).  With ``d = z - max(z)``, ``e = exp(d)``:
+
+        s = sum_{j != y} e_j              (the other classes' mass, summed directly)
+        den = e_y + s,  L = log(den) = log1p(expm1(d_y) + s)
+        -log p_y = L - d_y                (non-negative terms; log1p(s) when y is a maximum)
+        l = (1 - eps) (L - d_y) + (eps / K) (K L - sum_c d_c)
+        dl/dz_j = e_j / den - eps / K  (j != y),   dl/dz_y = (eps - eps / K) - s / den
+
+    ``expm1(d_y) + s`` is ``s`` exactly when ``y`` is a maximum and at least ``e_y`` otherwise
+    (then ``s >= 1``), so ``L`` keeps full relative accuracy; ``1 - p_y = s / den`` is never a
+    difference.  Every value is a few float64 roundings from exact, far below float32's half ulp.
+    A masked target (``z_y = -inf``) gives ``+inf``; a row with NaN or ``+inf``, or only ``-inf``,
+    gives NaN.  Returns ``(l, grad)``, shapes ``(...)`` and ``(..., K)`` (``grad`` None unless
+    asked for).  About twenty array operations, most of them in place: where each is a kernel
+    launch (eager PyTorch), their number is the cost."""
+    xp = ops.xp
+    ix = ops.last_index(y, z.shape[-1])
+    z -= xp.max(z, axis=-1, keepdims=True)
+    dy = ops.take_last(z, ix)
+    e = ops.zero_last(xp.exp(z), ix)
+    s = xp.sum(e, axis=-1)
+    t = xp.expm1(dy)
+    t += s  # den - 1
+    nll = xp.log1p(t)  # L
+    if eps != 0.0:
+        k = z.shape[-1]
+        nll = (1.0 - eps) * (nll - dy) + (eps / k) * (k * nll - xp.sum(z, axis=-1))
+    else:
+        nll -= dy
+    if not grad:
+        return nll, None
+    t += 1.0
+    inv = ops.reciprocal(t)  # 1 / den
+    s *= inv
+    e *= xp.expand_dims(inv, axis=-1)
+    if eps == 0.0:
+        return nll, ops.put_last(e, ix, -s)
+    k = z.shape[-1]
+    e -= eps / k
+    return nll, ops.put_last(e, ix, (eps - eps / k) - s)
+
+
+def sigmoid_hard_wide(ops: Ops, z: Any, y: Any, grad: bool = True) -> tuple[Any, Any]:
+    """Elementwise binary cross-entropy for hard labels ``y`` in {0, 1} and its gradient, for
+    float64 logits ``z`` that carry float32 values (``z`` is overwritten).  With the sign
+    ``r = 1 - 2y`` and ``v = r z``:
+
+        l = softplus(v)          (softplus(-z) = -log p for y = 1, softplus(z) for y = 0)
+        dl/dz = p - y = r sigmoid(v)   (1 - p taken as sigmoid(-z), never as a difference)
+
+    ``z = +-inf`` give the limits (``l`` 0 or ``+inf``)."""
+    r = 1.0 - 2.0 * y
+    z *= r
+    nll = ops.softplus(z)
+    if not grad:
+        return nll, None
+    g = ops.sigmoid(z)
+    g *= r
+    return nll, g

@@ -26,6 +26,7 @@ __all__ = [
     "validation_enabled",
     "validation",
     "check_inputs",
+    "value_errors",
     "check_logits",
     "logits_dtype_error",
 ]
@@ -136,18 +137,70 @@ def check_inputs(
     sample_weight: Any = None,
     *,
     validate: bool = True,
+    ids_checked: bool = False,
 ) -> tuple[Any, Any]:
     """Validate labels and sample weights against logits ``z`` (already checked) and return them
     normalised: labels in the shape and dtype the engine takes, the sample weight in ``z``'s
-    dtype.  Value checks run when ``validate`` and the global switch are on and values exist."""
+    dtype.  Value checks run when ``validate`` and the global switch are on and values exist:
+    one reduction (:func:`value_errors`) and one read of its result; only when it finds something
+    do the checks that locate and describe the first bad value run.
+
+    ``ids_checked``: the caller's computation rejects class ids outside ``[0, K)`` itself (an
+    indexing kernel with bounds checks); on its error the caller calls this again without it."""
     lead = tuple(z.shape[:-1])
     on = validate and validation_enabled()
     with ops.eager():
-        labels = _check_labels(ops, head, z, lead, labels, on and ops.is_concrete(labels))
+        raw_labels, raw_weight = labels, sample_weight
+        labels = _check_labels(ops, head, z, lead, labels, False)
         if sample_weight is not None:
-            values_w = on and ops.is_concrete(sample_weight)
-            sample_weight = _check_sample_weight(ops, head, z, lead, sample_weight, values_w)
+            sample_weight = _check_sample_weight(ops, head, z, lead, sample_weight, False)
+        concrete = on and ops.is_concrete(labels) and (sample_weight is None or ops.is_concrete(sample_weight))
+        if concrete and _any(ops, value_errors(ops, head, labels, sample_weight, ids_checked=ids_checked)):
+            # the message names the value as it was given (3, not 3.0)
+            _check_labels(ops, head, z, lead, raw_labels, True)
+            if raw_weight is not None:
+                _check_sample_weight(ops, head, z, lead, raw_weight, True)
     return labels, sample_weight
+
+
+def value_errors(
+    ops: Ops, head: ClassificationHead, labels: Any, sample_weight: Any = None, *, ids_checked: bool = False
+) -> Any:
+    """Whether any value of normalised labels (or the sample weight) breaks docs/semantics.md
+    §9, as one 0-d boolean array computed with array operations only: no value is read on the
+    host, so it can run inside a compiled kernel or under tracing.  ``ids_checked`` leaves out
+    the range of sparse class ids (see :func:`check_inputs`)."""
+    xp = ops.xp
+    y = labels
+    fmt = head.label_format
+    k = head.num_classes
+    checks = []
+    if fmt == "sparse":
+        if not ids_checked:
+            bad = (y < 0) | (y >= k)
+            checks.append(bad if head.ignore_index is None else bad & (y != head.ignore_index))
+    elif fmt == "binary":
+        if not ops.is_bool(y):
+            # y (y - 1) is 0 exactly for 0 and 1, and NaN (true) for NaN
+            bad = y * (y - 1)
+            checks.append(bad if head.ignore_index is None else ops.where0(y != head.ignore_index, bad))
+    elif fmt in ("one_hot", "multi_hot"):
+        checks.append(y * (y - 1))
+        if fmt == "one_hot":
+            checks.append(xp.sum(xp.astype(y != 0, ops.index_dtype()), axis=-1) != 1)
+    else:  # probabilities
+        checks.append(~((y >= 0) & (y <= 1)))  # NaN is neither
+        if head.task == "multiclass":
+            tol = k * max(float(xp.finfo(y.dtype).eps), 2.0**-23)
+            checks.append(xp.abs(xp.sum(y, axis=-1) - 1) > tol)
+    if sample_weight is not None:
+        checks.append(~(xp.isfinite(sample_weight) & (sample_weight >= 0)))
+    if not checks:
+        return xp.asarray(False)
+    flag = xp.any(checks[0])
+    for c in checks[1:]:
+        flag = flag | xp.any(c)
+    return flag
 
 
 # ------------------------------------------------------------------------------------ labels

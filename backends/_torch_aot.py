@@ -1,0 +1,338 @@
+"""Fused PyTorch loss kernels, compiled ahead of time in a background process and cached on disk.
+
+Why.  In eager PyTorch every array operation is a kernel launch of one to two microseconds on a
+CPU; the accurate formulas are about twenty operations where ``F.cross_entropy`` is two, so at the
+batch sizes of most training (tens to hundreds of examples) the loss costs several times the native
+one although its arithmetic is trivial.  The *same function* exported with ``torch.export`` and
+compiled by AOTInductor is one C++ kernel: about fifteen microseconds a call, with the numbers of
+the eager formulas (Inductor keeps IEEE semantics: no fast-math, no contraction on CPU).
+
+When.  Nothing is compiled in the caller's process and nothing waits (``fused="auto"``):
+
+1. A head runs its eager formulas.  Once it has been called :data:`HOT_CALLS` times with one kind
+   of input (:class:`Signature`), a separate Python process (``python -m
+   unihead.backends._torch_aot``, at low priority) exports and compiles that function.
+2. The package lands in the cache (:func:`cache_dir`); a later call finds it, loads it (a few
+   milliseconds) and runs it from then on.  In a new process an existing package is loaded at the
+   first call.
+3. Without a C++ compiler (or if the build fails) the head keeps its eager formulas: the same
+   numbers, slower.  The reason is logged once (logger ``"unihead"``), and a failed build is not
+   retried for a day (delete its ``.failed`` file to retry now).
+
+``fused=True`` builds on the first call and waits (what :meth:`TorchHead.warmup` does);
+``fused=False`` or ``UNIHEAD_TORCH_FUSED=0`` never compiles.  A package is keyed by the head, the
+kind of input, the source of the formulas, and the versions of unihead, PyTorch and Python.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["HOT_CALLS", "Signature", "KernelCache", "cache_dir", "compiler_available"]
+
+log = logging.getLogger("unihead")
+
+#: Calls with one signature after which a head's kernel is built in the background.
+HOT_CALLS = int(os.environ.get("UNIHEAD_TORCH_HOT_CALLS", "50"))
+#: A failed build is retried after this many seconds.
+RETRY_AFTER = 86400.0
+#: Check on a background build every this many calls.
+POLL_EVERY = 16
+
+
+def cache_dir() -> Path:
+    """``$UNIHEAD_CACHE_DIR/torch-aot``, else ``$XDG_CACHE_HOME/unihead/torch-aot`` (default
+    ``~/.cache``)."""
+    root = os.environ.get("UNIHEAD_CACHE_DIR")
+    if root:
+        base = Path(root)
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "unihead"
+    return base / "torch-aot"
+
+
+def compiler_available() -> bool:
+    """Whether a C++ compiler Inductor would use is on this machine (``$CXX``, or ``c++``,
+    ``g++`` or ``clang++`` on ``PATH``)."""
+    cxx = os.environ.get("CXX")
+    if cxx:
+        return shutil.which(cxx.split()[0]) is not None
+    return any(shutil.which(name) for name in ("c++", "g++", "clang++"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Signature:
+    """The kind of input a kernel is compiled for.  Logits are ``(M, K)`` float32 on the CPU with
+    ``M`` dynamic (leading dimensions are flattened into ``M``); labels are what validation makes
+    of them, flattened the same way: int64 ids ``(M,)`` (``sparse``), float32 ``(M,)``
+    (``binary``, binary ``probabilities``) or float32 ``(M, K)``; the sample weight, if any, is
+    ``(M,)`` or, per label, ``(M, K)``."""
+
+    head: str  # the spec as JSON
+    weight_ndim: int  # 0: no sample weight
+
+    def key(self) -> str:
+        text = json.dumps(
+            [dataclasses.asdict(self), _source_hash(), _versions()], sort_keys=True
+        )
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+_SOURCES = ("_ops.py", "_engine.py", "formulas.py", "validation.py", "spec.py")
+_source_digest: str | None = None
+
+
+def _source_hash() -> str:
+    """A digest of the code the kernel is traced from (a changed formula builds a new kernel)."""
+    global _source_digest
+    if _source_digest is None:
+        import unihead
+
+        h = hashlib.sha256()
+        pkg = Path(unihead.__file__).parent
+        for name in _SOURCES:
+            h.update((pkg / name).read_bytes())
+        for mod in ("torch", "_torch_aot"):
+            h.update(Path(__file__).with_name(f"{mod}.py").read_bytes())
+        _source_digest = h.hexdigest()
+    return _source_digest
+
+
+def _versions() -> list[str]:
+    import platform
+
+    import torch
+
+    from unihead._version import __version__
+
+    return [__version__, torch.__version__, platform.python_version(), platform.machine()]
+
+
+# ------------------------------------------------------------------------------ the kernel
+def kernel_function(sig: Signature) -> Any:
+    """The module exported for ``sig``: ``(z, labels[, sample_weight]) -> (loss, grad, bad)``:
+    the loss and its gradient for a unit upstream gradient (``Engine.loss_and_grad``) and whether
+    any label or weight value is invalid (``validation.value_errors``), all in one kernel."""
+    import torch
+
+    from unihead._engine import Engine
+    from unihead.spec import ClassificationHead
+    from unihead.validation import value_errors
+
+    from .torch import TorchOps
+
+    head = ClassificationHead.from_json(sig.head)
+    ops = TorchOps()
+    engine = Engine(head, ops)
+
+    def run(z: Any, labels: Any, weight: Any) -> Any:
+        loss, grad = engine.loss_and_grad(z, labels, weight)
+        return loss, grad, value_errors(ops, head, labels, weight)
+
+    class Kernel(torch.nn.Module):
+        def forward(self, z: Any, labels: Any) -> Any:
+            return run(z, labels, None)
+
+    class WeightedKernel(torch.nn.Module):
+        def forward(self, z: Any, labels: Any, sample_weight: Any) -> Any:
+            return run(z, labels, sample_weight)
+
+    return WeightedKernel() if sig.weight_ndim else Kernel()
+
+
+def example_inputs(sig: Signature, m: int = 16) -> tuple[Any, ...]:
+    import torch
+
+    from unihead.spec import ClassificationHead
+
+    head = ClassificationHead.from_json(sig.head)
+    k = head.num_outputs
+    z = torch.zeros(m, k)
+    if head.label_format == "sparse":
+        labels = torch.zeros(m, dtype=torch.int64)
+    elif head.label_format in ("binary", "probabilities") and head.task == "binary":
+        labels = torch.zeros(m)
+    else:
+        labels = torch.zeros(m, k)
+    if sig.weight_ndim:
+        return z, labels, torch.ones((m,) if sig.weight_ndim == 1 else (m, k))
+    return z, labels
+
+
+def build(sig: Signature, out: Path) -> None:
+    """Export and compile the kernel of ``sig`` into the package ``out`` (written atomically)."""
+    import torch
+    from torch.export import Dim
+
+    args = example_inputs(sig)
+    m = Dim("M", min=1, max=2**40)
+    dynamic = tuple({0: m} for _ in args)
+    program = torch.export.export(kernel_function(sig), args, dynamic_shapes=dynamic, strict=False)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".pt2", dir=out.parent)
+    os.close(fd)
+    try:
+        torch._inductor.aoti_compile_and_package(program, package_path=tmp)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# ------------------------------------------------------------------------------ the cache
+class _Entry:
+    """One signature's kernel: counting calls, building, loading."""
+
+    def __init__(self, sig: Signature):
+        self.sig = sig
+        self.key = sig.key()
+        self.path = cache_dir() / f"{self.key}.pt2"
+        self.calls = 0
+        self.runner: Any = None
+        self.state = "new"  # new | building | ready | off
+        self.proc: subprocess.Popen | None = None
+        self.started = 0.0
+
+    def _failed_recently(self) -> bool:
+        marker = self.path.with_suffix(".failed")
+        try:
+            return time.time() - marker.stat().st_mtime < RETRY_AFTER
+        except OSError:
+            return False
+
+    def _load(self) -> bool:
+        import torch
+
+        try:
+            self.runner = torch._inductor.aoti_load_package(str(self.path)).loader
+        except Exception as exc:  # a corrupt or foreign package: rebuild it
+            log.info("unihead: could not load the fused kernel %s (%s)", self.path, exc)
+            try:
+                self.path.unlink()
+            except OSError:
+                pass
+            return False
+        self.state = "ready"
+        return True
+
+    def _start(self, wait: bool) -> None:
+        if not compiler_available():
+            self.state = "off"
+            log.info("unihead: no C++ compiler found; PyTorch losses run their eager formulas "
+                     "(the same numbers, slower)")
+            return
+        if self._failed_recently():
+            self.state = "off"
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        spec = self.path.with_suffix(".json")
+        spec.write_text(json.dumps(dataclasses.asdict(self.sig)))
+        env = dict(os.environ, TORCHINDUCTOR_COMPILE_THREADS="1", TF_CPP_MIN_LOG_LEVEL="3")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "unihead.backends._torch_aot", str(spec), str(self.path)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+        self.state = "building"
+        self.started = time.time()
+        if wait:
+            self.proc.wait()
+            self._finish()
+
+    def _finish(self) -> None:
+        proc, self.proc = self.proc, None
+        err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+        if proc.stderr:
+            proc.stderr.close()
+        if proc.returncode == 0 and self.path.exists() and self._load():
+            log.info("unihead: fused kernel ready after %.1f s: %s", time.time() - self.started, self.path)
+            return
+        self.state = "off"
+        tail = err.strip().splitlines()[-1] if err.strip() else f"exit status {proc.returncode}"
+        log.info("unihead: building a fused PyTorch kernel failed (%s); the eager formulas stay "
+                 "in use (the same numbers)", tail)
+        try:
+            self.path.with_suffix(".failed").write_text(err[-20000:])
+        except OSError:
+            pass
+
+    def get(self, mode: Any) -> Any:
+        """The kernel's runner, or None while there is none (yet)."""
+        if self.state == "ready":
+            return self.runner
+        if self.state == "off":
+            return None
+        self.calls += 1
+        if self.state == "new":
+            if self.path.exists() and self._load():
+                return self.runner
+            if mode is True or self.calls >= HOT_CALLS:
+                self._start(wait=mode is True)
+                return self.runner
+            return None
+        # building in the background
+        if self.calls % POLL_EVERY == 0 and self.proc is not None and self.proc.poll() is not None:
+            self._finish()
+        return self.runner
+
+
+class KernelCache:
+    """The fused kernels of one compiled head, by :class:`Signature`."""
+
+    def __init__(self, head: Any, mode: Any):
+        self.head_json = head.to_json()
+        self.mode = mode  # "auto" | True
+        self._entries: dict[int, _Entry] = {}
+        self._lock = threading.Lock()
+
+    def _entry(self, weight_ndim: int) -> _Entry:
+        entry = self._entries.get(weight_ndim)
+        if entry is None:
+            with self._lock:
+                entry = self._entries.get(weight_ndim)
+                if entry is None:
+                    entry = self._entries[weight_ndim] = _Entry(Signature(self.head_json, weight_ndim))
+        return entry
+
+    def runner(self, weight_ndim: int) -> Any:
+        """The kernel for inputs with a sample weight of this rank (0: none), or None."""
+        return self._entry(weight_ndim).get(self.mode)
+
+    def warmup(self, weight_ndim: int) -> bool:
+        """Build (or load) this kernel now and wait for it; True if it is in use."""
+        return self._entry(weight_ndim).get(True) is not None
+
+    def __getstate__(self) -> dict:
+        return {"head_json": self.head_json, "mode": self.mode}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _entries={}, _lock=threading.Lock())
+
+
+def _main(argv: list[str]) -> int:
+    spec, out = Path(argv[0]), Path(argv[1])
+    try:
+        os.nice(10)  # a background build should not slow the training that asked for it
+    except (AttributeError, OSError):
+        pass
+    sig = Signature(**json.loads(spec.read_text()))
+    build(sig, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

@@ -1,0 +1,232 @@
+"""The compiled PyTorch kernels (backends/_torch_aot.py): the same numbers as the eager formulas,
+built in the background once a head is hot, loaded from the cache, and not needed at all: a
+machine without a C++ compiler gets the same numbers from the eager formulas."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import unihead
+from unihead import ClassificationHead as H
+
+from .conftest import REQUIRE_ALL, require
+
+torch = require("torch")
+
+
+def _aot():
+    from unihead.backends import _torch_aot
+
+    return _torch_aot
+
+
+@pytest.fixture
+def compiler():
+    """Building kernels needs a C++ compiler: skipped without one (the no-compiler test covers
+    such machines), except in CI, which has one and must run these tests."""
+    if not _aot().compiler_available():
+        if REQUIRE_ALL:
+            pytest.fail("CI must have a C++ compiler to test the compiled kernels")
+        pytest.skip("no C++ compiler on this machine (test_no_compiler_* covers that case)")
+
+# One kernel per (head, sample-weight rank): each build takes seconds, so few heads, many inputs.
+HEADS = [
+    (H.multiclass(10), False),
+    (H.binary(), False),
+    (H.multilabel(6), False),
+    (H.multiclass(7, label_smoothing=0.1, class_weights=[1, 2, 3, 1, 1, 0.5, 2], ignore_index=-100), True),
+]
+
+
+def _inputs(head, n, regime, rng, weighted):
+    k = head.num_outputs
+    z = rng.normal(size=(n, k)) * 3
+    if regime == "large30":
+        z = rng.uniform(-30, 30, size=(n, k))
+    elif regime == "confident":  # the right class 20..89 above the others: tiny losses
+        z = rng.normal(size=(n, k))
+    elif regime == "masked" and head.task == "multiclass":
+        z[:, 1] = -np.inf
+    z = z.astype(np.float32)
+    if head.task == "multiclass":
+        y = rng.integers(0, k, n)
+        if regime == "masked":
+            y = np.where(y == 1, 0, y)
+        if regime == "confident":
+            z[np.arange(n), y] = z.max(-1) + rng.choice([20.0, 30.0, 60.0, 89.0], size=n)
+        if head.ignore_index is not None:
+            y[::5] = head.ignore_index
+        y = torch.as_tensor(y)
+    elif head.task == "binary":
+        y = torch.as_tensor((rng.uniform(size=n) < 0.5).astype(np.float32))
+        if regime == "confident":
+            z[:, 0] = np.where(y.numpy() > 0, 1, -1) * 40
+    else:
+        y = torch.as_tensor((rng.uniform(size=(n, k)) < 0.3).astype(np.float32))
+    sw = torch.as_tensor(rng.uniform(0, 2, n).astype(np.float32)) if weighted else None
+    if sw is not None:
+        sw[::7] = 0
+    return torch.as_tensor(z), y, sw
+
+
+def _loss_and_grad(compiled, z, y, sw):
+    x = z.clone().requires_grad_()
+    loss = compiled.loss(x, y, sw)
+    loss.sum().backward()
+    return loss.detach(), x.grad
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("head, weighted", HEADS, ids=lambda v: repr(v) if isinstance(v, H) else str(v))
+def test_compiled_kernel_gives_the_eager_numbers_bit_for_bit(head, weighted, compiler):
+    fused = unihead.compile(head, "torch", fused=True)
+    assert fused.warmup(sample_weight=weighted)  # built (or loaded) and in use
+    eager = unihead.compile(head, "torch", fused=False)
+    rng = np.random.default_rng(0)
+    for regime in ("ordinary", "large30", "confident", "masked"):
+        for n in (1, 3, 64, 256):
+            z, y, sw = _inputs(head, n, regime, rng, weighted)
+            lf, gf = _loss_and_grad(fused, z, y, sw)
+            le, ge = _loss_and_grad(eager, z, y, sw)
+            assert torch.equal(lf, le), (regime, n, lf, le)
+            assert torch.equal(gf, ge), (regime, n, (gf - ge).abs().max())
+    # leading dimensions are flattened into the kernel's rows
+    z, y, sw = _inputs(head, 12, "ordinary", rng, weighted)
+    z3 = z.reshape(3, 4, -1)
+    y3 = y.reshape(3, 4, *y.shape[1:])
+    sw3 = None if sw is None else sw.reshape(3, 4)
+    lf, gf = _loss_and_grad(fused, z3, y3, sw3)
+    le, ge = _loss_and_grad(eager, z3, y3, sw3)
+    assert torch.equal(lf, le) and torch.equal(gf, ge)
+    entry = fused._kernels.aot._entries[1 if weighted else 0]
+    assert entry.state == "ready"
+
+
+@pytest.mark.slow
+def test_bad_labels_through_the_kernel_get_the_same_errors(compiler):
+    c = unihead.compile(H.multiclass(10), "torch", fused=True)
+    assert c.warmup()
+    z = torch.zeros(5, 10)
+    for bad, message in (([0, 1, 10, 2, 0], r"labels\[2\] = 10 is not a class id"),
+                         ([0, -1, 1, 2, 0], r"labels\[1\] = -1 is not a class id")):
+        with pytest.raises(ValueError, match=message) as err:
+            c.loss(z, torch.tensor(bad))
+        with pytest.raises(ValueError) as eager_err:
+            unihead.compile(H.multiclass(10), "numpy").loss(z.numpy(), np.array(bad))
+        assert str(err.value) == str(eager_err.value)
+        # validation off: an id out of range is still unihead's error, not the kernel's
+        with pytest.raises(ValueError, match=message):
+            unihead.compile(H.multiclass(10), "torch", fused=True, validate=False).loss(z, torch.tensor(bad))
+    b = unihead.compile(H.binary(), "torch", fused=True)
+    assert b.warmup()
+    with pytest.raises(ValueError, match=r"labels\[2\] = 3 is not a binary label"):
+        b.loss(torch.zeros(5, 1), torch.tensor([0, 1, 3, 1, 0]))
+
+
+@pytest.mark.slow
+def test_a_hot_head_is_compiled_in_the_background_and_then_used(tmp_path, monkeypatch, compiler):
+    A = _aot()
+    monkeypatch.setenv("UNIHEAD_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(A, "HOT_CALLS", 5)
+    monkeypatch.setattr(A, "POLL_EVERY", 1)
+    head = H.multiclass(5)
+    c = unihead.compile(head, "torch")  # fused="auto"
+    eager = unihead.compile(head, "torch", fused=False)
+    z, y = torch.randn(32, 5), torch.randint(0, 5, (32,))
+    want = eager.loss(z, y)
+    t0 = time.time()
+    calls = 0
+    while True:  # every call answers at once, with the same numbers, before and after
+        assert torch.equal(c.loss(z, y), want)
+        calls += 1
+        entry = c._kernels.aot._entries[0]
+        if entry.state in ("ready", "off"):
+            break
+        assert time.time() - t0 < 300, "the background build did not finish"
+        time.sleep(0.05)
+    assert entry.state == "ready" and calls > A.HOT_CALLS
+    assert torch.equal(c.loss(z, y), want)
+    assert list(Path(tmp_path, "torch-aot").glob("*.pt2"))
+    # a new head of the same spec (or a new process) loads the kernel at its first call
+    again = unihead.compile(head, "torch")
+    assert torch.equal(again.loss(z, y), want)
+    assert again._kernels.aot._entries[0].state == "ready"
+
+
+@pytest.mark.slow
+def test_no_compiler_every_path_gives_the_same_numbers(tmp_path):
+    """With no C++ compiler on PATH (a subprocess), compiled kernels are not built and the
+    eager formulas run: every path (small and large inputs, fused on or off) gives the numbers it
+    gives here, where a compiler may be present."""
+    cases = [
+        (H.multiclass(10), (64, 10)),
+        (H.binary(), (64, 1)),
+        (H.multilabel(6, label_smoothing=0.1), (16, 6)),
+        (H.multiclass(1000), (300, 1000)),  # above FUSED_MIN_ELEMENTS: the fused float32 kernels
+    ]
+    script = r'''
+import json, sys, warnings
+import numpy as np, torch, unihead
+from unihead.backends import _torch_aot
+warnings.simplefilter("ignore")
+assert not _torch_aot.compiler_available()
+data = np.load(sys.argv[2])
+out = {}
+for i, spec in enumerate(json.loads(sys.argv[1])):
+    head = unihead.ClassificationHead.from_json(spec)
+    z, y = torch.as_tensor(data[f"z{i}"]), torch.as_tensor(data[f"y{i}"])
+    for fused in ("auto", True, False):
+        c = unihead.compile(head, "torch", fused=fused)
+        if fused is not False:
+            assert c.warmup() is False  # nothing to build with
+        x = z.clone().requires_grad_()
+        loss = c.loss(x, y)
+        loss.backward()
+        out[f"{i}-{fused}"] = [loss.item(), x.grad.numpy().tolist()]
+print(json.dumps(out))
+'''
+    inputs = {}
+    for i, (head, shape) in enumerate(cases):
+        rng = np.random.default_rng(i)
+        inputs[f"z{i}"] = (rng.normal(size=shape) * 4).astype(np.float32)
+        if head.task == "multiclass":
+            inputs[f"y{i}"] = rng.integers(0, shape[1], shape[0])
+        elif head.task == "binary":
+            inputs[f"y{i}"] = (rng.uniform(size=shape[0]) < 0.5).astype(np.float32)
+        else:
+            inputs[f"y{i}"] = (rng.uniform(size=shape) < 0.3).astype(np.float32)
+    np.savez(tmp_path / "inputs.npz", **inputs)
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("CXX", "CC")}
+    env.update(PATH=str(empty), UNIHEAD_CACHE_DIR=str(tmp_path / "cache"), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "ind"))
+    specs = json.dumps([h.to_json() for h, _ in cases])
+    res = subprocess.run([sys.executable, "-c", script, specs, str(tmp_path / "inputs.npz")],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    theirs = json.loads(res.stdout.strip().splitlines()[-1])
+    for i, (head, shape) in enumerate(cases):
+        z, y = torch.as_tensor(inputs[f"z{i}"]), torch.as_tensor(inputs[f"y{i}"])
+        ref_loss, ref_grad = unihead.compile(head, "numpy").loss_and_gradient(z.double().numpy(), y.numpy())
+        c = unihead.compile(head, "torch")
+        x = z.clone().requires_grad_()
+        loss = c.loss(x, y)
+        loss.backward()
+        for fused in ("auto", "True", "False"):
+            t_loss, t_grad = theirs[f"{i}-{fused}"]
+            t_grad = np.asarray(t_grad, np.float32)
+            if x.numel() < (1 << 18):  # the eager wide formulas on both sides: bit for bit
+                assert t_loss == loss.item() and np.array_equal(t_grad, x.grad.numpy()), (head, fused)
+            # and within the tolerance of docs/semantics.md §11 of the float64 reference, always
+            ulp = np.spacing(np.float32(abs(ref_loss)))
+            assert abs(t_loss - ref_loss) <= 4 * ulp, (head, fused, t_loss, ref_loss)
+            gulp = np.spacing(np.abs(ref_grad).astype(np.float32)).astype(np.float64)
+            assert (np.abs(t_grad - ref_grad) / gulp).max() <= 6, (head, fused)
