@@ -255,9 +255,9 @@ class Ops:
         next level's, to the end (one elementwise step per level, no reduction per level).
         Nearly correctly rounded; infinities and NaN come through as in a plain sum."""
         xp = self.xp
-        if len(x.shape) > 1:  # the class axis with the library's pairwise sum, then compensate
-            x = xp.sum(x, axis=-1)
-        x = xp.reshape(x, (-1,))
+        if len(x.shape) > 1 and x.shape[-1] != 1:  # the class axis with the library's pairwise sum
+            x = xp.sum(x, axis=-1)  # (a length-1 axis is dropped, not reduced: compilers make a
+        x = xp.reshape(x, (-1,))  # reduction over it a scalar loop)
         if x.shape[0] == 0:
             return xp.sum(x)
         size = 1
