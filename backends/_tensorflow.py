@@ -21,10 +21,24 @@ from unihead.validation import logits_dtype_error
 __all__ = ["TFHead", "TFOps", "TFNamespace"]
 
 
+def _in_xla() -> bool:
+    """Whether the ops being built will be compiled by XLA (a ``tf.function(jit_compile=True)``,
+    Keras' default train step on TensorFlow)."""
+    try:
+        from tensorflow.python.framework import ops as tf_ops
+        from tensorflow.python.ops import control_flow_util
+
+        return bool(control_flow_util.GraphOrParentsInXlaContext(tf_ops.get_default_graph()))
+    except Exception:  # a TensorFlow without this internal: the float64 path is always correct
+        return False
+
+
 def _via_float64(f: Any, x: Any) -> Any:
-    """TensorFlow's float32 ``log`` and ``log1p`` err by up to 2.9 ulp (measured): evaluate them
-    in float64 and round once."""
-    if x.dtype == tf.float32:
+    """TensorFlow's own (Eigen) float32 ``log`` and ``log1p`` err by up to 3.0 and 3.3 ulp
+    (measured): outside XLA they are evaluated in float64 and rounded once.  Under XLA they are
+    XLA's (1.1 and 2.2 ulp, the functions JAX computes with), and float64 transcendentals there
+    cost four to five times float32's: the float32 functions are used."""
+    if x.dtype == tf.float32 and not _in_xla():
         return tf.cast(f(tf.cast(x, tf.float64)), tf.float32)
     return f(x)
 

@@ -82,6 +82,7 @@ class Signature:
 
     head: str  # the spec as JSON
     weight_ndim: int  # 0: no sample weight
+    label_dtype: str = ""  # as given ("int32", "int64", "float32", ...), converted in the kernel; "" = normal form
 
     def key(self) -> str:
         text = json.dumps(
@@ -137,7 +138,10 @@ def kernel_function(sig: Signature) -> Any:
     ops = TorchOps()
     engine = Engine(head, ops)
 
+    normal = torch.int64 if head.label_format == "sparse" else torch.float32
+
     def run(z: Any, labels: Any, weight: Any) -> Any:
+        labels = labels.to(normal)
         loss, grad = engine.loss_and_grad(z, labels, weight)
         return loss, grad, value_errors(ops, head, labels, weight)
 
@@ -160,12 +164,14 @@ def example_inputs(sig: Signature, m: int = 16) -> tuple[Any, ...]:
     head = ClassificationHead.from_json(sig.head)
     k = head.num_outputs
     z = torch.zeros(m, k)
+    dtype = getattr(torch, sig.label_dtype) if sig.label_dtype else (
+        torch.int64 if head.label_format == "sparse" else torch.float32)
     if head.label_format == "sparse":
-        labels = torch.zeros(m, dtype=torch.int64)
+        labels = torch.zeros(m, dtype=dtype)
     elif head.label_format in ("binary", "probabilities") and head.task == "binary":
-        labels = torch.zeros(m)
+        labels = torch.zeros(m, dtype=dtype)
     else:
-        labels = torch.zeros(m, k)
+        labels = torch.zeros(m, k, dtype=dtype)
     if sig.weight_ndim:
         return z, labels, torch.ones((m,) if sig.weight_ndim == 1 else (m, k))
     return z, labels
@@ -299,22 +305,25 @@ class KernelCache:
         self._entries: dict[int, _Entry] = {}
         self._lock = threading.Lock()
 
-    def _entry(self, weight_ndim: int) -> _Entry:
-        entry = self._entries.get(weight_ndim)
+    def _entry(self, weight_ndim: int, label_dtype: Any) -> _Entry:
+        key = (weight_ndim, label_dtype)
+        entry = self._entries.get(key)
         if entry is None:
             with self._lock:
-                entry = self._entries.get(weight_ndim)
+                entry = self._entries.get(key)
                 if entry is None:
-                    entry = self._entries[weight_ndim] = _Entry(Signature(self.head_json, weight_ndim))
+                    name = str(label_dtype).replace("torch.", "")
+                    entry = self._entries[key] = _Entry(Signature(self.head_json, weight_ndim, name))
         return entry
 
-    def runner(self, weight_ndim: int) -> Any:
-        """The kernel for inputs with a sample weight of this rank (0: none), or None."""
-        return self._entry(weight_ndim).get(self.mode)
+    def runner(self, weight_ndim: int, label_dtype: Any) -> Any:
+        """The kernel for labels of ``label_dtype`` and a sample weight of rank ``weight_ndim``
+        (0: none), or None."""
+        return self._entry(weight_ndim, label_dtype).get(self.mode)
 
-    def warmup(self, weight_ndim: int) -> bool:
+    def warmup(self, weight_ndim: int, label_dtype: Any) -> bool:
         """Build (or load) this kernel now and wait for it; True if it is in use."""
-        return self._entry(weight_ndim).get(True) is not None
+        return self._entry(weight_ndim, label_dtype).get(True) is not None
 
     def __getstate__(self) -> dict:
         return {"head_json": self.head_json, "mode": self.mode}

@@ -69,9 +69,21 @@ _HALF = (torch.float16, torch.bfloat16)
 _SMALL_INTS = (torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
+def _kernel_labels(head: ClassificationHead) -> tuple:
+    """The label dtypes the compiled kernel takes as they come (converting them itself), for
+    ``head``'s label format: only what validation accepts for it."""
+    ints = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+    if head.label_format == "sparse":
+        return ints
+    if head.label_format == "probabilities":
+        return (torch.float32, torch.float64)
+    return (torch.float32, torch.float64, torch.bool) + ints
+
+
 class TorchOps(Ops):
     name = "torch"
     wide = True  # on CPU: float32 in float64, rounded once (see Ops.wide and TorchHead.loss)
+
 
     def __init__(self) -> None:
         super().__init__(_XP)
@@ -238,9 +250,10 @@ class _Kernels:
         look at the one flag of :func:`~unihead.validation.value_errors` (class ids out of range
         fail in the indexing kernels themselves)."""
         runner = None
-        if self.aot is not None and z.numel() <= AOT_MAX_ELEMENTS and z.numel() <= AOT_MAX_ROWS * z.shape[-1]:
+        if (self.aot is not None and z.numel() <= AOT_MAX_ELEMENTS and z.numel() <= AOT_MAX_ROWS * z.shape[-1]
+                and not torch.compiler.is_compiling()):
             flat = _flatten(self.engine.head, z, labels, sw)
-            runner = self.aot.runner(0 if flat[2] is None else flat[2].dim())
+            runner = self.aot.runner(0 if flat[2] is None else flat[2].dim(), flat[1].dtype)
         if runner is not None:
             loss, grad, bad = runner.run([t for t in flat if t is not None])
             if check and bad.item():
@@ -409,6 +422,7 @@ class TorchHead(CompiledHead):
         self._k = head.num_outputs
         # the labels the compiled kernel takes as they are (validation's normal form)
         self._label_dtype = torch.int64 if head.label_format == "sparse" else torch.float32
+        self._kernel_labels = _kernel_labels(head)
         self._dense_labels = head.label_format in ("one_hot", "multi_hot") or (
             head.label_format == "probabilities" and head.task != "binary"
         )
@@ -460,21 +474,14 @@ class TorchHead(CompiledHead):
             and not torch.compiler.is_compiling()
             and not torch._C._are_functorch_transforms_active()
         ):
-            runner = aot.runner(0)
+            runner = aot.runner(0, labels.dtype) if labels.dtype in self._kernel_labels else None
             if runner is not None:
-                y = labels
-                if y.dtype is not self._label_dtype:  # validation's normal form: int64 ids, else float32
-                    if y.is_floating_point() if self._label_dtype is torch.int64 else y.is_complex():
-                        runner = None  # not labels of this kind: the general path says why
-                    else:
-                        y = y.to(self._label_dtype)
-                if runner is not None:
-                    check = self.validate and validation_enabled()
-                    try:
-                        return _KERNEL(runner, check, logits, y)
-                    except (_InvalidValues, RuntimeError):
-                        self._inputs(logits, labels, None, validate=True)  # raises the error that says which
-                        raise
+                check = self.validate and validation_enabled()
+                try:
+                    return _KERNEL(runner, check, logits, labels)
+                except (_InvalidValues, RuntimeError):
+                    self._inputs(logits, labels, None, validate=True)  # raises the error that says which
+                    raise
         z0 = logits if isinstance(logits, torch.Tensor) else None
         z = self._logits(logits)
         mode = self._mode(z)
@@ -504,17 +511,20 @@ class TorchHead(CompiledHead):
             raise
         return out[0]
 
-    def warmup(self, sample_weight: Any = False) -> bool:
+    def warmup(self, sample_weight: Any = False, label_dtype: Any = None) -> bool:
         """Build the compiled kernel of this head's loss now and wait for it (or load it from the
         cache): the kernel ``fused="auto"`` builds in the background after a head's first
         calls.  ``sample_weight``: for calls without one (False), with one weight per example
-        (True), or one per label of a multilabel head (``"per_label"``).  Returns whether the
-        kernel is in use (False without a C++ compiler, or with ``fused=False``).  See
-        docs/benchmarks.md, "Compilation"."""
+        (True), or one per label of a multilabel head (``"per_label"``).  ``label_dtype``: the
+        dtype the labels come in (default: int64 ids for ``sparse`` labels, float32 otherwise);
+        one kernel per kind of input.  Returns whether the kernel is in use (False without a C++
+        compiler, or with ``fused=False``).  See docs/benchmarks.md, "Compilation"."""
         if self._kernels.aot is None:
             return False
         ndim = 0 if sample_weight is False else 2 if sample_weight == "per_label" else 1
-        return self._kernels.aot.warmup(ndim)
+        if label_dtype is None:
+            label_dtype = self._label_dtype
+        return self._kernels.aot.warmup(ndim, label_dtype)
 
     def loss_module(self) -> "HeadLoss":
         """An ``nn.Module`` computing :meth:`loss`: ``criterion(logits, target[, sample_weight])``."""

@@ -198,12 +198,15 @@ class JaxAdapter(Adapter):
 class KerasAdapter(Adapter):
     """Keras on the backend this process runs (``KERAS_BACKEND``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, xla: bool = False) -> None:
         super().__init__()
         import keras
 
         self.backend = keras.backend.backend()
         self.name = f"keras-{self.backend}"
+        # TensorFlow: run each case as one tf.function(jit_compile=True) program, as Keras' train
+        # step does (unihead takes XLA's float32 log and log1p there, Eigen's float64 ones outside)
+        self.xla = xla and self.backend == "tensorflow"
 
     def compile(self, head: Any) -> Any:
         import unihead
@@ -239,9 +242,31 @@ class KerasAdapter(Adapter):
     def run(self, case: Case) -> dict[str, np.ndarray]:
         if self.backend == "jax":  # Keras trains jitted on JAX: run the case as one program
             return JaxAdapter.run(self, case)
+        if self.xla:
+            return self._run_xla(case)
         return super().run(case)
 
     jitted = JaxAdapter.jitted
+
+    def _run_xla(self, case: Case) -> dict[str, np.ndarray]:
+        import tensorflow as tf
+
+        c, none = self.compiled(case.head), self.compiled(case.head.replace(reduction="none"))
+        y = tf.constant(case.labels)
+        sw = None if case.sample_weight is None else tf.constant(case.sample_weight)
+
+        @tf.function(jit_compile=True)
+        def outputs(z: Any) -> dict[str, Any]:
+            with tf.GradientTape() as tape:
+                tape.watch(z)
+                loss = c.loss(z, y, sw)
+                total = tf.reduce_sum(loss)
+            return {"probabilities": c.probabilities(z), "log_probabilities": c.log_probabilities(z),
+                    "none": none.loss(z, y, sw), "predict": c.predict(z), "loss": loss,
+                    "grad": tape.gradient(total, z)}
+
+        out = outputs(self.logits(case.logits, case.dtype))
+        return {k: self.to_numpy(v) for k, v in out.items()}
 
 
 class ThirdPartyAdapter(Adapter):

@@ -4,6 +4,7 @@ mpmath, a wrong backend caught, the export format, and the command."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -167,3 +168,28 @@ def test_command_line(tmp_path):
     out = subprocess.run([sys.executable, "-m", "unihead", "conformance", "--export", str(tmp_path / "x"), "--quick"],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and (tmp_path / "x" / "index.json").exists()
+
+
+@pytest.mark.slow
+def test_quick_suite_passes_under_xla_on_tensorflow():
+    """Keras trains on TensorFlow with XLA (``jit_compile``): there unihead takes XLA's float32
+    ``log`` and ``log1p`` (float64 ones outside XLA).  The quick cases, each as one XLA program,
+    hold the same tolerances (a child process: Keras binds its backend once)."""
+    require("tensorflow")
+    script = (
+        "from unihead.conformance.adapters import KerasAdapter\n"
+        "from unihead.conformance.cases import generate\n"
+        "from unihead.conformance.suite import compare, passes, reference, run_cases\n"
+        "a = KerasAdapter(xla=True)\n"
+        "assert a.xla\n"
+        "cases = generate(0, quick=True)\n"
+        "outs, crashed, ftz = run_cases(a, cases)\n"
+        "assert not crashed, crashed\n"
+        "bad = [c.id for c, o in zip(cases, outs) if not passes(c, compare(c, o, reference(c), ftz))]\n"
+        "assert not bad, bad\n"
+        "print('ok', len(cases))\n"
+    )
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=900)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert res.stdout.strip().splitlines()[-1].startswith("ok ")

@@ -106,8 +106,25 @@ def test_compiled_kernel_gives_the_eager_numbers_bit_for_bit(head, weighted, com
     lf, gf = _loss_and_grad(fused, z3, y3, sw3)
     le, ge = _loss_and_grad(eager, z3, y3, sw3)
     assert torch.equal(lf, le) and torch.equal(gf, ge)
-    entry = fused._kernels.aot._entries[1 if weighted else 0]
-    assert entry.state == "ready"
+    entries = [e for (ndim, _), e in fused._kernels.aot._entries.items() if ndim == (1 if weighted else 0)]
+    assert entries and all(e.state == "ready" for e in entries)
+
+
+@pytest.mark.slow
+def test_labels_in_other_dtypes_take_kernels_of_their_own(compiler):
+    """int32 ids, integer 0/1 labels of a binary head: the kernel converts them itself, with the
+    numbers of the eager path; what validation refuses never reaches a kernel."""
+    z = torch.randn(16, 2)
+    for head, y in ((H.multiclass(2), torch.randint(0, 2, (16,), dtype=torch.int32)),
+                    (H.binary(binary_units=2), torch.randint(0, 2, (16,)))):
+        c = unihead.compile(head, "torch", fused=True)
+        assert c.warmup(label_dtype=y.dtype)
+        lf, gf = _loss_and_grad(c, z, y, None)
+        le, ge = _loss_and_grad(unihead.compile(head, "torch", fused=False), z, y, None)
+        assert torch.equal(lf, le) and torch.equal(gf, ge)
+        assert c._kernels.aot._entries[(0, y.dtype)].state == "ready"
+    with pytest.raises(TypeError, match="integer class ids"):  # float ids: refused, not converted
+        unihead.compile(H.multiclass(2), "torch", fused=True).loss(z, torch.zeros(16))
 
 
 @pytest.mark.slow
@@ -147,7 +164,7 @@ def test_a_hot_head_is_compiled_in_the_background_and_then_used(tmp_path, monkey
     while True:  # every call answers at once, with the same numbers, before and after
         assert torch.equal(c.loss(z, y), want)
         calls += 1
-        entry = c._kernels.aot._entries[0]
+        entry = c._kernels.aot._entries[(0, y.dtype)]
         if entry.state in ("ready", "off"):
             break
         assert time.time() - t0 < 300, "the background build did not finish"
@@ -158,7 +175,7 @@ def test_a_hot_head_is_compiled_in_the_background_and_then_used(tmp_path, monkey
     # a new head of the same spec (or a new process) loads the kernel at its first call
     again = unihead.compile(head, "torch")
     assert torch.equal(again.loss(z, y), want)
-    assert again._kernels.aot._entries[0].state == "ready"
+    assert again._kernels.aot._entries[(0, y.dtype)].state == "ready"
 
 
 @pytest.mark.slow

@@ -328,8 +328,8 @@ class Engine:
         sigmoid = self.head.activation == "sigmoid"
         k = self.head.num_outputs if sigmoid else 1
         red = self.head.reduction
-        if red == "none":
-            return (xp.mean(v, axis=-1) if k > 1 else v), None
+        if red == "none":  # per example: the mean over the labels, summed accurately
+            return (ops.row_sum(v)[..., 0] / k if k > 1 else v), None
         total = ops.total(v)
         if red == "sum":
             return (total / k if k > 1 else total), None
