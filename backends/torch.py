@@ -458,6 +458,8 @@ class TorchHead(CompiledHead):
         # interpreter's caches are cold, and every line costs): a (N, K) float32 CPU tensor, a
         # tensor of labels, no sample weight, the compiled kernel ready.  Anything else, and any
         # doubt, takes the general path below, which checks and converts.
+        if torch.compiler.is_compiling():  # traced: shapes and dtypes, then the formulas
+            return self._traced_loss(logits, labels, sample_weight)
         aot = self._kernels.aot
         if (
             aot is not None
@@ -471,7 +473,6 @@ class TorchHead(CompiledHead):
             and logits.is_cpu
             and labels.is_cpu
             and labels.shape == (logits.shape if self._dense_labels else logits.shape[:1])
-            and not torch.compiler.is_compiling()
             and not torch._C._are_functorch_transforms_active()
         ):
             runner = aot.runner(0, labels.dtype) if labels.dtype in self._kernel_labels else None
@@ -510,6 +511,15 @@ class TorchHead(CompiledHead):
                 self._inputs(z, labels, sample_weight, validate=True)
             raise
         return out[0]
+
+    def _traced_loss(self, logits: Any, labels: Any, sample_weight: Any) -> Any:
+        """The loss while Dynamo traces (``torch.compile``): every attribute the traced code
+        reads becomes a guard checked on each call, so this is the shortest path: the static
+        checks (values cannot be read while tracing) and the float32 formulas, which Inductor
+        fuses."""
+        z = self._logits(logits)
+        y, sw = self._inputs(z, labels, sample_weight, validate=False)
+        return _APPLY(self._kernels, "eager", z, y, sw)[0]
 
     def warmup(self, sample_weight: Any = False, label_dtype: Any = None) -> bool:
         """Build the compiled kernel of this head's loss now and wait for it (or load it from the

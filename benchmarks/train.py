@@ -72,6 +72,17 @@ def interleave(ours: Callable[[], Any], native: Callable[[], Any], rounds: int, 
     return statistics.median(a), statistics.median(b), statistics.median(ratios)
 
 
+def first_calls(ours: Callable[[], Any], native: Callable[[], Any], warm: int = 20) -> float:
+    """Time unihead's first call (compilation included), then warm both up."""
+    t0 = time.perf_counter()
+    ours()
+    first = time.perf_counter() - t0
+    native()
+    for _ in range(warm):
+        ours(), native()
+    return first
+
+
 def batches(x: np.ndarray, y: np.ndarray, size: int) -> list[tuple[np.ndarray, np.ndarray]]:
     n = (len(x) // size) * size
     return [(x[i : i + size], y[i : i + size]) for i in range(0, n, size)]
@@ -120,13 +131,7 @@ def torch_steps(task: str, batch: int, compiled_model: bool) -> tuple[Callable, 
         return step
 
     ours, nat = make(c.loss), make(native)
-    t0 = time.perf_counter()
-    ours()
-    first = time.perf_counter() - t0
-    nat()
-    for _ in range(20):
-        ours(), nat()
-    return ours, nat, build + first
+    return ours, nat, build + first_calls(ours, nat)
 
 
 # ------------------------------------------------------------------------------ JAX
@@ -187,13 +192,7 @@ def jax_steps(task: str, batch: int) -> tuple[Callable, Callable, float]:
         return run
 
     ours, nat = make(lambda z, t: c.loss(z, t)), make(native)
-    t0 = time.perf_counter()
-    ours()
-    first = time.perf_counter() - t0
-    nat()
-    for _ in range(20):
-        ours(), nat()
-    return ours, nat, first
+    return ours, nat, first_calls(ours, nat)
 
 
 # ------------------------------------------------------------------------------ Keras
@@ -239,12 +238,7 @@ def keras_steps(task: str, batch: int, steps_per_call: int) -> tuple[Callable, C
         return run
 
     ours, nat = make(c.keras_loss(), ys), make(native, yns)
-    t0 = time.perf_counter()
-    ours()
-    first = time.perf_counter() - t0
-    nat()
-    ours(), nat()
-    return ours, nat, build + first, n // batch
+    return ours, nat, build + first_calls(ours, nat, warm=1), n // batch
 
 
 def run(path: str, quick: bool) -> list[dict[str, Any]]:
