@@ -214,6 +214,13 @@ class _Kernels:
         self.engine = engine
         self.aot = aot  # _torch_aot.KernelCache: the wide formulas as one compiled kernel
         self.path = engine.path_of()
+        # The wide forward pass forms the gradient.  A softmax head keeps it: one (..., K) tensor,
+        # what F.cross_entropy keeps (its log-softmax).  BCEWithLogits keeps nothing of its own (it
+        # recomputes from the logits and targets), so a sigmoid head's gradient is recomputed in the
+        # backward pass for large inputs (the wide formulas run there only when nothing can be
+        # compiled); below FUSED_MIN_ELEMENTS it is kept (at most 1 MiB): the float64 recomputation
+        # would cost 1.7x the time (measured at (40960, 1)).
+        self.recompute_large = self.path == "sigmoid"
         # sigmoid heads keep only the logits and recompute the statistics in the backward pass
         # (saving them would hold two more (..., K) tensors than BCEWithLogits); softmax heads
         # keep the statistics: one (..., K) tensor, like F.cross_entropy's log-softmax output
@@ -248,27 +255,37 @@ class _Kernels:
     def wide(self, z: Any, labels: Any, sw: Any, check: bool) -> tuple[Any, tuple]:
         """The wide formulas: the compiled kernel where there is one, else op by op.  ``check``:
         look at the one flag of :func:`~unihead.validation.value_errors` (class ids out of range
-        fail in the indexing kernels themselves)."""
+        fail in the indexing kernels themselves).  The residuals: the gradient, or none where it
+        is recomputed (:attr:`keeps_grad`)."""
+        loss, grad, bad = self._wide(z, labels, sw, check)
+        if check and bad:
+            raise _InvalidValues
+        return loss, ((grad,) if self.keeps_grad(z) else ())
+
+    def keeps_grad(self, z: Any) -> bool:
+        """Whether the wide forward pass keeps its gradient (else it is recomputed)."""
+        return not (self.recompute_large and z.numel() >= FUSED_MIN_ELEMENTS)
+
+    def wide_grad(self, z: Any, labels: Any, sw: Any) -> Any:
+        """The gradient of the wide formulas for a unit upstream gradient, recomputed."""
+        return self._wide(z, labels, sw, False)[1]
+
+    def _wide(self, z: Any, labels: Any, sw: Any, check: bool) -> tuple[Any, Any, bool]:
         runner = None
-        if (self.aot is not None and z.numel() <= AOT_MAX_ELEMENTS and z.numel() <= AOT_MAX_ROWS * z.shape[-1]
-                and not torch.compiler.is_compiling()):
+        if self.aot is not None and _aot_size(z) and not torch.compiler.is_compiling():
             flat = _flatten(self.engine.head, z, labels, sw)
             runner = self.aot.runner(0 if flat[2] is None else flat[2].dim(), flat[1].dtype)
         if runner is not None:
             loss, grad, bad = runner.run([t for t in flat if t is not None])
-            if check and bad.item():
-                raise _InvalidValues
             if z.dim() != 2:
                 loss, grad = loss.reshape(z.shape[:-1]) if loss.dim() else loss, grad.reshape(z.shape)
-            return loss, (grad,)
+            return loss, grad, check and bool(bad.item())
         if check and value_errors(_OPS, self.engine.head, labels, sw, ids_checked=True).item():
-            raise _InvalidValues
+            return None, None, True
         loss, grad = self.engine.loss_and_grad(z, labels, sw)
-        return loss, (grad,)
+        return loss, grad, False
 
     def backward(self, mode: str, res: tuple, labels: Any, sw: Any, g: Any) -> Any:
-        if mode.startswith("wide"):  # the gradient is linear in the upstream gradient
-            return res[0] * (g.unsqueeze(-1) if g.dim() else g)
         return self.run(1, mode == "fused", res, labels, sw, g, self.path)
 
     def run(self, which: int, fused: bool, *args: Any) -> Any:
@@ -306,6 +323,12 @@ class _InvalidValues(Exception):
 #: hundred rows on the eager formulas are faster (measured; docs/benchmarks.md).
 AOT_MAX_ROWS = 256
 AOT_MAX_ELEMENTS = 1 << 15
+
+
+def _aot_size(z: Any) -> bool:
+    """Whether logits ``z`` are small enough for the compiled kernel of the wide formulas."""
+    n = z.numel()
+    return n <= AOT_MAX_ELEMENTS and n <= AOT_MAX_ROWS * z.shape[-1]
 
 
 def _flatten(head: ClassificationHead, z: Any, labels: Any, sw: Any) -> tuple[Any, Any, Any]:
@@ -348,11 +371,14 @@ class _Loss(torch.autograd.Function):
         ctx.z_dtype = z.dtype
         ctx.mark_non_differentiable(*output[1:])
         ctx.set_materialize_grads(False)  # the residual outputs get no gradient: no zero tensors
-        if mode.startswith("wide"):  # the gradient itself: nothing else is needed
-            ctx.has_sw = False
+        ctx.has_sw = sw is not None
+        ctx.kept = mode.startswith("wide") and kernels.keeps_grad(z)
+        if ctx.kept:  # the gradient itself: nothing else
             ctx.save_for_backward(*output[1:])
             return
-        ctx.has_sw = sw is not None
+        if mode.startswith("wide"):  # the gradient is recomputed from the inputs
+            ctx.save_for_backward(z, labels, *((sw,) if sw is not None else ()))
+            return
         ctx.save_for_backward(labels, *((sw,) if sw is not None else ()), *output[1:])
 
     @staticmethod
@@ -361,7 +387,11 @@ class _Loss(torch.autograd.Function):
             return None, None, None, None, None
         saved = ctx.saved_tensors
         if ctx.mode.startswith("wide"):
-            grad = ctx.kernels.backward("wide", saved, None, None, g)
+            if ctx.kept:
+                grad = saved[0]
+            else:
+                grad = ctx.kernels.wide_grad(saved[0], saved[1], saved[2] if ctx.has_sw else None)
+            grad = grad * (g.unsqueeze(-1) if g.dim() else g)  # linear in the upstream gradient
         else:
             labels, sw = saved[0], (saved[1] if ctx.has_sw else None)
             res = tuple(saved[2 if ctx.has_sw else 1 :])
@@ -382,7 +412,7 @@ class _Kernel(torch.autograd.Function):
         loss, grad, bad = runner.run([z, labels])
         if check and bad.item():
             raise _InvalidValues
-        ctx.grad = grad
+        ctx.grad = grad  # small inputs: kept (see _Kernels.keeps_grad)
         return loss
 
     @staticmethod
@@ -469,7 +499,7 @@ class TorchHead(CompiledHead):
             and logits.dtype is torch.float32
             and logits.dim() == 2
             and logits.shape[1] == self._k
-            and logits.shape[0] <= AOT_MAX_ROWS
+            and _aot_size(logits)
             and logits.is_cpu
             and labels.is_cpu
             and labels.shape == (logits.shape if self._dense_labels else logits.shape[:1])

@@ -169,7 +169,7 @@ class TorchAdapter(Adapter):
         self.torch = torch
         self.compiled = compile_
         self.name = "torch-compile" if compile_ else "torch"
-        self.target = 1.10 if compile_ else 1.25
+        self.target = SPEED_TARGET.get(self.name, 1.10)
 
     def _fns(self, head: Any, validate: bool = False) -> tuple[Callable, Callable]:
         import torch.nn.functional as F
@@ -261,7 +261,7 @@ class TorchAdapter(Adapter):
 
 class JaxAdapter(Adapter):
     name = "jax"
-    target = 1.10
+    target = SPEED_TARGET.get("jax", 1.10)
 
     def __init__(self) -> None:
         import jax
@@ -331,7 +331,7 @@ class KerasAdapter(Adapter):
         self.backend = keras.backend.backend()
         self.name = f"keras-{self.backend}"
         self.compiled = self.backend != "torch"
-        self.target = 1.10 if self.compiled else 1.25
+        self.target = SPEED_TARGET.get(self.name, 1.10)
         self.how = {"jax": "jax.jit", "tensorflow": "tf.function(jit_compile=True)",
                     "torch": "eager (Keras' default on torch)"}[self.backend]
 

@@ -110,6 +110,24 @@ def test_compiled_kernel_gives_the_eager_numbers_bit_for_bit(head, weighted, com
     assert entries and all(e.state == "ready" for e in entries)
 
 
+def test_the_kernel_is_only_offered_inputs_it_is_fast_for(monkeypatch):
+    """The kernel of the wide formulas runs up to AOT_MAX_ROWS rows and AOT_MAX_ELEMENTS logits
+    (Inductor's code for it is slower than the eager kernels beyond; large inputs take the fused
+    float32 kernels): both the short path of TorchHead.loss and the general one ask for it only
+    then.  (A regression: 256 rows of 32000 classes went to it.)"""
+    from unihead.backends import torch as backend
+
+    c = unihead.compile(H.multiclass(200), "torch")
+    asked = []
+    monkeypatch.setattr(c._kernels.aot, "runner", lambda *a: asked.append(a) or None)
+    for n, weighted in ((64, False), (64, True), (256, False), (200, False), (257, False)):
+        z = torch.randn(n, 200)
+        sw = torch.ones(n) if weighted else None
+        asked.clear()
+        c.loss(z, torch.randint(0, 200, (n,)), sw)
+        assert bool(asked) == (n * 200 <= backend.AOT_MAX_ELEMENTS and n <= backend.AOT_MAX_ROWS), n
+
+
 @pytest.mark.slow
 def test_labels_in_other_dtypes_take_kernels_of_their_own(compiler):
     """int32 ids, integer 0/1 labels of a binary head: the kernel converts them itself, with the
@@ -188,6 +206,7 @@ def test_no_compiler_every_path_gives_the_same_numbers(tmp_path):
         (H.binary(), (64, 1)),
         (H.multilabel(6, label_smoothing=0.1), (16, 6)),
         (H.multiclass(1000), (300, 1000)),  # above FUSED_MIN_ELEMENTS: the fused float32 kernels
+        (H.multilabel(600), (500, 600)),  # ... and without them a sigmoid head's gradient is recomputed
     ]
     script = r'''
 import json, sys, warnings
