@@ -94,7 +94,6 @@ class TFNamespace:
     isfinite = staticmethod(tf.math.is_finite)
     expand_dims = staticmethod(lambda x, axis: tf.expand_dims(x, axis))
     concat = staticmethod(lambda xs, axis=0: tf.concat(xs, axis=axis))
-    zeros_like = staticmethod(tf.zeros_like)
     reshape = staticmethod(lambda x, shape: tf.reshape(x, shape))
     stack = staticmethod(lambda xs, axis=0: tf.stack(xs, axis=axis))
 

@@ -423,7 +423,6 @@ def sigmoid_loss(ops: Ops, st: SigmoidStats, a: Any, b: Any, gamma: float) -> An
 
     ``a`` is the positive target weight (``pos_weight * y'``), ``b`` the negative one (``1 - y'``);
     a term with zero weight is 0 even where its log is infinite."""
-    xp = ops.xp
     if gamma == 0.0:
         fa, fb = st.nlp, st.nlq
     else:
@@ -438,7 +437,6 @@ def sigmoid_grad(ops: Ops, st: SigmoidStats, a: Any, b: Any, gamma: float, scale
         gamma = 0:  -a (1 - p) + b p
         gamma > 0:  -a (1-p)^gamma (gamma p (-log p) + 1 - p) + b p^gamma (gamma (1-p) (-log(1-p)) + p)
     """
-    xp = ops.xp
     if gamma == 0.0:
         return scale * (b * st.p - a * st.q)
     pnlp = ops.where0(st.p > 0, st.p * st.nlp)
