@@ -112,13 +112,33 @@ def _source_hash() -> str:
 
 
 def _versions() -> list[str]:
+    """What a kernel depends on besides the code: the versions of what it is traced and compiled
+    with, and the CPU (Inductor compiles with ``-march=native``: a cache shared between machines
+    must not hand one's kernel to the other)."""
     import platform
 
+    import array_api_compat
     import torch
 
     from unihead._version import __version__
 
-    return [__version__, torch.__version__, platform.python_version(), platform.machine()]
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+        names = [line for line in info.splitlines() if line.startswith(("model name", "flags", "Features"))]
+        cpu = hashlib.sha256("\n".join(sorted(set(names))).encode()).hexdigest()[:16]
+    except OSError:
+        pass
+    return [__version__, torch.__version__, array_api_compat.__version__, platform.python_version(),
+            platform.machine(), cpu, torch.backends.cpu.get_cpu_capability()]
+
+
+#: The build runs with Inductor's defaults (IEEE semantics: no fast-math, no contraction), whatever
+#: the caller's environment says: environment variables of these prefixes are not passed on.
+_CLEARED_ENV = ("TORCHINDUCTOR_", "TORCH_COMPILE_", "TORCHDYNAMO_")
+#: A build lock older than this is a build that died: it is taken over.
+LOCK_STALE = 1800.0
 
 
 # ------------------------------------------------------------------------------ the kernel
@@ -141,9 +161,9 @@ def kernel_function(sig: Signature) -> Any:
     normal = torch.int64 if head.label_format == "sparse" else torch.float32
 
     def run(z: Any, labels: Any, weight: Any) -> Any:
-        labels = labels.to(normal)
-        loss, grad = engine.loss_and_grad(z, labels, weight)
-        return loss, grad, value_errors(ops, head, labels, weight)
+        bad = value_errors(ops, head, labels, weight)  # on the values as given
+        loss, grad = engine.loss_and_grad(z, labels.to(normal), weight)
+        return loss, grad, bad
 
     class Kernel(torch.nn.Module):
         def forward(self, z: Any, labels: Any) -> Any:
@@ -199,7 +219,9 @@ def build(sig: Signature, out: Path) -> None:
 
 # ------------------------------------------------------------------------------ the cache
 class _Entry:
-    """One signature's kernel: counting calls, building, loading."""
+    """One signature's kernel: counting calls, building, loading.  One build at a time per
+    kernel across processes (a lock file next to the package): the other processes wait for the
+    package to appear."""
 
     def __init__(self, sig: Signature):
         self.sig = sig
@@ -207,14 +229,17 @@ class _Entry:
         self.path = cache_dir() / f"{self.key}.pt2"
         self.calls = 0
         self.runner: Any = None
-        self.state = "new"  # new | building | ready | off
+        self.state = "new"  # new | building | waiting (another process builds) | ready | off
         self.proc: subprocess.Popen | None = None
         self.started = 0.0
+        self._lock = threading.Lock()
+
+    def _file(self, suffix: str) -> Path:
+        return self.path.with_suffix(suffix)
 
     def _failed_recently(self) -> bool:
-        marker = self.path.with_suffix(".failed")
         try:
-            return time.time() - marker.stat().st_mtime < RETRY_AFTER
+            return time.time() - self._file(".failed").stat().st_mtime < RETRY_AFTER
         except OSError:
             return False
 
@@ -233,6 +258,21 @@ class _Entry:
         self.state = "ready"
         return True
 
+    def _take_lock(self) -> bool:
+        lock = self._file(".lock")
+        for _ in range(2):
+            try:
+                os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                return True
+            except FileExistsError:
+                try:
+                    if time.time() - lock.stat().st_mtime < LOCK_STALE:
+                        return False  # another process builds this kernel
+                    lock.unlink()  # a build that died
+                except OSError:
+                    pass
+        return False
+
     def _start(self, wait: bool) -> None:
         if not compiler_available():
             self.state = "off"
@@ -243,57 +283,89 @@ class _Entry:
             self.state = "off"
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        spec = self.path.with_suffix(".json")
-        spec.write_text(json.dumps(dataclasses.asdict(self.sig)))
-        env = dict(os.environ, TORCHINDUCTOR_COMPILE_THREADS="1", TF_CPP_MIN_LOG_LEVEL="3")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "unihead.backends._torch_aot", str(spec), str(self.path)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            env=env,
-        )
+        if not self._take_lock():
+            self.state = "waiting"
+            self.started = time.time()
+            if wait:
+                self._wait_for_other()
+            return
+        env = {k: v for k, v in os.environ.items() if not k.startswith(_CLEARED_ENV)}
+        env.update(TORCHINDUCTOR_COMPILE_THREADS="1", TF_CPP_MIN_LOG_LEVEL="3")
+        with open(self._file(".log"), "wb") as log_file:  # a file, not a pipe: nothing can fill up
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "unihead.backends._torch_aot", json.dumps(dataclasses.asdict(self.sig)),
+                 str(self.path)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log_file,
+                env=env,
+                start_new_session=True,  # the caller's Ctrl-C is not the build's
+            )
         self.state = "building"
         self.started = time.time()
         if wait:
             self.proc.wait()
             self._finish()
 
+    def _wait_for_other(self) -> None:
+        while not self.path.exists() and self._file(".lock").exists():
+            time.sleep(0.2)
+        if not (self.path.exists() and self._load()):
+            self.state = "off"
+
     def _finish(self) -> None:
         proc, self.proc = self.proc, None
-        err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-        if proc.stderr:
-            proc.stderr.close()
-        if proc.returncode == 0 and self.path.exists() and self._load():
-            log.info("unihead: fused kernel ready after %.1f s: %s", time.time() - self.started, self.path)
-            return
-        self.state = "off"
-        tail = err.strip().splitlines()[-1] if err.strip() else f"exit status {proc.returncode}"
-        log.info("unihead: building a fused PyTorch kernel failed (%s); the eager formulas stay "
-                 "in use (the same numbers)", tail)
         try:
-            self.path.with_suffix(".failed").write_text(err[-20000:])
+            err = self._file(".log").read_text(errors="replace")
         except OSError:
-            pass
+            err = ""
+        try:
+            if proc.returncode == 0 and self.path.exists() and self._load():
+                log.info("unihead: fused kernel ready after %.1f s: %s", time.time() - self.started, self.path)
+                return
+            self.state = "off"
+            tail = err.strip().splitlines()[-1] if err.strip() else f"exit status {proc.returncode}"
+            log.info("unihead: building a fused PyTorch kernel failed (%s); the eager formulas stay "
+                     "in use (the same numbers)", tail)
+            try:
+                self._file(".failed").write_text(err[-20000:])
+            except OSError:
+                pass
+        finally:
+            for suffix in (".lock", ".log"):
+                try:
+                    self._file(suffix).unlink()
+                except OSError:
+                    pass
 
-    def get(self, mode: Any) -> Any:
-        """The kernel's runner, or None while there is none (yet)."""
+    def get(self, mode: Any, count: bool = True) -> Any:
+        """The kernel's runner, or None while there is none (yet).  ``mode is True``: build or
+        load it now and wait.  ``count``: this call counts towards :data:`HOT_CALLS`."""
         if self.state == "ready":
             return self.runner
         if self.state == "off":
             return None
-        self.calls += 1
-        if self.state == "new":
-            if self.path.exists() and self._load():
-                return self.runner
-            if mode is True or self.calls >= HOT_CALLS:
-                self._start(wait=mode is True)
-                return self.runner
-            return None
-        # building in the background
-        if self.calls % POLL_EVERY == 0 and self.proc is not None and self.proc.poll() is not None:
-            self._finish()
-        return self.runner
+        with self._lock:
+            if count:
+                self.calls += 1
+            if self.state == "new":
+                if self.path.exists() and self._load():
+                    return self.runner
+                if mode is True or self.calls >= HOT_CALLS:
+                    self._start(wait=mode is True)
+            elif self.state == "building":
+                if mode is True:
+                    self.proc.wait()
+                    self._finish()
+                elif self.calls % POLL_EVERY == 0 and self.proc.poll() is not None:
+                    self._finish()
+            elif self.state == "waiting":  # another process builds it
+                if mode is True:
+                    self._wait_for_other()
+                elif self.calls % POLL_EVERY == 0 and (self.path.exists() or not self._file(".lock").exists()):
+                    if not (self.path.exists() and self._load()):
+                        self.state = "new"  # that build failed: build it here when hot
+            return self.runner
 
 
 class KernelCache:
@@ -302,7 +374,7 @@ class KernelCache:
     def __init__(self, head: Any, mode: Any):
         self.head_json = head.to_json()
         self.mode = mode  # "auto" | True
-        self._entries: dict[int, _Entry] = {}
+        self._entries: dict[tuple, _Entry] = {}
         self._lock = threading.Lock()
 
     def _entry(self, weight_ndim: int, label_dtype: Any) -> _Entry:
@@ -316,10 +388,10 @@ class KernelCache:
                     entry = self._entries[key] = _Entry(Signature(self.head_json, weight_ndim, name))
         return entry
 
-    def runner(self, weight_ndim: int, label_dtype: Any) -> Any:
+    def runner(self, weight_ndim: int, label_dtype: Any, count: bool = True) -> Any:
         """The kernel for labels of ``label_dtype`` and a sample weight of rank ``weight_ndim``
-        (0: none), or None."""
-        return self._entry(weight_ndim, label_dtype).get(self.mode)
+        (0: none), or None; ``count``: the call counts towards building it."""
+        return self._entry(weight_ndim, label_dtype).get(self.mode, count)
 
     def warmup(self, weight_ndim: int, label_dtype: Any) -> bool:
         """Build (or load) this kernel now and wait for it; True if it is in use."""
@@ -333,12 +405,12 @@ class KernelCache:
 
 
 def _main(argv: list[str]) -> int:
-    spec, out = Path(argv[0]), Path(argv[1])
+    spec, out = argv[0], Path(argv[1])
     try:
         os.nice(10)  # a background build should not slow the training that asked for it
     except (AttributeError, OSError):
         pass
-    sig = Signature(**json.loads(spec.read_text()))
+    sig = Signature(**json.loads(spec))
     build(sig, out)
     return 0
 

@@ -156,9 +156,8 @@ class NumpyHead(CompiledHead):
         z = self._logits(logits)
         labels, sample_weight = self._inputs(z, labels, sample_weight)
         loss, grad = self._engine().loss_and_grad(z, labels, sample_weight)
-        if upstream is not None:  # the gradient is linear in the upstream gradient
-            g = np.broadcast_to(np.asarray(upstream, dtype=z.dtype), np.shape(loss))
-            grad = grad * (g[..., None] if np.ndim(loss) else g)
+        if upstream is not None:
+            grad = self.ops.times_upstream(grad, np.broadcast_to(np.asarray(upstream, dtype=z.dtype), np.shape(loss)))
         return np.asarray(loss), np.asarray(grad)
 
     def layer(

@@ -34,7 +34,7 @@ from unihead._engine import Engine
 from unihead._ops import Ops
 from unihead.compiled import CompiledHead, canonical_weights
 from unihead.spec import ClassificationHead
-from unihead.validation import logits_dtype_error, validation_enabled, value_errors
+from unihead.validation import logits_dtype_error, validation_enabled
 
 __all__ = ["compile_head", "TorchHead", "TorchOps", "HeadLinear", "HeadLoss"]
 
@@ -111,7 +111,7 @@ class TorchOps(Ops):
         # at 40 (PyTorch's default, 20, would drop 1e-10 of it: too much for float64 results)
         return torch.nn.functional.softplus(x, threshold=40.0)
 
-    def last_index(self, idx: Any, k: int | None = None) -> Any:
+    def last_index(self, idx: Any) -> Any:
         return idx.unsqueeze(-1)  # the (..., 1) index of gather and scatter
 
     def zero_last(self, x: Any, idx: Any) -> Any:
@@ -249,17 +249,15 @@ class _Kernels:
 
     def forward(self, mode: str, z: Any, labels: Any, sw: Any) -> tuple[Any, tuple]:
         if mode.startswith("wide"):
-            return self.wide(z, labels, sw, check=mode == "wide+check")
+            return self.wide(z, labels, sw, count=mode == "wide")
         return self.run(0, mode == "fused", z, labels, sw)
 
-    def wide(self, z: Any, labels: Any, sw: Any, check: bool) -> tuple[Any, tuple]:
-        """The wide formulas: the compiled kernel where there is one, else op by op.  ``check``:
-        look at the one flag of :func:`~unihead.validation.value_errors` (class ids out of range
-        fail in the indexing kernels themselves).  The residuals: the gradient, or none where it
-        is recomputed (:attr:`keeps_grad`)."""
-        loss, grad, bad = self._wide(z, labels, sw, check)
-        if check and bad:
-            raise _InvalidValues
+    def wide(self, z: Any, labels: Any, sw: Any, count: bool = True) -> tuple[Any, tuple]:
+        """The wide formulas on validated inputs: the compiled kernel where there is one, else op
+        by op.  ``count``: this call counts towards building the kernel (not when the short path
+        of :meth:`TorchHead.loss` already counted it).  The residuals: the gradient, or none where
+        it is recomputed (:meth:`keeps_grad`)."""
+        loss, grad = self._wide(z, labels, sw, count)
         return loss, ((grad,) if self.keeps_grad(z) else ())
 
     def keeps_grad(self, z: Any) -> bool:
@@ -270,20 +268,17 @@ class _Kernels:
         """The gradient of the wide formulas for a unit upstream gradient, recomputed."""
         return self._wide(z, labels, sw, False)[1]
 
-    def _wide(self, z: Any, labels: Any, sw: Any, check: bool) -> tuple[Any, Any, bool]:
+    def _wide(self, z: Any, labels: Any, sw: Any, count: bool) -> tuple[Any, Any]:
         runner = None
         if self.aot is not None and _aot_size(z) and not torch.compiler.is_compiling():
             flat = _flatten(self.engine.head, z, labels, sw)
-            runner = self.aot.runner(0 if flat[2] is None else flat[2].dim(), flat[1].dtype)
-        if runner is not None:
-            loss, grad, bad = runner.run([t for t in flat if t is not None])
-            if z.dim() != 2:
-                loss, grad = loss.reshape(z.shape[:-1]) if loss.dim() else loss, grad.reshape(z.shape)
-            return loss, grad, check and bool(bad.item())
-        if check and value_errors(_OPS, self.engine.head, labels, sw, ids_checked=True).item():
-            return None, None, True
-        loss, grad = self.engine.loss_and_grad(z, labels, sw)
-        return loss, grad, False
+            runner = self.aot.runner(0 if flat[2] is None else flat[2].dim(), flat[1].dtype, count=count)
+        if runner is None:
+            return self.engine.loss_and_grad(z, labels, sw)
+        loss, grad, _ = runner.run([t for t in flat if t is not None])  # values checked before
+        if z.dim() != 2:
+            loss, grad = loss.reshape(z.shape[:-1]) if loss.dim() else loss, grad.reshape(z.shape)
+        return loss, grad
 
     def backward(self, mode: str, res: tuple, labels: Any, sw: Any, g: Any) -> Any:
         return self.run(1, mode == "fused", res, labels, sw, g, self.path)
@@ -336,12 +331,12 @@ def _flatten(head: ClassificationHead, z: Any, labels: Any, sw: Any) -> tuple[An
     flattened into one, sparse ids as int64, the sample weight over every leading dimension."""
     if labels.dtype in _SMALL_INTS:
         labels = labels.long()
-    if z.dim() == 2 and (sw is None or sw.dim() == 1 or sw.shape == z.shape):
-        return z, labels, sw
+    if z.dim() == 2 and (sw is None or sw.dim() == 1 or sw.shape == z.shape):  # dense arrays:
+        return z.contiguous(), labels.contiguous(), None if sw is None else sw.contiguous()  # free if so
     k = z.shape[-1]
     lead = z.shape[:-1]
-    z2 = z.reshape(-1, k)
-    y = labels.reshape(-1) if labels.dim() == len(lead) else labels.reshape(-1, k)
+    z2 = z.reshape(-1, k).contiguous()
+    y = (labels.reshape(-1) if labels.dim() == len(lead) else labels.reshape(-1, k)).contiguous()
     if sw is None:
         return z2, y, None
     if sw.dim() <= len(lead):  # one weight per example, possibly for a leading part of them
@@ -391,7 +386,7 @@ class _Loss(torch.autograd.Function):
                 grad = saved[0]
             else:
                 grad = ctx.kernels.wide_grad(saved[0], saved[1], saved[2] if ctx.has_sw else None)
-            grad = grad * (g.unsqueeze(-1) if g.dim() else g)  # linear in the upstream gradient
+            grad = _OPS.times_upstream(grad, g)
         else:
             labels, sw = saved[0], (saved[1] if ctx.has_sw else None)
             res = tuple(saved[2 if ctx.has_sw else 1 :])
@@ -417,7 +412,7 @@ class _Kernel(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, g: Any) -> Any:
-        return None, None, ctx.grad * (g.unsqueeze(-1) if g.dim() else g), None
+        return None, None, _OPS.times_upstream(ctx.grad, g), None
 
 
 _KERNEL = super(torch.autograd.Function, _Kernel).apply
@@ -491,6 +486,7 @@ class TorchHead(CompiledHead):
         if torch.compiler.is_compiling():  # traced: shapes and dtypes, then the formulas
             return self._traced_loss(logits, labels, sample_weight)
         aot = self._kernels.aot
+        counted = False
         if (
             aot is not None
             and sample_weight is None
@@ -503,25 +499,28 @@ class TorchHead(CompiledHead):
             and logits.is_cpu
             and labels.is_cpu
             and labels.shape == (logits.shape if self._dense_labels else logits.shape[:1])
+            and logits.is_contiguous()  # the kernel reads them as dense arrays
+            and labels.is_contiguous()
+            and labels.dtype in self._kernel_labels
             and not torch._C._are_functorch_transforms_active()
         ):
-            runner = aot.runner(0, labels.dtype) if labels.dtype in self._kernel_labels else None
+            runner = aot.runner(0, labels.dtype)
+            counted = True
             if runner is not None:
                 check = self.validate and validation_enabled()
                 try:
                     return _KERNEL(runner, check, logits, labels)
-                except (_InvalidValues, RuntimeError):
+                except (_InvalidValues, RuntimeError) as exc:
                     self._inputs(logits, labels, None, validate=True)  # raises the error that says which
+                    if isinstance(exc, _InvalidValues):  # the same checks on the same values: unreachable
+                        raise AssertionError("unihead: the kernel's value check and validation disagree") from None
                     raise
         z0 = logits if isinstance(logits, torch.Tensor) else None
         z = self._logits(logits)
         mode = self._mode(z)
-        if mode == "wide":  # shapes and dtypes now; values in the computation (one flag)
-            y, sw = self._inputs(z, labels, sample_weight, validate=False)
-            if self.validate and validation_enabled():
-                mode = "wide+check"
-        else:
-            y, sw = self._inputs(z, labels, sample_weight)
+        y, sw = self._inputs(z, labels, sample_weight)  # one reduction and one read for the values
+        if mode == "wide" and counted:
+            mode = "wide:counted"
         if z0 is not None and z0.dtype in _HALF and z0.requires_grad:
             z = z0.float()  # keep the graph to the half-precision logits
         args = (self._kernels, mode, z, y, sw)
@@ -533,11 +532,8 @@ class TorchHead(CompiledHead):
                 # (for torch.func); every argument is given here, so go straight to the C
                 # implementation (tens of microseconds per call at small sizes)
                 out = _APPLY(*args)
-        except _InvalidValues:
-            self._inputs(z, labels, sample_weight, validate=True)  # raises the error that says which
-            raise AssertionError("unihead: a value check failed but no value was found") from None
         except (RuntimeError, IndexError):
-            if mode.startswith("wide"):  # a class id out of range (the indexing kernel's check)
+            if mode.startswith("wide"):  # with validation off: an id out of range (gather's check)
                 self._inputs(z, labels, sample_weight, validate=True)
             raise
         return out[0]
@@ -646,8 +642,15 @@ class HeadLoss(nn.Module):
 def compile_head(head: ClassificationHead, *, validate: bool = True, fused: Any = "auto") -> TorchHead:
     """``unihead.compile(head, "torch", validate=True, fused="auto")``.
 
-    ``fused``: ``"auto"`` runs the loss through kernels compiled by ``torch.compile`` (the same
-    formulas, fused) for logits of at least :data:`FUSED_MIN_ELEMENTS` elements on CPU and CUDA,
-    after a one-time compilation of a few seconds per head (cached on disk by PyTorch); ``True``
-    for every size; ``False`` never (also: environment variable ``UNIHEAD_TORCH_FUSED=0``)."""
+    ``fused`` (docs/benchmarks.md, "Compilation"):
+
+    * ``"auto"``: logits of at least :data:`FUSED_MIN_ELEMENTS` elements (CPU, CUDA) run through
+      kernels compiled by ``torch.compile`` at their first call (a few seconds per head, then
+      PyTorch's disk cache); small float32 CPU inputs run the wide formulas, and once a head has
+      been called :data:`~unihead.backends._torch_aot.HOT_CALLS` times with one kind of input,
+      the same function compiled into one kernel in a background process (cached on disk);
+    * ``True``: as ``"auto"``, but the small-input kernel is built (or loaded) at the first call,
+      which waits for it (:meth:`TorchHead.warmup` does it ahead);
+    * ``False``: nothing is compiled (also: environment variable ``UNIHEAD_TORCH_FUSED=0``); the
+      same numbers, slower."""
     return TorchHead(head, validate=validate, fused=fused)

@@ -20,9 +20,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # background (a head the suite calls 500 times would start one); tests/test_torch_aot.py builds
 # the kernels it checks explicitly.
 if "UNIHEAD_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
     import tempfile
 
     os.environ["UNIHEAD_CACHE_DIR"] = tempfile.mkdtemp(prefix="unihead-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["UNIHEAD_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("UNIHEAD_TORCH_HOT_CALLS", str(10**9))
 
 import pytest  # noqa: E402

@@ -256,6 +256,12 @@ def test_loss_module():
         (H.multiclass(4), torch.zeros(5, 4, dtype=torch.long), torch.zeros(5, dtype=torch.long), "floating-point"),
         (H.multiclass(4, label_format="one_hot"), torch.zeros(2, 4), torch.tensor([[1.0, 1, 0, 0], [1, 0, 0, 0]]),
          "is not one-hot"),
+        # a head whose path builds one-hot rows (no indexing kernel to catch an id out of range)
+        (H.multiclass(4, focal_gamma=2.0), torch.zeros(5, 4), torch.tensor([0, 1, 4, 2, 0]), r"labels\[2\] = 4 is not a class id"),
+        # checked as given: float64 values that would round to a valid float32 one are refused
+        (H.binary(), torch.zeros(3, 1), torch.tensor([0.0, 1.0 + 1e-12, 1.0], dtype=torch.float64), "is not a binary label"),
+        (H.multilabel(2, label_format="probabilities"), torch.zeros(2, 2),
+         torch.tensor([[0.5, 1.0 + 1e-9], [0.0, 1.0]], dtype=torch.float64), "is not a probability"),
     ],
 )
 def test_same_errors_as_numpy(head, z, y, message):

@@ -178,11 +178,19 @@ class Ops:
         xp = self.xp
         return xp.take_along_axis(x, xp.expand_dims(idx, axis=-1), axis=-1)[..., 0]
 
-    def last_index(self, idx: Any, k: int | None = None) -> Any:
-        """``idx`` (one index per row, into a class axis of length ``k``) in the form
-        :meth:`take_last`, :meth:`put_last` and :meth:`zero_last` take fastest, for a formula that
-        indexes with it several times (they also take ``idx`` itself)."""
+    def last_index(self, idx: Any) -> Any:
+        """``idx`` (one index per row) in the form :meth:`take_last`, :meth:`put_last` and
+        :meth:`zero_last` take fastest, for a formula that indexes with it several times (they
+        also take ``idx`` itself)."""
         return idx
+
+    def times_upstream(self, grad: Any, g: Any) -> Any:
+        """``grad`` (the gradient for a unit upstream gradient) times the upstream gradient ``g``:
+        a scalar, or one value per example of a ``reduction="none"`` loss (the loss is linear in
+        it, so this is the gradient for ``g``)."""
+        if len(getattr(g, "shape", ())) == 0:
+            return grad * g
+        return grad * self.xp.expand_dims(g, axis=-1)
 
     def zero_last(self, x: Any, idx: Any) -> Any:
         """``x`` with ``x[..., idx] = 0`` (one index per row); may write into ``x``."""

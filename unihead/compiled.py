@@ -54,7 +54,11 @@ class CompiledHead:
 
     # -- shared implementation ---------------------------------------------------------------
     def _engine(self) -> Engine:
-        return Engine(self.head, self.ops)
+        """This head's engine, built once (it keeps what it derives from the spec)."""
+        engine = self.__dict__.get("_engine_built")
+        if engine is None or engine.ops is not self.ops:
+            engine = self.__dict__["_engine_built"] = Engine(self.head, self.ops)
+        return engine
 
     def _check(self, z: Any) -> Any:
         check_logits(self.ops, self.head, z)

@@ -475,7 +475,7 @@ def sparse_nll_wide(ops: Ops, z: Any, y: Any, eps: float, grad: bool = True) -> 
     asked for).  About twenty array operations, most of them in place: where each is a kernel
     launch (eager PyTorch), their number is the cost."""
     xp = ops.xp
-    ix = ops.last_index(y, z.shape[-1])
+    ix = ops.last_index(y)
     z -= xp.max(z, axis=-1, keepdims=True)
     dy = ops.take_last(z, ix)
     e = ops.zero_last(xp.exp(z), ix)

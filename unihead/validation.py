@@ -137,16 +137,13 @@ def check_inputs(
     sample_weight: Any = None,
     *,
     validate: bool = True,
-    ids_checked: bool = False,
 ) -> tuple[Any, Any]:
     """Validate labels and sample weights against logits ``z`` (already checked) and return them
     normalised: labels in the shape and dtype the engine takes, the sample weight in ``z``'s
     dtype.  Value checks run when ``validate`` and the global switch are on and values exist:
-    one reduction (:func:`value_errors`) and one read of its result; only when it finds something
-    do the checks that locate and describe the first bad value run.
-
-    ``ids_checked``: the caller's computation rejects class ids outside ``[0, K)`` itself (an
-    indexing kernel with bounds checks); on its error the caller calls this again without it."""
+    one reduction (:func:`value_errors`, on the values as given, before any conversion) and one
+    read of its result; only when it finds something do the checks that locate and describe the
+    first bad value run."""
     lead = tuple(z.shape[:-1])
     on = validate and validation_enabled()
     with ops.eager():
@@ -155,7 +152,7 @@ def check_inputs(
         if sample_weight is not None:
             sample_weight = _check_sample_weight(ops, head, z, lead, sample_weight, False)
         concrete = on and ops.is_concrete(labels) and (sample_weight is None or ops.is_concrete(sample_weight))
-        if concrete and _any(ops, value_errors(ops, head, labels, sample_weight, ids_checked=ids_checked)):
+        if concrete and _any(ops, value_errors(ops, head, raw_labels, raw_weight)):
             # the message names the value as it was given (3, not 3.0)
             _check_labels(ops, head, z, lead, raw_labels, True)
             if raw_weight is not None:
@@ -163,29 +160,27 @@ def check_inputs(
     return labels, sample_weight
 
 
-def value_errors(
-    ops: Ops, head: ClassificationHead, labels: Any, sample_weight: Any = None, *, ids_checked: bool = False
-) -> Any:
-    """Whether any value of normalised labels (or the sample weight) breaks docs/semantics.md
-    §9, as one 0-d boolean array computed with array operations only: no value is read on the
-    host, so it can run inside a compiled kernel or under tracing.  ``ids_checked`` leaves out
-    the range of sparse class ids (see :func:`check_inputs`)."""
+def value_errors(ops: Ops, head: ClassificationHead, labels: Any, sample_weight: Any = None) -> Any:
+    """Whether any value of the labels or the sample weight, as given (before conversion to the
+    logits' dtype, which could round an invalid value to a valid one), breaks docs/semantics.md
+    §9: one 0-d boolean array computed with array operations only.  No value is read on the
+    host, so it can run inside a compiled kernel or under tracing."""
     xp = ops.xp
     y = labels
     fmt = head.label_format
     k = head.num_classes
     checks = []
     if fmt == "sparse":
-        if not ids_checked:
-            bad = (y < 0) | (y >= k)
-            checks.append(bad if head.ignore_index is None else bad & (y != head.ignore_index))
+        bad = (y < 0) | (y >= k)
+        checks.append(bad if head.ignore_index is None else bad & (y != head.ignore_index))
     elif fmt == "binary":
         if not ops.is_bool(y):
             # y (y - 1) is 0 exactly for 0 and 1, and NaN (true) for NaN
             bad = y * (y - 1)
             checks.append(bad if head.ignore_index is None else ops.where0(y != head.ignore_index, bad))
     elif fmt in ("one_hot", "multi_hot"):
-        checks.append(y * (y - 1))
+        if not ops.is_bool(y):  # booleans are 0/1
+            checks.append(y * (y - 1))
         if fmt == "one_hot":
             checks.append(xp.sum(xp.astype(y != 0, ops.index_dtype()), axis=-1) != 1)
     else:  # probabilities
