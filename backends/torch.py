@@ -11,7 +11,11 @@ the Array API; this module adds what is PyTorch-specific:
 * the output layer (:class:`HeadLinear`, an ``nn.Linear`` that carries its spec) and a loss
   module (:class:`HeadLoss`) for code that expects ``criterion(logits, target)``;
 * weights in and out in unihead's canonical layout (``kernel (in, out)``, ``bias (out,)``),
-  transposing PyTorch's ``(out, in)``.
+  transposing PyTorch's ``(out, in)``;
+* speed: float32 logits on the CPU are evaluated in float64 and rounded once (the wide formulas,
+  a dozen native kernels), and a head called often gets the same function compiled into one
+  kernel in the background (:mod:`._torch_aot`); large inputs run fused float32 kernels
+  (:class:`_Kernels`; docs/benchmarks.md, "Compilation").
 
 Validation of label values reads them (a device synchronisation on accelerators): it runs by
 default, is skipped with ``compile(head, "torch", validate=False)`` or
