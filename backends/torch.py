@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from unihead._engine import Engine
+from unihead._engine import Engine, broadcast_prefix
 from unihead._ops import Ops
 from unihead.compiled import CompiledHead, canonical_weights
 from unihead.spec import ClassificationHead
@@ -344,7 +344,7 @@ def _flatten(head: ClassificationHead, z: Any, labels: Any, sw: Any) -> tuple[An
     if sw is None:
         return z2, y, None
     if sw.dim() <= len(lead):  # one weight per example, possibly for a leading part of them
-        w = sw.reshape(sw.shape + (1,) * (len(lead) - sw.dim())).expand(lead).reshape(-1)
+        w = broadcast_prefix(_XP, sw, lead).expand(lead).reshape(-1)
     else:  # one per label
         w = sw.expand(z.shape).reshape(-1, k)
     return z2, y, w

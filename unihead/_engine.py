@@ -20,7 +20,7 @@ from . import formulas as F
 from ._ops import Ops
 from .spec import ClassificationHead
 
-__all__ = ["Engine", "Prepared"]
+__all__ = ["Engine", "Prepared", "broadcast_prefix"]
 
 
 class Prepared(NamedTuple):
@@ -180,7 +180,7 @@ class Engine:
             q = labels
             w_el = None
             if sample_weight is not None:
-                w_el = _broadcast_prefix(xp, sample_weight, lead + (k,)) * xp.ones_like(z)
+                w_el = broadcast_prefix(xp, sample_weight, lead + (k,)) * xp.ones_like(z)
             if cw is not None:
                 w_el = cw * xp.ones_like(z) if w_el is None else w_el * cw
             a, b = self._binary_targets(q)
@@ -190,7 +190,7 @@ class Engine:
 
         w = None
         if sample_weight is not None:  # times ones: to the leading shape (a batch size may be unknown while tracing)
-            w = _broadcast_prefix(xp, sample_weight, lead) * xp.ones_like(z[..., 0])
+            w = broadcast_prefix(xp, sample_weight, lead) * xp.ones_like(z[..., 0])
         if head.task == "binary":
             q = labels
             if head.ignore_index is not None:
@@ -426,7 +426,7 @@ def _size(x: Any) -> Any:
     return n
 
 
-def _broadcast_prefix(xp: Any, x: Any, shape: tuple[int, ...]) -> Any:
+def broadcast_prefix(xp: Any, x: Any, shape: tuple[int, ...]) -> Any:
     """Add trailing axes to ``x`` (whose shape is a prefix of ``shape``) to broadcast against it."""
     for _ in range(len(shape) - len(x.shape)):
         x = xp.expand_dims(x, axis=-1)
