@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import types
 from typing import Any, Callable
 
 import numpy as np
@@ -115,9 +116,15 @@ def torch_steps(task: str, batch: int, compiled_model: bool) -> tuple[Callable, 
         model = nn.Sequential(nn.Linear(x.shape[1], HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, HIDDEN), nn.ReLU(),
                               nn.Linear(HIDDEN, k))
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
-        forward = lambda xb, yb: loss(model(xb), yb)  # noqa: E731
+        def forward(xb: Any, yb: Any) -> Any:
+            return loss(model(xb), yb)
+
         if compiled_model:
-            forward = torch.compile(forward)
+            # Dynamo caches compiled code per code object, at most 8 entries (then it runs the
+            # frame uncompiled): every model gets a code object of its own, as separate training
+            # scripts would have, so that neither side checks the other's guards
+            forward = torch.compile(types.FunctionType(
+                forward.__code__.replace(), forward.__globals__, "forward", None, forward.__closure__))
         data = [(torch.as_tensor(a), torch.as_tensor(b)) for a, b in batches(x, y, batch)]
         state = {"i": 0}
 
