@@ -16,7 +16,7 @@ import tensorflow as tf
 from unihead._ops import Ops
 from unihead.compiled import CompiledHead
 from unihead.spec import ClassificationHead
-from unihead.validation import logits_dtype_error
+from unihead._validation import logits_dtype_error
 
 __all__ = ["TFHead", "TFOps", "TFNamespace"]
 

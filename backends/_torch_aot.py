@@ -150,7 +150,7 @@ def kernel_function(sig: Signature) -> Any:
 
     from unihead._engine import Engine
     from unihead.spec import ClassificationHead
-    from unihead.validation import value_errors
+    from unihead._validation import value_errors
 
     from .torch import TorchOps
 

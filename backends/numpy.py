@@ -17,7 +17,7 @@ import numpy as np
 from unihead._ops import Ops
 from unihead.compiled import CompiledHead, canonical_weights, glorot_uniform
 from unihead.spec import ClassificationHead
-from unihead.validation import logits_dtype_error
+from unihead._validation import logits_dtype_error
 
 __all__ = ["compile_head", "NumpyHead", "NumpyOps", "Dense"]
 

@@ -38,7 +38,7 @@ from unihead._engine import Engine, broadcast_prefix
 from unihead._ops import Ops
 from unihead.compiled import CompiledHead, canonical_weights
 from unihead.spec import ClassificationHead
-from unihead.validation import logits_dtype_error, validation_enabled
+from unihead._validation import logits_dtype_error, validation_enabled
 
 __all__ = ["compile_head", "TorchHead", "TorchOps", "HeadLinear", "HeadLoss"]
 

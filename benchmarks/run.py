@@ -48,7 +48,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from unihead.port import ulp32_errors  # imports no framework
+from unihead._port import ulp32_errors  # imports no framework
 
 ROOT = Path(__file__).resolve().parents[1]
 PATHS = ("torch", "torch-compile", "jax", "keras-jax", "keras-torch", "keras-tensorflow")

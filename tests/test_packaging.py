@@ -40,6 +40,21 @@ def test_import_unihead_imports_no_framework():
     assert out.stdout.strip() == "[]"
 
 
+def test_public_names_are_not_shadowed_by_modules():
+    """``unihead.port``, ``unihead.diagnose`` and ``unihead.validation`` are functions; the modules
+    that define them are private, so that importing a module never rebinds a public name."""
+    import importlib
+    import types
+
+    for name in ("port", "diagnose", "validation", "compile", "load", "save", "infer"):
+        assert isinstance(getattr(unihead, name), types.FunctionType), name
+        with pytest.raises(ModuleNotFoundError):
+            importlib.import_module(f"unihead.{name}")
+    for name in ("_port", "_diagnose", "_validation"):
+        importlib.import_module(f"unihead.{name}")
+    assert isinstance(unihead.port, types.FunctionType)  # still the function after the imports
+
+
 def test_backends_and_conformance_are_subpackages_of_unihead():
     import unihead.backends.numpy as nb
     import unihead.conformance.reference as ref

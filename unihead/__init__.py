@@ -10,12 +10,12 @@
 from ._registry import available_backends, compile
 from ._version import __version__
 from .compiled import CompiledHead
-from .diagnose import Diagnosis, Finding, diagnose, infer
+from ._diagnose import Diagnosis, Finding, diagnose, infer
 from .errors import BackendNotAvailableError, HeadFileError, HeadSpecError
 from .headfile import load, save
-from .port import Ported, port
+from ._port import Ported, port
 from .spec import ClassificationHead
-from .validation import set_validation, validation
+from ._validation import set_validation, validation
 
 from . import _keras_hook
 

@@ -94,7 +94,7 @@ def add_diagnose(sub: Any) -> None:
 def run_diagnose(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .diagnose import diagnose
+    from ._diagnose import diagnose
 
     model, loss = _load_model(args.model, args.loss)
     labels = np.load(args.labels, allow_pickle=False) if args.labels else None
@@ -135,7 +135,7 @@ _SNIPPETS = {
 def run_port(args: argparse.Namespace) -> int:
     from ._registry import BUILTIN_BACKENDS
     from .headfile import save
-    from .port import port
+    from ._port import port
 
     if not args.to and not args.out:
         raise SystemExit("unihead port: give --to FRAMEWORK, --out HEAD.safetensors, or both.")

@@ -6,7 +6,7 @@ loss, the reduction, and the analytic backward pass, on top of :mod:`unihead.for
 Backends plug these into their own autodiff (``torch.autograd.Function``, ``jax.custom_vjp``,
 ``tf.custom_gradient``); the NumPy backend calls both directly.
 
-Inputs are already validated (:mod:`unihead.validation`): logits are float32/float64 of shape
+Inputs are already validated (:mod:`unihead._validation`): logits are float32/float64 of shape
 ``(..., num_outputs)``, labels have the documented shape and values, the sample weight is
 broadcastable as documented, and everything floating is in the compute dtype.
 """

@@ -9,7 +9,7 @@ import numpy as np
 from ._engine import Engine
 from ._ops import Ops
 from .spec import ClassificationHead
-from .validation import check_inputs, check_logits
+from ._validation import check_inputs, check_logits
 
 __all__ = ["CompiledHead", "canonical_weights", "host_weights", "glorot_uniform"]
 
@@ -66,7 +66,7 @@ class CompiledHead:
 
     def _inputs(self, z: Any, labels: Any, sample_weight: Any, validate: bool | None = None) -> tuple[Any, Any]:
         """Labels and sample weight as the backend's arrays, checked and normalised
-        (:func:`~unihead.validation.check_inputs`); ``validate`` overrides the head's option."""
+        (:func:`~unihead._validation.check_inputs`); ``validate`` overrides the head's option."""
         with self.ops.eager():  # constants stay concrete (checkable) even while tracing
             labels = self._as_array(labels, z)
             if sample_weight is not None:

@@ -107,7 +107,7 @@ def _resolve(source: Any, loss: Any) -> tuple[ClassificationHead, dict[str, np.n
         weights = host_weights(weights)
         kernel, bias = canonical_weights(head, None, weights)
         return head, {"kernel": kernel, "bias": bias}, "numpy", None
-    from .diagnose import diagnose
+    from ._diagnose import diagnose
 
     d = diagnose(source, loss)
     if not d.ok:
