@@ -1,7 +1,7 @@
 """unihead.diagnose / unihead.infer / ClassificationHead.from_labels.
 
-Every question in ../shared/seeds is a test here: the model it describes is built (small input
-shape), diagnosed, and the finding must name the seed's actual problem; the seeds' correct
+Every question in tests/data/questions is a test here: the model it describes is built (small
+input shape), diagnosed, and the finding must name the question's actual problem; its correct
 answers must give no finding.  The PyTorch twins of the same mistakes follow.
 """
 
@@ -18,10 +18,11 @@ from unihead import HeadSpecError
 
 from .conftest import require
 
-SEEDS = Path(__file__).resolve().parents[2] / "shared" / "seeds"
+# The user questions, described in the project's own words (see the README there).
+QUESTIONS = Path(__file__).resolve().parent / "data" / "questions"
 
 
-# ------------------------------------------------------------------------------ Keras: the seeds
+# ------------------------------------------------------------------------------ Keras: the questions
 def keras_model(*head_layers, loss=None, in_features=8):
     keras = require("keras")
     model = keras.Sequential([keras.Input((in_features,)), keras.layers.Dense(16, activation="relu"), *head_layers])
@@ -35,9 +36,10 @@ def Dense(*a, **k):
 
 
 def seed_text(prefix: str) -> str:
-    """The seed file: the test also checks that the model it builds is the one the seed shows."""
-    files = sorted(SEEDS.glob(f"{prefix}_*.txt"))
-    assert files, f"seed {prefix} not found in {SEEDS} (the repository expects ../shared beside it)"
+    """The description of question ``prefix``: the test also checks that the model it builds is the
+    one the question describes."""
+    files = sorted(QUESTIONS.glob(f"{prefix}_*.md"))
+    assert len(files) == 1, f"question {prefix}: expected one file {prefix}_*.md in {QUESTIONS}, found {files}"
     return files[0].read_text()
 
 
@@ -45,27 +47,28 @@ def squash(text: str) -> str:
     return "".join(text.split()).replace('"', "'")
 
 
-# (seed, the line(s) of the seed the model reproduces, builder, labels, expected error codes)
+# (question, the fragments of its description the model reproduces, builder, labels, expected error codes)
 SEED_MISTAKES = {
     "000 Dense(1, softmax)": (
-        "000", ["Dense(1, activation = 'softmax')"],
+        "000", ["Dense(1, activation='softmax')", "loss='binary_crossentropy'", "labels 0/1"],
         lambda: keras_model(Dense(1, activation="softmax"), loss="binary_crossentropy"),
         np.array([0, 1, 1, 0]), {"softmax_one_unit"}),
     "001 sigmoid + binary_crossentropy on 4 classes": (
-        "001", ["model.add(Dense(1))", "model.add(Activation('sigmoid'))", "loss='binary_crossentropy'"],
+        "001", ["keras.layers.Dense(1), keras.layers.Activation('sigmoid')", "loss='binary_crossentropy'",
+                "labels are the class ids 0, 1, 2, 3"],
         lambda: keras_model(Dense(1), require("keras").layers.Activation("sigmoid"), loss="binary_crossentropy"),
         np.array([0, 1, 2, 3, 2, 1, 0, 3]), {"bce_multiclass_labels"}),
     "002 categorical_crossentropy with integer labels": (
-        "002", ["model.add(Dense(units=2, activation='softmax'))", "y:need to ont-hot form ->(2000,2)",
-                "loss='categorical_crossentropy'"],
+        "002", ["Dense(units=2, activation='softmax')", "loss='categorical_crossentropy'",
+                "the integer labels 0/1", "the labels have to be one-hot, shape (N, 2)"],
         lambda: keras_model(Dense(2, activation="softmax"), loss="categorical_crossentropy"),
         np.array([0, 1, 1, 0]), {"ids_with_categorical_loss"}),
     "003 three sigmoids + categorical_crossentropy": (
-        "003", ["model.add(Dense(3, activation='sigmoid'))", "loss='categorical_crossentropy'"],
+        "003", ["Dense(3, activation='sigmoid')", "loss='categorical_crossentropy'", "one-hot labels"],
         lambda: keras_model(Dense(3, activation="sigmoid"), loss="categorical_crossentropy"),
         np.eye(3)[[0, 1, 2, 1, 0]], {"sigmoid_categorical_loss"}),
     "004 softmax + from_logits=True": (
-        "004", ["activation='softmax'", "from_logits=True"],
+        "004", ["activation='softmax'", "CategoricalCrossentropy(from_logits=True)", "one-hot labels"],
         lambda: keras_model(Dense(2, activation="softmax"),
                             loss=require("keras").losses.CategoricalCrossentropy(from_logits=True)),
         np.eye(2)[[0, 1, 1, 0]], {"double_activation"}),
@@ -130,12 +133,21 @@ SEED_CORRECT = {
 
 
 SEED_CORRECT_QUOTES = {
-    "000": ["keras.layers.Dense(2, activation = 'softmax')"],
-    "002": ["model.add(Dense(units=1, activation='sigmoid'))", "loss='binary_crossentropy'",
-            "model.fit(X, to_categorical(y))"],
-    "003": ["model.add(Dense(3, activation='softmax'))"],
-    "004": ["from_logits"],
+    "000": ["keras.layers.Dense(2, activation='softmax')", "loss='categorical_crossentropy'", "one-hot labels"],
+    "001": ["Dense(4, activation='softmax')", "loss='sparse_categorical_crossentropy'"],
+    "002": ["Dense(units=1, activation='sigmoid')", "loss='binary_crossentropy'",
+            "model.fit(x, keras.utils.to_categorical(y))"],
+    "003": ["Dense(3, activation='softmax')", "loss='categorical_crossentropy'"],
+    "004": ["Dense(2)", "CategoricalCrossentropy(from_logits=True)"],
 }
+
+
+def test_every_question_is_built_wrong_and_right():
+    """No description in tests/data/questions goes untested: each one's mistake and its answer."""
+    numbers = {p.name.split("_")[0] for p in QUESTIONS.glob("*_*.md")}
+    assert {seed for seed, *_ in SEED_MISTAKES.values()} == numbers
+    assert {seed for seed, *_ in SEED_CORRECT.values() if seed is not None} == numbers
+    assert set(SEED_CORRECT_QUOTES) == numbers
 
 
 @pytest.mark.parametrize("name", list(SEED_CORRECT))
