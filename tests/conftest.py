@@ -52,3 +52,15 @@ def require(module: str):
         if REQUIRE_ALL:
             pytest.fail(f"{module} must be installed for this run (CI): {exc}")
         pytest.skip(f"{module} is not installed")
+
+
+def pyproject() -> dict:
+    """The repository's pyproject.toml, parsed (``tomllib`` from Python 3.11; on 3.10 pytest itself
+    depends on ``tomli``, the same parser)."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    from pathlib import Path
+
+    return tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
