@@ -20,6 +20,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from .conftest import pyproject, require
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,6 +133,7 @@ with open(report, "w") as f:
 """
 
 
+@pytest.mark.slow
 def test_the_tests_that_read_data_pass_from_a_copy_with_nothing_beside_it(tmp_path):
     """A fresh clone in an empty directory: the copy's tests pass, import the copy's unihead, and
     open nothing beside the copy and nothing in this checkout (but the interpreter's packages)."""
