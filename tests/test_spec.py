@@ -218,3 +218,105 @@ def test_from_json_rejects_non_json_and_nan():
     # a contradiction in stored data is caught by the same validation as the constructor
     with pytest.raises(HeadSpecError, match="always 1.0"):
         H.from_json('{"task": "multiclass", "num_classes": 1}')
+
+
+# ----------------------------------------------------------------------------- from_labels
+IDS5 = np.array([0, 5, 2, 1])  # ids up to 5: multiclass(6)
+ONE_HOT4 = np.eye(4)[[0, 1, 3]]
+MULTI_HOT3 = np.array([[1, 0, 1], [0, 0, 0], [0, 1, 0]])
+PROB_ROWS2 = np.array([[0.2, 0.8], [0.5, 0.5]])
+PROB_ROWS3_FREE = np.array([[0.2, 0.9, 0.0], [0.5, 0.1, 1.0]])  # rows not summing to 1
+PROBS = np.array([0.2, 0.7, 1.0])  # one probability per example
+Y01 = np.array([0, 1, 1, 0])
+COL01 = Y01[:, None]  # an (N, 1) column
+
+
+@pytest.mark.parametrize("labels, kwargs, head", [
+    # num_classes that agrees with the labels
+    (IDS5, {"num_classes": 6}, H.multiclass(6)),
+    (IDS5, {"num_classes": 9}, H.multiclass(9)),  # classes that never occur in this sample
+    (ONE_HOT4, {"num_classes": 4}, H.multiclass(4, label_format="one_hot")),
+    (MULTI_HOT3, {"num_classes": 3}, H.multilabel(3)),
+    (PROB_ROWS2, {"num_classes": 2}, H.multiclass(2, label_format="probabilities")),
+    (PROB_ROWS3_FREE, {"num_classes": 3}, H.multilabel(3, label_format="probabilities")),
+    (PROBS, {"num_classes": 2}, H.binary(label_format="probabilities")),
+    (COL01, {"num_classes": 3}, H.multiclass(3)),
+    (COL01, {}, H.binary()),
+    (Y01, {"num_classes": 2}, H.multiclass(2)),  # num_classes=K asks for multiclass(K)
+    # task / label_format choose among the readings of the same values
+    (ONE_HOT4, {"task": "multilabel"}, H.multilabel(4)),
+    (ONE_HOT4, {"label_format": "probabilities"}, H.multiclass(4, label_format="probabilities")),
+    (ONE_HOT4, {"task": "multilabel", "label_format": "probabilities"}, H.multilabel(4, label_format="probabilities")),
+    (MULTI_HOT3, {"label_format": "probabilities"}, H.multilabel(3, label_format="probabilities")),
+    (PROB_ROWS2, {"task": "multilabel"}, H.multilabel(2, label_format="probabilities")),
+    (Y01, {"task": "multiclass"}, H.multiclass(2)),
+    (Y01, {"label_format": "sparse"}, H.multiclass(2)),
+    (Y01, {"label_format": "probabilities"}, H.binary(label_format="probabilities")),
+    (np.array([1, 1, 1]), {"task": "binary"}, H.binary()),  # one class present, but binary is said
+    # options only a binary head takes pick the binary reading of 0/1 ids, also with num_classes=2
+    (Y01, {"num_classes": 2, "binary_units": 2}, H.binary(binary_units=2)),
+    (Y01, {"num_classes": 2, "pos_weight": 3.0}, H.binary(pos_weight=3.0)),
+    (Y01, {"binary_units": 2, "label_smoothing": 0.1}, H.binary(binary_units=2, label_smoothing=0.1)),
+    # ids equal to ignore_index are not classes
+    (np.array([0, 1, -1, 2]), {"ignore_index": -1}, H.multiclass(3, ignore_index=-1)),
+    (np.array([0, 3, 255, 2]), {"ignore_index": 255}, H.multiclass(4, ignore_index=255)),
+    (np.array([0, 1, -100, 1]), {"ignore_index": -100}, H.binary(ignore_index=-100)),
+])
+def test_from_labels_with_options_that_agree_gives_the_right_head(labels, kwargs, head):
+    assert H.from_labels(labels, **kwargs) == head
+
+
+@pytest.mark.parametrize("labels, kwargs, message", [
+    # num_classes contradicting the labels, with what to pass instead
+    (IDS5, {"num_classes": 3},
+     r"^labels have ids up to 5 but num_classes=3: pass num_classes=6 or more, or fix the labels\.$"),
+    (np.array([[0], [4], [1]]), {"num_classes": 2}, r"ids up to 4 but num_classes=2: pass num_classes=5 or more"),
+    (ONE_HOT4, {"num_classes": 7},
+     r"one-hot rows of width 4, shape \(3, 4\), but num_classes=7: .* pass num_classes=4 \(or leave it out\)"),
+    (ONE_HOT4, {"num_classes": 3}, r"one-hot rows of width 4.*pass num_classes=4"),
+    (MULTI_HOT3, {"num_classes": 2}, r"multi-hot rows of width 3.*but num_classes=2.*pass num_classes=3"),
+    (PROB_ROWS2, {"num_classes": 3}, r"probability rows of width 2.*pass num_classes=2"),
+    (PROB_ROWS3_FREE, {"num_classes": 5}, r"probabilities in \[0, 1\], shape \(2, 3\), but num_classes=5.*pass num_classes=3"),
+    (PROBS, {"num_classes": 3},
+     r"fit a binary head \(2 classes\), but num_classes=3: leave num_classes out \(or pass 2\); for 3 classes give rows"),
+    (Y01, {"num_classes": 1}, r"ids up to 1 but num_classes=1: pass num_classes=2 or more"),
+    # task / label_format that no reading of the labels fits
+    (IDS5, {"task": "binary"}, r"ids 0\.\.5.*fit ClassificationHead\.multiclass\(6\), not task='binary'\. A binary head takes 0/1"),
+    (IDS5, {"task": "multilabel"}, r"not task='multilabel'\. To give rows, convert the ids: np\.eye\(K\)\[y\]"),
+    (IDS5, {"label_format": "one_hot"}, r"not label_format='one_hot'.*np\.eye\(K\)\[y\].*leave out label_format to get ClassificationHead\.multiclass\(6\)"),
+    (IDS5, {"label_format": "probabilities"}, r"not label_format='probabilities'"),
+    (ONE_HOT4, {"task": "binary"}, r"not task='binary'\. To give class ids, convert the rows: y\.argmax\(-1\)"),
+    (ONE_HOT4, {"label_format": "sparse"}, r"not label_format='sparse'.*y\.argmax\(-1\)"),
+    (MULTI_HOT3, {"task": "multiclass"}, r"fit ClassificationHead\.multilabel\(3\), not task='multiclass'\. Rows with several 1s"),
+    (MULTI_HOT3, {"label_format": "one_hot"}, r"not label_format='one_hot'"),
+    (PROB_ROWS3_FREE, {"task": "multiclass"}, r"not task='multiclass'\. Multiclass probability rows sum to 1"),
+    (PROBS, {"task": "multiclass"}, r"not task='multiclass'\. One probability per example is a binary head"),
+    (PROBS, {"label_format": "binary"}, r"not label_format='binary'"),
+    (Y01, {"task": "multilabel"}, r"fit ClassificationHead\.binary\(\) or ClassificationHead\.multiclass\(2\), not task='multilabel'"),
+    (Y01, {"task": "binary", "label_format": "sparse"}, r"not task='binary', label_format='sparse'.*leave out task and label_format"),
+    # options the head the labels call for does not take
+    (IDS5, {"pos_weight": 2.0}, r"call for ClassificationHead\.multiclass\(6\), but with these options: pos_weight is for sigmoid heads"),
+    (IDS5, {"class_weights": [1.0, 2.0]}, r"multiclass\(6\), but with these options: class_weights must have length 6"),
+    (ONE_HOT4, {"ignore_index": -1}, r"one_hot.*but with these options: ignore_index only works with integer labels"),
+    (Y01, {"num_classes": 2, "pos_weight": -1.0},
+     r"no head they fit takes these options: ClassificationHead\.multiclass\(2\): pos_weight is for sigmoid.*ClassificationHead\.binary\(\): pos_weight = -1\.0 is negative"),
+    # ignore_index against the labels
+    (np.array([0, 1, -1, 2]), {"ignore_index": -100}, r"negative ids \[-1\], and ignore_index=-100 is not among them: pass ignore_index=-1"),
+    (np.array([0, -2, -1, 2]), {"ignore_index": -1}, r"negative ids \[-2\]"),
+    (np.array([255, 255]), {"ignore_index": 255}, r"every label is ignore_index=255"),
+    # ids an int32 cannot hold
+    (np.array([0, 2**40]), {}, r"ids up to 1099511627776, but class ids must be below 2147483647"),
+    # values that are options of their own
+    (IDS5, {"num_classes": 2**31}, r"num_classes = 2147483648 is out of range"),
+    (IDS5, {"num_classes": 6.0}, r"num_classes must be an integer"),
+    (IDS5, {"task": "multiclas"}, r"Unknown task 'multiclas'.*Did you mean 'multiclass'"),
+    (IDS5, {"label_format": "onehot"}, r"Unknown label_format 'onehot'.*Did you mean 'one_hot'"),
+])
+def test_from_labels_contradictions_are_errors_that_say_what_to_pass(labels, kwargs, message):
+    with pytest.raises(HeadSpecError, match=message):
+        H.from_labels(labels, **kwargs)
+
+
+def test_from_labels_unknown_options_are_type_errors_with_a_suggestion():
+    with pytest.raises(TypeError, match=r"unexpected options \['smoothing'\].*Did you mean 'label_smoothing'"):
+        H.from_labels(Y01, smoothing=0.1)

@@ -8,8 +8,9 @@ from typing import Any
 
 import numpy as np
 
+from ._untrusted import show as _show
 from .errors import HeadSpecError
-from .spec import ClassificationHead
+from .spec import _ALL_FORMATS, _DEFAULT_FORMAT, MAX_INDEX, TASKS, ClassificationHead, _as_int, _suggest
 
 __all__ = ["LabelSummary", "describe_labels", "head_from_labels"]
 
@@ -37,7 +38,8 @@ class LabelSummary:
             neg = f", plus {list(self.negatives)}" if self.negatives else ""
             return f"integer class ids {int(self.min) if not self.negatives else 0}..{int(self.max)}{neg}, shape {self.shape}"
         if self.kind in ("one_hot", "multi_hot", "probability_rows"):
-            return f"{self.kind.replace('_', '-')} rows of width {self.width}, shape {self.shape}"
+            name = {"one_hot": "one-hot", "multi_hot": "multi-hot", "probability_rows": "probability"}[self.kind]
+            return f"{name} rows of width {self.width}, shape {self.shape}"
         if self.kind == "probabilities":
             return f"probabilities in [0, 1], shape {self.shape}"
         return f"values in [{self.min:g}, {self.max:g}], shape {self.shape}"
@@ -81,40 +83,200 @@ def describe_labels(y: Any) -> LabelSummary:
     return LabelSummary("other", shape, integral, lo, hi, k, None)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Fit:
+    """A head a label array fits: ``task``, ``label_format``, and its ``num_classes`` -- exactly
+    ``k``, or (integer ids, multiclass) any ``K >= k``."""
+
+    task: str
+    label_format: str
+    k: int
+    at_least: bool = False
+
+    def call(self, k: int | None = None) -> str:
+        k = self.k if k is None else k
+        if self.task == "binary":
+            return "ClassificationHead.binary(" + ("label_format='probabilities')" if self.label_format != "binary" else ")")
+        fmt = "" if self.label_format == _DEFAULT_FORMAT[self.task] else f", label_format={self.label_format!r}"
+        return f"ClassificationHead.{self.task}({k}{fmt})"
+
+
 def head_from_labels(y: Any, num_classes: int | None = None, **options: Any) -> ClassificationHead:
-    """The head a label array calls for (see :meth:`ClassificationHead.from_labels`)."""
+    """The head a label array calls for (see :meth:`ClassificationHead.from_labels`).
+
+    The labels give the heads they fit, most natural first (0/1 ids: ``binary`` then
+    ``multiclass(2)``; one-hot rows: ``multiclass(K, "one_hot")``, and, when asked for with
+    ``task``/``label_format``, the multilabel and probability readings of the same rows);
+    ``task``, ``label_format`` and ``num_classes`` choose among them, and the first that the other
+    options fit is built.  A choice no reading of the labels fits is an error that says what the
+    labels are and what to pass instead."""
+    fields = {f.name for f in dataclasses.fields(ClassificationHead)} - {"num_classes"}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise TypeError(
+            f"from_labels() got unexpected options {unknown}; options are ClassificationHead's "
+            f"fields: {', '.join(sorted(fields))}." + _suggest(unknown[0], sorted(fields))
+        )
+    task = options.pop("task", None)
+    fmt = options.pop("label_format", None)
+    if task is not None and (not isinstance(task, str) or task not in TASKS):
+        ClassificationHead(task)  # raises the constructor's own message for a wrong task
+    if fmt is not None and (not isinstance(fmt, str) or fmt not in _ALL_FORMATS):
+        raise HeadSpecError(
+            f"Unknown label_format {_show(fmt)}: write one of {', '.join(map(repr, _ALL_FORMATS))}."
+            + (_suggest(fmt, _ALL_FORMATS) if isinstance(fmt, str) else "")
+        )
+    num_classes = _as_int("num_classes", num_classes, allow_none=True)
+    ignore = _as_int("ignore_index", options["ignore_index"]) if options.get("ignore_index") is not None else None
+
     s = describe_labels(y)
     if s.kind == "ids":
-        if s.negatives:
-            marker = s.negatives[0]
+        desc, fits, extra = _id_fits(y, s, num_classes, ignore, task, fmt, options)
+    elif s.kind == "other":
+        raise HeadSpecError(
+            f"labels are {s.describe()}: neither class ids, one-hot/multi-hot rows nor probabilities. "
+            f"Choose between ClassificationHead.multiclass(K) (integer ids 0..K-1), "
+            f"ClassificationHead.multilabel(K) (0/1 rows) and label_format='probabilities' (values in [0, 1])."
+        )
+    else:
+        desc, extra = s.describe(), []
+        k = s.width
+        fits = {
+            "one_hot": [_Fit("multiclass", "one_hot", k)],
+            "multi_hot": [_Fit("multilabel", "multi_hot", k)],
+            "probability_rows": [_Fit("multiclass", "probabilities", k)],
+            "probabilities": [_Fit("multilabel", "probabilities", k) if k else _Fit("binary", "probabilities", 2)],
+        }[s.kind]
+        extra = {  # the same values read another way: only when task/label_format ask for it
+            "one_hot": [_Fit("multiclass", "probabilities", k), _Fit("multilabel", "multi_hot", k),
+                        _Fit("multilabel", "probabilities", k)],
+            "multi_hot": [_Fit("multilabel", "probabilities", k)],
+            "probability_rows": [_Fit("multilabel", "probabilities", k)],
+            "probabilities": [],
+        }[s.kind]
+
+    # ---- task and label_format choose among the readings of the labels
+    def chosen(f: _Fit) -> bool:
+        return (task is None or f.task == task) and (fmt is None or f.label_format == fmt)
+
+    picked = [f for f in fits if chosen(f)] or [f for f in extra if chosen(f)]
+    if not picked:
+        given = [(n, v) for n, v in (("task", task), ("label_format", fmt)) if v is not None]
+        raise HeadSpecError(
+            f"labels are {desc}, which fit {' or '.join(f.call() for f in fits)}, not "
+            f"{', '.join(f'{n}={v!r}' for n, v in given)}. {_conversion_hint(s, task, fmt)}Or leave out "
+            f"{' and '.join(n for n, _ in given)} to get {fits[0].call()}."
+        )
+
+    # ---- num_classes must be the one the labels imply
+    if num_classes is not None:
+        sized = [f for f in picked if (f.k <= num_classes if f.at_least else f.k == num_classes)]
+        if not sized:
+            f = picked[0]
+            if f.at_least:
+                raise HeadSpecError(
+                    f"labels have ids up to {f.k - 1} but num_classes={num_classes}: pass "
+                    f"num_classes={f.k} or more, or fix the labels."
+                )
+            if f.task == "binary":
+                raise HeadSpecError(
+                    f"labels are {desc}, which fit a binary head (2 classes), but num_classes={num_classes}: "
+                    f"leave num_classes out (or pass 2); for {num_classes} classes give rows of "
+                    f"{num_classes} values per example, or integer ids 0..{num_classes - 1}."
+                )
             raise HeadSpecError(
-                f"labels contain negative ids {list(s.negatives)}: if {marker} marks examples to leave out, "
+                f"labels are {desc}, but num_classes={num_classes}: rows of labels have one column per "
+                f"class, so pass num_classes={f.k} (or leave it out), or fix the labels."
+            )
+        picked = sized
+
+    # ---- the first reading the other options fit
+    failures: list[tuple[str, str]] = []
+    for f in picked:
+        k = num_classes if num_classes is not None else f.k
+        try:
+            return ClassificationHead(f.task, num_classes=None if f.task == "binary" else k,
+                                      label_format=f.label_format, **options)
+        except HeadSpecError as e:
+            failures.append((f.call(k), str(e)))
+    if len(failures) == 1:
+        raise HeadSpecError(f"labels are {desc}, which call for {failures[0][0]}, but with these options: "
+                            f"{failures[0][1]}")
+    raise HeadSpecError(
+        f"labels are {desc}; no head they fit takes these options: "
+        + " ".join(f"{call}: {msg}" for call, msg in failures)
+    )
+
+
+def _id_fits(
+    y: Any, s: LabelSummary, num_classes: int | None, ignore: int | None, task: str | None,
+    fmt: str | None, options: dict[str, Any],
+) -> tuple[str, list[_Fit], list[_Fit]]:
+    """Description and readings of integer ids (``ignore`` values left out)."""
+    values = np.unique(np.asarray(y, dtype=np.float64))
+    ignored = ignore is not None and bool(np.any(values == ignore))
+    if ignore is not None:
+        values = values[values != ignore]
+    negatives = [int(v) for v in values[values < 0]]
+    if negatives:
+        marker = negatives[0]
+        if ignore is None:
+            raise HeadSpecError(
+                f"labels contain negative ids {negatives}: if {marker} marks examples to leave out, "
                 f"write ClassificationHead.multiclass(K, ignore_index={marker}) (or binary(ignore_index={marker})); "
                 f"otherwise the labels are not class ids."
             )
-        distinct = np.unique(np.asarray(y))
-        k = num_classes or s.classes
-        if k is None or k < 2 or (num_classes is None and distinct.size < 2):
-            raise HeadSpecError(
-                f"labels only contain class {int(s.max)}: the number of classes cannot be told. Pass "
-                f"num_classes=K, or choose ClassificationHead.binary() (two classes) or "
-                f"ClassificationHead.multiclass(K)."
-            )
-        if k == 2 and num_classes is None:
-            return ClassificationHead.binary(**options)
-        return ClassificationHead.multiclass(k, **options)
-    if s.kind == "one_hot":
-        return ClassificationHead.multiclass(s.width, label_format="one_hot", **options)
-    if s.kind == "multi_hot":
-        return ClassificationHead.multilabel(s.width, **options)
-    if s.kind == "probability_rows":
-        return ClassificationHead.multiclass(s.width, label_format="probabilities", **options)
-    if s.kind == "probabilities":
-        if s.width is None:
-            return ClassificationHead.binary(label_format="probabilities", **options)
-        return ClassificationHead.multilabel(s.width, label_format="probabilities", **options)
-    raise HeadSpecError(
-        f"labels are {s.describe()}: neither class ids, one-hot/multi-hot rows nor probabilities. "
-        f"Choose between ClassificationHead.multiclass(K) (integer ids 0..K-1), "
-        f"ClassificationHead.multilabel(K) (0/1 rows) and label_format='probabilities' (values in [0, 1])."
-    )
+        raise HeadSpecError(
+            f"labels contain negative ids {negatives}, and ignore_index={ignore} is not among them: "
+            + (f"pass ignore_index={marker} if {marker} marks examples to leave out; " if len(negatives) == 1
+               else "one value can mark examples to leave out; ")
+            + "otherwise the labels are not class ids."
+        )
+    if values.size == 0:
+        raise HeadSpecError(
+            f"every label is ignore_index={ignore}: there are no class ids to infer a head from. "
+            f"Write the head: ClassificationHead.multiclass(K, ignore_index={ignore}) or binary(ignore_index={ignore})."
+        )
+    top = int(values.max())
+    if top >= MAX_INDEX:
+        raise HeadSpecError(
+            f"labels have ids up to {top}, but class ids must be below {MAX_INDEX} (2**31 - 1, so that "
+            f"they fit int32 on every backend): fix the labels."
+        )
+    desc = f"integer class ids {int(values.min())}..{top}" + (f" and ignore_index {ignore}" if ignored else "") + \
+        f", shape {s.shape}"
+    binary = [_Fit("binary", "binary", 2)] if top <= 1 else []
+    multiclass = [_Fit("multiclass", "sparse", max(top + 1, 2), at_least=True)]
+    units = options.get("binary_units")
+    wants_binary = task == "binary" or fmt == "binary" or (units is not None and units != 1)
+    if values.size < 2 and num_classes is None and not (binary and wants_binary):
+        raise HeadSpecError(
+            f"labels only contain class {top}: the number of classes cannot be told. Pass "
+            f"num_classes=K, or choose ClassificationHead.binary() (two classes; task='binary') or "
+            f"ClassificationHead.multiclass(K)."
+        )
+    # 0/1 ids are a binary head, unless num_classes=K says multiclass (the binary reading stays
+    # second, for options only a binary head takes: binary_units, pos_weight, threshold)
+    fits = binary + multiclass if num_classes is None or wants_binary else multiclass + binary
+    extra = [_Fit("binary", "probabilities", 2)] if top <= 1 and not ignored else []
+    return desc, fits, extra
+
+
+def _conversion_hint(s: LabelSummary, task: str | None, fmt: str | None) -> str:
+    """How to turn these labels into the ones ``task``/``label_format`` take ('' if no recipe)."""
+    wants_rows = task == "multilabel" or fmt in ("one_hot", "multi_hot") or (
+        fmt == "probabilities" and task != "binary" and s.kind == "ids")
+    wants_ids = task == "binary" or fmt in ("sparse", "binary")
+    if s.kind == "ids" and task == "binary":
+        return "A binary head takes 0/1 labels; more classes are ClassificationHead.multiclass(K). "
+    if s.kind == "ids" and wants_rows:
+        return "To give rows, convert the ids: np.eye(K)[y] (one-hot). "
+    if s.kind in ("one_hot", "probability_rows") and wants_ids:
+        return "To give class ids, convert the rows: y.argmax(-1). "
+    if s.kind == "multi_hot" and (task in ("multiclass", "binary") or wants_ids):
+        return "Rows with several 1s (or none) are several labels per example: a multilabel head. "
+    if s.kind == "probabilities" and s.width is None and task in ("multiclass", "multilabel"):
+        return "One probability per example is a binary head; multiclass and multilabel heads take rows (N, K). "
+    if s.kind == "probabilities" and s.width and task == "multiclass":
+        return "Multiclass probability rows sum to 1; these do not. "
+    return ""

@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import itertools
 import json
 import math
 import operator
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
+from ._untrusted import loads as _loads, show as _show
 from .errors import HeadSpecError
 
-__all__ = ["ClassificationHead", "TASKS", "LABEL_FORMATS", "REDUCTIONS", "SPEC_VERSION"]
+__all__ = ["ClassificationHead", "TASKS", "LABEL_FORMATS", "REDUCTIONS", "SPEC_VERSION", "MAX_INDEX"]
 
 TASKS = ("binary", "multiclass", "multilabel")
 LABEL_FORMATS = {
@@ -37,40 +39,73 @@ _FORMAT_TAG = "unihead.ClassificationHead"
 
 _ALL_FORMATS = tuple(sorted({f for fs in LABEL_FORMATS.values() for f in fs}))
 
+#: The largest class id, class count or tensor width a head may have: ``2**31 - 1``, the largest
+#: int32.  JAX indexes with int32 unless x64 is enabled and Keras casts sparse labels to int32, so
+#: a head must stay addressable by an int32 index to mean the same thing on every backend.  Bounds
+#: ``num_classes`` (ids ``0 .. MAX_INDEX - 1``), ``ignore_index`` (any int32) and, in head files,
+#: ``in_features``.
+MAX_INDEX = 2**31 - 1
+_MIN_INDEX = -(2**31)
+
 
 def _suggest(value: str, choices: Sequence[str]) -> str:
+    if len(value) > 100:  # no name is that long; difflib's cost grows with the length
+        return ""
     close = difflib.get_close_matches(value, choices, n=1)
     return f" Did you mean {close[0]!r}?" if close else ""
 
 
-def _as_int(name: str, value: Any, *, allow_none: bool = False) -> int | None:
+def _is_bool(value: Any) -> bool:
+    """``bool`` or a NumPy/array boolean scalar (``np.True_``): never a number in a spec."""
+    return isinstance(value, bool) or getattr(getattr(value, "dtype", None), "kind", None) == "b"
+
+
+def _as_int(
+    name: str, value: Any, *, allow_none: bool = False, lo: int = _MIN_INDEX, hi: int = MAX_INDEX
+) -> int | None:
+    """``value`` as an int in ``[lo, hi]`` (by default any int32: every integer field of a spec
+    indexes or compares with int32 labels on some backend)."""
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or isinstance(value, float):
-        raise HeadSpecError(f"{name} must be an integer, got {value!r} ({type(value).__name__}).")
+    if _is_bool(value) or isinstance(value, float):
+        raise HeadSpecError(f"{name} must be an integer, got {_show(value)} ({type(value).__name__}).")
     try:
-        return operator.index(value)
+        out = operator.index(value)
     except TypeError:
         raise HeadSpecError(
-            f"{name} must be an integer, got {value!r} ({type(value).__name__})."
+            f"{name} must be an integer, got {_show(value)} ({type(value).__name__})."
         ) from None
+    if not lo <= out <= hi:
+        bound = f"at most {hi}" if out > hi else f"at least {lo}"
+        raise HeadSpecError(
+            f"{name} = {_show(out)} is out of range: it must be {bound}. Class ids, class counts and "
+            f"ignore_index must fit int32 (MAX_INDEX = 2**31 - 1), the index dtype of JAX without "
+            f"x64 and of Keras' sparse labels, so that the head means the same on every backend."
+        )
+    return out
 
 
 def _as_real(name: str, value: Any) -> float:
-    if isinstance(value, bool) or isinstance(value, str) or value is None:
-        raise HeadSpecError(f"{name} must be a real number, got {value!r} ({type(value).__name__}).")
+    if _is_bool(value) or isinstance(value, (str, bytes)) or value is None:
+        raise HeadSpecError(f"{name} must be a real number, got {_show(value)} ({type(value).__name__}).")
     try:
         out = float(value)
+    except OverflowError:
+        raise HeadSpecError(f"{name} must be finite, got {_show(value)} (too large for a float).") from None
     except (TypeError, ValueError):
         raise HeadSpecError(
-            f"{name} must be a real number, got {value!r} ({type(value).__name__})."
+            f"{name} must be a real number, got {_show(value)} ({type(value).__name__})."
         ) from None
     if not math.isfinite(out):
         raise HeadSpecError(f"{name} must be finite, got {out!r}.")
     return out
 
 
-def _as_reals(name: str, value: Any) -> tuple[float, ...]:
+def _as_reals(
+    name: str, value: Any, max_len: int, length_error: Callable[[int | str], str]
+) -> tuple[float, ...]:
+    """``value`` as a tuple of finite floats; more than ``max_len`` values are refused before any
+    is converted, with the message ``length_error(how_many)``."""
     if isinstance(value, (str, bytes, Mapping)) or not hasattr(value, "__iter__"):
         raise HeadSpecError(
             f"{name} must be a sequence of numbers (list, tuple or 1-D array), got "
@@ -79,7 +114,11 @@ def _as_reals(name: str, value: Any) -> tuple[float, ...]:
     shape = getattr(value, "shape", None)
     if shape is not None and len(shape) != 1:
         raise HeadSpecError(f"{name} must be one-dimensional, got an array of shape {tuple(shape)}.")
-    return tuple(_as_real(f"{name}[{i}]", v) for i, v in enumerate(value))
+    items = tuple(itertools.islice(value, max_len + 1))
+    if len(items) > max_len:
+        n = len(value) if hasattr(value, "__len__") else f"more than {max_len}"
+        raise HeadSpecError(length_error(n))
+    return tuple(_as_real(f"{name}[{i}]", v) for i, v in enumerate(items))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +132,9 @@ class ClassificationHead:
 
     - ``task``: ``"binary"`` | ``"multiclass"`` | ``"multilabel"``.
     - ``num_classes``: number of classes (multiclass, >= 2) or labels (multilabel, >= 2);
-      binary heads always have 2 classes (``None`` or ``2``).
+      binary heads always have 2 classes (``None`` or ``2``).  At most :data:`MAX_INDEX`
+      (``2**31 - 1``): class ids must fit int32, the index dtype of JAX (without x64) and of
+      Keras' sparse labels, for a head to mean the same on every backend.
     - ``label_format``: binary ``"binary"`` (0/1 per example) or ``"probabilities"`` (P(class 1)
       per example); multiclass ``"sparse"`` (integer ids), ``"one_hot"`` or ``"probabilities"``;
       multilabel ``"multi_hot"`` or ``"probabilities"``.  ``None`` picks the first.
@@ -105,7 +146,8 @@ class ClassificationHead:
       multiclass: K; multilabel: one per label).
     - ``pos_weight``: binary: one number; multilabel: one number or one per label.  Multiplies
       the positive term of the binary cross-entropy (as PyTorch's ``BCEWithLogitsLoss``).
-    - ``ignore_index``: a label value whose examples are left out (sparse and binary labels).
+    - ``ignore_index``: a label value whose examples are left out (sparse and binary labels);
+      an int32 (``-2**31 .. 2**31 - 1``), like the labels it is compared with.
     - ``focal_gamma``: focal-loss exponent (0 = plain cross-entropy).
     - ``reduction``: ``"mean"`` (weighted mean), ``"sum"`` or ``"none"`` (per example).
     - ``threshold``: decision threshold on P(positive) for binary and multilabel heads.
@@ -128,10 +170,10 @@ class ClassificationHead:
         set_ = object.__setattr__
         task = self.task
         if not isinstance(task, str):
-            raise HeadSpecError(f"task must be a string, one of {TASKS}; got {task!r}.")
+            raise HeadSpecError(f"task must be a string, one of {TASKS}; got {_show(task)}.")
         if task not in TASKS:
             raise HeadSpecError(
-                f"Unknown task {task!r}: write one of {', '.join(map(repr, TASKS))}."
+                f"Unknown task {_show(task)}: write one of {', '.join(map(repr, TASKS))}."
                 + _suggest(task, TASKS)
             )
 
@@ -190,7 +232,7 @@ class ClassificationHead:
         if fmt is None:
             fmt = _DEFAULT_FORMAT[task]
         elif not isinstance(fmt, str):
-            raise HeadSpecError(f"label_format must be a string, got {fmt!r}.")
+            raise HeadSpecError(f"label_format must be a string, got {_show(fmt)}.")
         elif fmt not in allowed:
             if fmt in _ALL_FORMATS:
                 extra = {
@@ -209,7 +251,7 @@ class ClassificationHead:
             else:
                 extra = _suggest(fmt, allowed)
             raise HeadSpecError(
-                f"label_format={fmt!r} is not a {task} label format; write one of "
+                f"label_format={_show(fmt)} is not a {task} label format; write one of "
                 f"{', '.join(map(repr, allowed))}.{extra}"
             )
         set_(self, "label_format", fmt)
@@ -226,15 +268,18 @@ class ClassificationHead:
         # ---- class weights
         cw = self.class_weights
         if cw is not None:
-            cw = _as_reals("class_weights", cw)
             expected = 2 if task == "binary" else num_classes
+            what = {
+                "binary": "2 (for class 0 and class 1)",
+                "multiclass": f"{num_classes} (one per class)",
+                "multilabel": f"{num_classes} (one per label)",
+            }[task]
+            def cw_length(n: int | str) -> str:
+                return f"class_weights must have length {what}, got {n}."
+
+            cw = _as_reals("class_weights", cw, expected, cw_length)
             if len(cw) != expected:
-                what = {
-                    "binary": "2 (for class 0 and class 1)",
-                    "multiclass": f"{num_classes} (one per class)",
-                    "multilabel": f"{num_classes} (one per label)",
-                }[task]
-                raise HeadSpecError(f"class_weights must have length {what}, got {len(cw)}.")
+                raise HeadSpecError(cw_length(len(cw)))
             for i, w in enumerate(cw):
                 if w < 0:
                     raise HeadSpecError(f"class_weights[{i}] = {w} is negative; weights must be >= 0.")
@@ -256,12 +301,16 @@ class ClassificationHead:
                 if pw < 0:
                     raise HeadSpecError(f"pos_weight = {pw} is negative; it must be >= 0.")
             else:
-                pw = _as_reals("pos_weight", pw)
+                def pw_length(n: int | str) -> str:
+                    if task == "binary":
+                        return f"A binary head takes one pos_weight (a number), got {n} values."
+                    return (f"pos_weight must be one number or {num_classes} numbers (one per label), "
+                            f"got {n}.")
+
+                pw = _as_reals("pos_weight", pw, 1 if task == "binary" else num_classes, pw_length)
                 if task == "binary":
                     if len(pw) != 1:
-                        raise HeadSpecError(
-                            f"A binary head takes one pos_weight (a number), got {len(pw)} values."
-                        )
+                        raise HeadSpecError(pw_length(len(pw)))
                     pw = pw[0]
                     if pw < 0:
                         raise HeadSpecError(f"pos_weight = {pw} is negative; it must be >= 0.")
@@ -271,10 +320,7 @@ class ClassificationHead:
                         if pw < 0:
                             raise HeadSpecError(f"pos_weight = {pw} is negative; it must be >= 0.")
                     elif len(pw) != num_classes:
-                        raise HeadSpecError(
-                            f"pos_weight must be one number or {num_classes} numbers (one per label), "
-                            f"got {len(pw)}."
-                        )
+                        raise HeadSpecError(pw_length(len(pw)))
                     else:
                         for i, w in enumerate(pw):
                             if w < 0:
@@ -317,7 +363,7 @@ class ClassificationHead:
             if red is None:
                 hint = " For per-example losses write reduction='none'."
             raise HeadSpecError(
-                f"Unknown reduction {red!r}: write one of {', '.join(map(repr, REDUCTIONS))}.{hint}"
+                f"Unknown reduction {_show(red)}: write one of {', '.join(map(repr, REDUCTIONS))}.{hint}"
             )
 
         thr = _as_real("threshold", self.threshold)
@@ -416,7 +462,15 @@ class ClassificationHead:
         one-hot rows -> ``multiclass(K, label_format="one_hot")``, rows with several 1s ->
         ``multilabel(K)``, floats in [0, 1] -> ``label_format="probabilities"`` (rows summing to 1:
         multiclass; otherwise multilabel, or binary for one value per example).  Ambiguous labels
-        raise an error that says what to choose between.  ``options`` go to the constructor."""
+        raise an error that says what to choose between.
+
+        ``num_classes`` and ``options`` (the constructor's fields) must agree with the labels:
+        ``num_classes`` at least the largest id + 1 (ids) or the row width (rows); ``task`` and
+        ``label_format`` choose among the readings of the labels (one-hot rows with
+        ``task="multilabel"`` give ``multilabel(K)``; 0/1 ids with ``num_classes=2`` give
+        ``multiclass(2)``, or ``binary`` with options only a binary head takes); ids equal to
+        ``ignore_index`` are left out.  A contradiction is a :class:`HeadSpecError` that says what
+        the labels are and what to pass instead; an unknown option is a ``TypeError``."""
         from .labels import head_from_labels
 
         return head_from_labels(labels, num_classes=num_classes, **options)
@@ -478,20 +532,20 @@ class ClassificationHead:
         data = dict(data)
         tag = data.pop("format", _FORMAT_TAG)
         if tag != _FORMAT_TAG:
-            raise HeadSpecError(f"'format' must be {_FORMAT_TAG!r}, got {tag!r}.")
+            raise HeadSpecError(f"'format' must be {_FORMAT_TAG!r}, got {_show(tag)}.")
         version = data.pop("version", SPEC_VERSION)
         if isinstance(version, bool) or not isinstance(version, int):
-            raise HeadSpecError(f"'version' must be an integer, got {version!r}.")
+            raise HeadSpecError(f"'version' must be an integer, got {_show(version)}.")
         if version > SPEC_VERSION or version < 1:
             raise HeadSpecError(
-                f"This head was written with spec version {version}; this unihead reads versions "
+                f"This head was written with spec version {_show(version)}; this unihead reads versions "
                 f"1..{SPEC_VERSION}. Upgrade unihead to read it."
             )
         fields = {f.name for f in dataclasses.fields(cls)}
         for key in data:
             if not isinstance(key, str) or key not in fields:
                 raise HeadSpecError(
-                    f"Unknown key {key!r} in head description; known keys: "
+                    f"Unknown key {_show(key)} in head description; known keys: "
                     f"{', '.join(sorted(fields | {'format', 'version'}))}."
                 )
         if "task" not in data:
@@ -500,7 +554,7 @@ class ClassificationHead:
         def check(key: str, ok: bool, expected: str) -> None:
             if not ok:
                 raise HeadSpecError(
-                    f"Key {key!r} must be {expected}, got {data[key]!r} ({type(data[key]).__name__})."
+                    f"Key {key!r} must be {expected}, got {_show(data[key])} ({type(data[key]).__name__})."
                 )
 
         def is_num(v: Any) -> bool:
@@ -537,16 +591,11 @@ class ClassificationHead:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "ClassificationHead":
-        """Read :meth:`to_json` output; refuses anything but the plain form (no NaN/Infinity)."""
-
-        def bad_constant(name: str) -> Any:
-            raise HeadSpecError(f"Head JSON contains {name}, which is not a valid value here.")
-
-        try:
-            data = json.loads(text, parse_constant=bad_constant)
-        except json.JSONDecodeError as exc:
-            raise HeadSpecError(f"Head JSON is not valid JSON: {exc}.") from None
-        return cls.from_dict(data)
+        """Read :meth:`to_json` output (``str``, or UTF-8 ``bytes``).  Safe on untrusted text:
+        anything but the plain form (NaN/Infinity, duplicate keys, deep nesting, huge integers,
+        bytes that are not UTF-8) is refused with :class:`~unihead.errors.HeadSpecError`, like
+        every contradiction :meth:`from_dict` finds."""
+        return cls.from_dict(_loads(text, error=HeadSpecError, what="Head JSON"))
 
     # ------------------------------------------------------------------ display
     def __repr__(self) -> str:
