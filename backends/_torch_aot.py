@@ -91,7 +91,9 @@ class Signature:
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-_SOURCES = ("_ops.py", "_engine.py", "formulas.py", "validation.py", "spec.py")
+#: The modules of ``unihead`` the kernel is traced from (named as modules: a renamed file fails
+#: the import here rather than going unhashed).
+_SOURCES = ("_ops", "_engine", "formulas", "_validation", "spec")
 _source_digest: str | None = None
 
 
@@ -99,12 +101,11 @@ def _source_hash() -> str:
     """A digest of the code the kernel is traced from (a changed formula builds a new kernel)."""
     global _source_digest
     if _source_digest is None:
-        import unihead
+        import importlib
 
         h = hashlib.sha256()
-        pkg = Path(unihead.__file__).parent
         for name in _SOURCES:
-            h.update((pkg / name).read_bytes())
+            h.update(Path(importlib.import_module(f"unihead.{name}").__file__).read_bytes())
         for mod in ("torch", "_torch_aot"):
             h.update(Path(__file__).with_name(f"{mod}.py").read_bytes())
         _source_digest = h.hexdigest()

@@ -17,10 +17,20 @@ exponentials of shifted logits use the shared polynomial exponential
 (:func:`unihead.formulas.shifted_exp`, ``JaxOps.poly_exp``), which XLA fuses into one loop at
 about the cost of its own ``exp(z - m)``; this module adds only ``2**n`` from exponent bits.
 
-Validation of label values needs concrete values: it runs on eager calls and is skipped under
-tracing (``jit``, ``grad``, ``vmap``), where a traced call never raises a
-``ConcretizationTypeError`` (shape and dtype checks still run: shapes are static).  Validate the
-data once outside the jitted step, or call the loss eagerly on a batch.
+Validation: shape and dtype checks always run (shapes are static).  Values are checked eagerly
+where they exist (eager calls; constants inside ``jit``).  Where labels or weights are traced
+(``jit``, ``vmap``, ``scan``) the loss emits the same checks, with the same messages, as
+``jax.experimental.checkify`` checks (``checkify.debug_check``): they run when the caller wraps
+the function with ``checkify.checkify``, and are dropped otherwise (nothing of them is left in the
+compiled program, and a traced call never raises a ``ConcretizationTypeError``)::
+
+    step = checkify.checkify(jax.jit(train_step))
+    err, out = step(params, x, y)
+    err.throw()  # ValueError: labels[2] = 7 is not a class id: ... (`check` failed)
+
+Without ``checkify``, values inside ``jit`` are unchecked; ``validate=False`` (or
+``unihead.set_validation(False)`` when the function is traced) emits no checks at all
+(docs/semantics.md §9).
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 
 from unihead._ops import Ops
 from unihead.compiled import CompiledHead, canonical_weights
@@ -86,6 +97,13 @@ class JaxOps(Ops):
 
     def is_concrete(self, x: Any) -> bool:
         return not isinstance(x, jax.core.Tracer)
+
+    traced_checks = True
+
+    def check(self, ok: Any, message: str, **values: Any) -> None:
+        # a no-op unless the caller functionalises the checks with checkify.checkify (a plain
+        # checkify.check would make jit refuse to trace the loss); XLA drops its operands then
+        checkify.debug_check(ok, message, **values)
 
     def to_numpy(self, x: Any) -> Any:
         if x.dtype in _HALF:

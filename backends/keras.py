@@ -19,9 +19,9 @@ All three are registered Keras serializables (package ``"unihead"``): a model sa
 ``unihead`` is imported (``import unihead`` registers them when Keras is imported, without
 importing Keras itself).
 
-Labels reach a Keras loss the way Keras pipelines produce them, so :class:`HeadLoss` accepts
-sparse ids with a trailing axis of 1 and integral floats as ids (checked to be integral where
-values exist; under ``tf.function``/``jit`` they are cast).
+Labels reach a Keras loss the way Keras pipelines produce them: sparse ids with a trailing axis
+of 1, or as floats with whole values.  unihead's one label rule accepts both on every backend
+(docs/semantics.md §9): :class:`HeadLoss` hands labels to the compiled head as they come.
 """
 
 from __future__ import annotations
@@ -165,27 +165,6 @@ class HeadDense(keras.layers.Dense):
         return KerasHead(self.head, **options)
 
 
-def _keras_labels(head: ClassificationHead, y_true: Any, y_pred: Any, validate: bool) -> Any:
-    """Keras pipelines' label conventions -> the head's label format."""
-    if head.label_format != "sparse":
-        return y_true
-    y_true = ops.convert_to_tensor(y_true)
-    if len(y_true.shape) == len(y_pred.shape) and y_true.shape[-1] == 1:
-        y_true = ops.squeeze(y_true, axis=-1)
-    if "float" in str(ops.dtype(y_true)) or "bfloat" in str(ops.dtype(y_true)):
-        native = _native(head, validate)
-        if validate and native.ops.is_concrete(y_true):
-            values = ops.convert_to_numpy(y_true)
-            ok = np.isfinite(values) & (values == np.round(values))
-            if not ok.all():
-                i = tuple(int(j) for j in np.argwhere(~ok)[0])
-                raise ValueError(
-                    f"labels{list(i)} = {values[i]} is not a class id: sparse labels must be integers."
-                )
-        y_true = ops.cast(y_true, "int32")
-    return y_true
-
-
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class HeadLoss(keras.losses.Loss):
     """A ``keras.losses.Loss`` computing a head's loss from logits, with unihead's reduction:
@@ -210,7 +189,6 @@ class HeadLoss(keras.losses.Loss):
         return cache[head]
 
     def __call__(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> Any:
-        y_true = _keras_labels(self.head, y_true, y_pred, self.validate)
         if sample_weight is not None and len(sample_weight.shape) == len(y_pred.shape) and sample_weight.shape[-1] == 1 \
                 and self.head.task != "multilabel":
             sample_weight = ops.squeeze(sample_weight, axis=-1)
@@ -218,7 +196,6 @@ class HeadLoss(keras.losses.Loss):
 
     def call(self, y_true: Any, y_pred: Any) -> Any:
         """Per-example values (``reduction="none"``)."""
-        y_true = _keras_labels(self.head, y_true, y_pred, self.validate)
         return self._compiled(self.head.replace(reduction="none")).loss(y_pred, y_true)
 
     def get_config(self) -> dict[str, Any]:

@@ -38,7 +38,7 @@ from unihead._engine import Engine, broadcast_prefix
 from unihead._ops import Ops
 from unihead.compiled import CompiledHead, canonical_weights
 from unihead.spec import ClassificationHead
-from unihead._validation import logits_dtype_error, validation_enabled
+from unihead._validation import label_kinds, logits_dtype_error, validation_enabled
 
 __all__ = ["compile_head", "TorchHead", "TorchOps", "HeadLinear", "HeadLoss"]
 
@@ -75,13 +75,13 @@ _SMALL_INTS = (torch.int32, torch.int16, torch.int8, torch.uint8)
 
 def _kernel_labels(head: ClassificationHead) -> tuple:
     """The label dtypes the compiled kernel takes as they come (converting them itself), for
-    ``head``'s label format: only what validation accepts for it."""
-    ints = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
-    if head.label_format == "sparse":
-        return ints
-    if head.label_format == "probabilities":
-        return (torch.float32, torch.float64)
-    return (torch.float32, torch.float64, torch.bool) + ints
+    ``head``'s label format: those of validation's rule (:func:`~unihead._validation.label_kinds`)
+    among the dtypes the kernel is built for.  Labels validation converts first (sparse ids as
+    floats) and labels with a trailing axis of 1 take the general path."""
+    kinds = label_kinds(head)
+    built = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.float32, torch.float64, torch.bool)
+    kind = lambda d: "bool" if d is torch.bool else "real floating" if d.is_floating_point else "integral"
+    return tuple(d for d in built if kind(d) in kinds)
 
 
 class TorchOps(Ops):

@@ -18,6 +18,7 @@ from unihead import ClassificationHead as H
 
 from .backend_checks import assert_agrees_with_numpy64
 from .cases import HEADS, labels_for
+from .test_validation import ACCEPTED, REFUSED
 
 keras = pytest.importorskip("keras")
 from keras import ops  # noqa: E402
@@ -171,30 +172,37 @@ def test_fit_class_weight_equals_the_heads_class_weights():
     np.testing.assert_allclose(keras_own, losses[0] * w.sum() / len(y), rtol=2e-6)  # documented
 
 
-def test_keras_label_conventions():
-    c = compiled(H.multiclass(3))
-    loss = c.keras_loss()
-    z = ops.convert_to_tensor(np.array([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]], "float32"))
-    ref = float(numpy_of(c.loss(z, np.array([1, 2]))))
-    assert float(numpy_of(loss(np.array([[1], [2]]), z))) == pytest.approx(ref, rel=1e-6)
-    assert float(numpy_of(loss(np.array([1.0, 2.0], "float32"), z))) == pytest.approx(ref, rel=1e-6)
-    with pytest.raises(ValueError, match="not a class id"):
-        loss(np.array([1.5, 2.0], "float32"), z)
-    per = numpy_of(loss.call(np.array([1, 2]), z))
-    assert per.shape == (2,)
+@pytest.mark.parametrize("head, z, y, ids", ACCEPTED, ids=lambda v: repr(v)[:40])
+def test_keras_label_conventions_are_the_one_label_rule(head, z, y, ids):
+    """(N, 1) ids and float ids, as Keras pipelines give them, are unihead's one label rule
+    (tests/test_validation.py runs the same cases on NumPy, PyTorch and JAX): the loss, HeadLoss
+    included, equals the one of integer ids (...)."""
+    c = compiled(head)
+    z = ops.convert_to_tensor(np.random.default_rng(1).normal(size=z.shape).astype("float32"))
+    ref = numpy_of(c.loss(z, ops.convert_to_tensor(ids)))
+    np.testing.assert_array_equal(numpy_of(c.loss(z, ops.convert_to_tensor(y))), ref)
+    np.testing.assert_array_equal(numpy_of(c.keras_loss()(ops.convert_to_tensor(y), z)), ref)
+    per = numpy_of(c.keras_loss().call(ops.convert_to_tensor(y), z))
+    assert per.shape == tuple(z.shape[:-1])
 
 
-def test_same_errors_as_numpy():
-    for head, z, y in [
-        (H.multiclass(4), np.zeros((5, 4), "float32"), np.array([0, 1, 4, 2, 0])),
-        (H.binary(), np.zeros((5, 1), "float32"), np.array([0, 1, 3, 1, 0])),
-        (H.multiclass(4), np.zeros((5, 3), "float32"), np.zeros(5, "int32")),
-    ]:
-        with pytest.raises((ValueError, TypeError)) as a:
-            compiled(head).loss(ops.convert_to_tensor(z), ops.convert_to_tensor(y))
-        with pytest.raises((ValueError, TypeError)) as b:
-            unihead.compile(head, "numpy").loss(z, y)
-        assert str(a.value) == str(b.value)
+@pytest.mark.parametrize("head, z, y, w", REFUSED + [
+    (H.multiclass(4), np.zeros((5, 4), "float32"), np.array([0, 1, 4, 2, 0]), None),
+    (H.binary(), np.zeros((5, 1), "float32"), np.array([0, 1, 3, 1, 0]), None),
+    (H.multiclass(4), np.zeros((5, 3), "float32"), np.zeros(5, "int32"), None),
+], ids=lambda v: repr(v)[:40])
+def test_same_errors_as_numpy(head, z, y, w):
+    """What the one label rule refuses is refused with NumPy's error, by the compiled head and by
+    HeadLoss alike."""
+    with pytest.raises((ValueError, TypeError)) as want:
+        unihead.compile(head, "numpy").loss(z, y, w)
+    tensor = lambda a: None if a is None else ops.convert_to_tensor(a)
+    for loss in (lambda: compiled(head).loss(tensor(z), tensor(y), tensor(w)),
+                 lambda: compiled(head).keras_loss()(tensor(y), tensor(z), tensor(w))):
+        with pytest.raises((ValueError, TypeError)) as got:
+            loss()
+        assert type(got.value) is type(want.value)
+        assert str(got.value) == str(want.value)
 
 
 # ------------------------------------------------------------------------------ saving

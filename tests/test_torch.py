@@ -250,7 +250,9 @@ def test_loss_module():
     "head, z, y, message",
     [
         (H.multiclass(4), torch.zeros(5, 4), torch.tensor([0, 1, 4, 2, 0]), r"labels\[2\] = 4 is not a class id"),
-        (H.multiclass(4), torch.zeros(5, 4), torch.zeros(5), "integer class ids"),
+        (H.multiclass(4), torch.zeros(5, 4), torch.tensor([0.0, 1.0, 2.5, 1.0, 0.0]), r"labels\[2\] = 2\.5 is not a class id"),
+        (H.multiclass(4), torch.zeros(5, 4), torch.zeros(5, dtype=torch.bool), "class ids for label_format='sparse'"),
+        (H.multiclass(4), torch.zeros(5, 4), torch.tensor([[0], [1], [4], [2], [0]]), r"labels\[2, 0\] = 4 is not a class id"),
         (H.binary(), torch.zeros(5, 1), torch.tensor([0, 1, 3, 1, 0]), r"labels\[2\] = 3 is not a binary label"),
         (H.multiclass(4), torch.zeros(5, 3), torch.zeros(5, dtype=torch.long), r"shape \(\.\.\., 4\)"),
         (H.multiclass(4), torch.zeros(5, 4, dtype=torch.long), torch.zeros(5, dtype=torch.long), "floating-point"),

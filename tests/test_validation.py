@@ -8,6 +8,8 @@ import pytest
 import unihead
 from unihead import ClassificationHead as H
 
+from .conftest import require
+
 Z4 = np.zeros((5, 4), np.float32)
 Z1 = np.zeros((5, 1), np.float32)
 Z2 = np.zeros((5, 2), np.float32)
@@ -37,8 +39,21 @@ def loss(head, z, y, w=None, **kw):
          r"labels\[1\] = -1 is not a class id.*set ignore_index"),
         (H.multiclass(4, ignore_index=-100), Z4, np.array([0, -100, -1, 2, 0]), None, ValueError,
          r"labels\[2\] = -1.*or ignore_index=-100"),
-        (H.multiclass(4), Z4, np.array([0.0, 1.0, 2.0, 3.0, 0.0]), None, TypeError,
-         r"integer class ids for label_format='sparse'; got dtype float64.*astype\(int\)"),
+        (H.multiclass(4), Z4, np.array([True, False, True, True, False]), None, TypeError,
+         r"class ids for label_format='sparse' \(integers, or floats with whole values\); got dtype "
+         r"bool\. Pass labels\.astype\(int\), or use ClassificationHead\.binary\(\)"),
+        (H.multiclass(4), Z4, np.array([0.0, 1.0, 2.5, 3.0, 0.0]), None, ValueError,
+         r"labels\[2\] = 2\.5 is not a class id: ids are whole numbers in \[0, 4\) for num_classes=4 "
+         r"\(integers, or floats with whole values\); pass integer class ids\."),
+        (H.multiclass(4), Z4, np.array([0.0, 1.0, np.nan, 3.0, 0.0]), None, ValueError,
+         r"labels\[2\] = nan is not a class id"),
+        (H.multiclass(4), Z4, np.array([0.0, 1.0, 4.0, 3.0, 0.0]), None, ValueError,
+         r"labels\[2\] = 4\.0 is not a class id: ids must be in \[0, 4\)"),
+        (H.multiclass(4), Z4, np.array([[0], [1], [4], [3], [0]]), None, ValueError,
+         r"labels\[2, 0\] = 4 is not a class id: ids must be in \[0, 4\)"),
+        (H.multiclass(3000), np.zeros((2, 3000), np.float32), np.zeros(2, np.float16), None, TypeError,
+         r"labels of dtype float16 cannot hold every class id of num_classes=3000 exactly \(whole "
+         r"numbers only up to 2048\): pass integer class ids"),
         (H.multiclass(4), Z4, np.eye(4)[[0, 1, 2, 3, 0]], None, ValueError,
          r"labels must have shape \(5,\).*got \(5, 4\).*label_format='one_hot'"),
         (H.multiclass(4), Z4, np.zeros(6, int), None, ValueError, r"shape \(5,\).*got \(6,\)"),
@@ -140,8 +155,8 @@ def test_validation_can_be_switched_off_without_changing_valid_results():
     finally:
         unihead.set_validation(True)
     # shape and dtype checks always run
-    with pytest.raises(TypeError, match="integer class ids"):
-        loss(head, z, y.astype(float), validate=False)
+    with pytest.raises(TypeError, match="class ids for label_format='sparse'"):
+        loss(head, z, y.astype(bool), validate=False)
 
 
 def test_canonical_weights_errors():
@@ -167,3 +182,208 @@ def test_boolean_one_hot_rows_are_checked_too():
     y[2, 1] = True
     with pytest.raises(ValueError, match=r"labels\[2\] .* is not one-hot.*found 2"):
         loss(H.multiclass(4, label_format="one_hot"), Z4, y)
+
+
+# ------------------------------------------------------------ one label rule on every backend
+def _array(backend, x):
+    """``x`` (NumPy) as the backend's array; None stays None."""
+    if x is None or backend == "numpy":
+        return x
+    if backend == "torch":
+        return require("torch").as_tensor(x)
+    return require("jax.numpy").asarray(x)
+
+
+def _result(backend, head, z, y, w=None):
+    """The loss as a NumPy value, or the error raised: ``(type, message)``."""
+    try:
+        out = unihead.compile(head, backend).loss(_array(backend, z), _array(backend, y), _array(backend, w))
+    except (ValueError, TypeError) as exc:
+        return type(exc), str(exc)
+    return np.asarray(out.detach() if hasattr(out, "detach") else out)
+
+
+IDS = np.array([0, 3, 1, 2, 0])
+# Labels in the forms the rule accepts besides integer ids of shape (...): (head, logits, labels,
+# the same labels as integer ids of shape (...)).
+ACCEPTED = [
+    (H.multiclass(4), Z4, IDS[:, None], IDS),  # Keras' (N, 1)
+    (H.multiclass(4), Z4, IDS.astype(np.float32), IDS),  # float ids with whole values
+    (H.multiclass(4), Z4, IDS.astype(np.float64)[:, None], IDS),
+    (H.multiclass(4, ignore_index=-100, label_smoothing=0.1, class_weights=[1, 2, 3, 4]), Z4,
+     np.array([0, -100, 1, 2, 3], np.float32)[:, None], np.array([0, -100, 1, 2, 3])),
+    (H.multiclass(4), np.zeros((2, 3, 4), np.float32), np.array([[0, 1, 2], [3, 0, 1]])[..., None],
+     np.array([[0, 1, 2], [3, 0, 1]])),
+    (H.multiclass(2048), np.zeros((2, 2048), np.float32), np.array([0, 2047], np.float16),
+     np.array([0, 2047])),  # float16 holds every id of 2048 classes
+    (H.binary(), Z1, np.array([[0], [1], [1], [0], [1]], np.float32), np.array([0, 1, 1, 0, 1])),
+]
+
+# Labels the rule refuses: (head, logits, labels, sample weight).  float32 and int32 values, so
+# that JAX without x64 holds the same values as NumPy and PyTorch.
+REFUSED = [
+    (H.multiclass(4), Z4, np.array([0, 1, 2.5, 1, 0], np.float32), None),
+    (H.multiclass(4), Z4, np.array([[0], [1], [np.nan], [1], [0]], np.float32), None),
+    (H.multiclass(4), Z4, np.array([[0], [1], [4], [1], [0]], np.int32), None),
+    (H.multiclass(4), Z4, np.array([0, 1, 4, 1, 0], np.float32), None),
+    (H.multiclass(4, ignore_index=-100), Z4, np.array([0, -100, -1, 2, 0], np.float32), None),
+    (H.multiclass(4), Z4, np.array([True, False, True, True, False]), None),
+    (H.multiclass(3000), np.zeros((2, 3000), np.float32), np.zeros(2, np.float16), None),
+    (H.multiclass(4), Z4, np.zeros((5, 2), np.int32), None),
+    (H.multiclass(4), Z4, np.zeros((5, 1, 1), np.int32), None),
+    (H.binary(), Z1, np.array([[0], [1], [3], [1], [0]], np.float32), None),
+    (H.binary(), Z1, np.array([[0], [1], [0.5], [1], [0]], np.float32), None),
+    (H.multiclass(4), Z4, np.zeros(5, np.int32), np.array([1, 1, np.nan, 1, 1], np.float32)),
+    (H.multiclass(4, label_format="one_hot"), Z4,
+     np.array([[1, 0, 0, 0], [0, 1, 1, 0], [0, 0, 1, 0], [0, 0, 0, 1], [1, 0, 0, 0]], np.int32), None),
+    (H.multiclass(4, label_format="probabilities"), Z4, np.full((5, 4), 0.3, np.float32), None),
+]
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch", "jax"])
+@pytest.mark.parametrize("head, z, y, ids", ACCEPTED, ids=lambda v: repr(v)[:40])
+def test_one_label_rule_accepts_the_same_forms_on_every_backend(backend, head, z, y, ids):
+    require({"numpy": "numpy", "torch": "torch", "jax": "jax"}[backend])
+    rng = np.random.default_rng(1)
+    z = rng.normal(size=z.shape).astype(np.float32)
+    want = _result(backend, head, z, ids)
+    assert isinstance(want, np.ndarray) and np.isfinite(want)
+    np.testing.assert_array_equal(_result(backend, head, z, y), want)
+
+
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+@pytest.mark.parametrize("head, z, y, w", REFUSED, ids=lambda v: repr(v)[:40])
+def test_refused_labels_get_the_same_error_on_every_backend(backend, head, z, y, w):
+    require(backend)
+    want = _result("numpy", head, z, y, w)
+    assert isinstance(want, tuple), "the rule refuses this input"
+    assert _result(backend, head, z, y, w) == want
+
+
+def test_torch_fast_path_takes_labels_in_normal_form_only(monkeypatch):
+    """TorchHead.loss hands labels of exact shape and a kernel dtype to the compiled kernel as
+    they are; (N, 1) ids and float ids take the general path, which validates and converts them
+    (int64 ids reach the kernel there)."""
+    torch = require("torch")
+    c = unihead.compile(H.multiclass(4), "torch")
+    asked = []
+    monkeypatch.setattr(c._kernels.aot, "runner", lambda *a, **k: asked.append((a, k)) or None)
+    z = torch.randn(8, 4)
+    ids = torch.randint(0, 4, (8,))
+    c.loss(z, ids)
+    assert asked[0] == ((0, torch.int64), {})  # the short path
+    for y in (ids[:, None], ids.float(), ids.double()[:, None]):
+        asked.clear()
+        out = c.loss(z, y)
+        assert asked and all("count" in k and a[1] == torch.int64 for a, k in asked), (y.shape, y.dtype)
+        assert torch.equal(out, c.loss(z, ids))
+
+
+def test_torch_kernel_label_dtypes_are_the_ones_validation_takes_as_they_are():
+    torch = require("torch")
+    from unihead.backends.torch import _kernel_labels
+
+    candidates = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
+                  torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    for head in (H.multiclass(3), H.binary(), H.multilabel(3), H.multiclass(3, label_format="one_hot"),
+                 H.multiclass(3, label_format="probabilities"), H.binary(label_format="probabilities")):
+        c = unihead.compile(head, "torch", fused=False)
+        z = torch.zeros(4, head.num_outputs)
+        y = {"sparse": torch.tensor([0, 1, 2, 0]), "binary": torch.tensor([0, 1, 1, 0]),
+             "multi_hot": torch.eye(3)[[0, 1, 2, 0]], "one_hot": torch.eye(3)[[0, 1, 2, 0]],
+             "probabilities": torch.eye(3)[[0, 1, 2, 0]] if head.task == "multiclass" else torch.tensor([0.0, 1, 0.5, 0])}[head.label_format]
+        taken = set(_kernel_labels(head))
+        assert taken <= set(candidates)
+        for dtype in candidates:
+            try:
+                normalised, _ = c._inputs(z, y.to(dtype), None)
+            except TypeError:
+                assert dtype not in taken
+                continue
+            # what the kernel takes, validation passes on unconverted (apart from the cast to the
+            # logits' dtype the kernel does itself); sparse float ids are converted: not the kernel's
+            if dtype in taken:
+                assert head.label_format != "sparse" or normalised.dtype == dtype
+            else:
+                assert dtype in (torch.float16, torch.bfloat16) or (
+                    head.label_format == "sparse" and dtype.is_floating_point)
+
+
+# ------------------------------------------------------------------- JAX: checks inside jit
+_VALUE_ERRORS = [case for case in REFUSED if _result("numpy", *case)[0] is ValueError
+                 and "shape" not in _result("numpy", *case)[1]]
+_VALUE_ERRORS += [
+    # a long one-hot row is shown summarised, the same in both
+    (H.multiclass(20, label_format="one_hot"), np.zeros((2, 20), np.float32),
+     np.stack([np.eye(20, dtype=np.float32)[3], np.eye(20, dtype=np.float32)[3] * 0]), None),
+    (H.multilabel(4), Z4, np.zeros((5, 4), np.float32), np.array([[1, 1, 1, 1]] * 4 + [[1, 1, -1, 1]], np.float32)),
+    (H.binary(), Z1, np.array([0, 1, np.nan, 1, 0], np.float32), None),
+    (H.multiclass(4, label_format="probabilities"), np.zeros((2, 3, 4), np.float32),
+     np.full((2, 3, 4), 0.25, np.float32) * np.array([1, 1, 1, 1, 1, 1.5]).reshape(2, 3, 1).astype(np.float32), None),
+]
+
+
+@pytest.mark.parametrize("head, z, y, w", _VALUE_ERRORS, ids=lambda v: repr(v)[:40])
+def test_jax_checkify_catches_bad_values_inside_jit_with_the_eager_message(head, z, y, w):
+    jax = require("jax")
+    from jax.experimental import checkify
+
+    kind, message = _result("numpy", head, z, y, w)
+    assert kind is ValueError
+    c = unihead.compile(head, "jax")
+    args = tuple(_array("jax", a) for a in (z, y, w))
+    for step in (jax.jit(c.loss), jax.jit(jax.grad(lambda t, *a: c.loss(t, *a).sum()))):
+        err, _ = checkify.checkify(step)(*args)
+        assert err.get() == message + " (`check` failed)"  # JAX appends its own suffix
+        with pytest.raises(ValueError) as raised:  # checkify's JaxRuntimeError is a ValueError
+            err.throw()
+        assert str(raised.value).startswith(message)
+    # also with the checks inside jit, and through vmap: a batch of one bad and one good input
+    if w is None:
+        good = _array("jax", np.asarray(_ok_labels(head, y), y.dtype))
+        err, _ = jax.jit(checkify.checkify(jax.vmap(c.loss)))(
+            jax.numpy.stack([args[0]] * 2), jax.numpy.stack([good, args[1]]))
+        assert err.get() == message + " (`check` failed)"  # the index within the example
+
+
+def _ok_labels(head, y):
+    """Valid labels of ``y``'s shape for ``head``."""
+    if head.label_format == "one_hot":
+        return np.eye(y.shape[-1])[np.zeros(y.shape[:-1], int)]
+    if head.label_format == "probabilities":
+        return np.full(y.shape, 1 / y.shape[-1])
+    return np.zeros(y.shape)
+
+
+def test_jax_without_checkify_the_checks_cost_nothing_and_validate_false_emits_none():
+    jax = require("jax")
+    import re
+
+    from jax.experimental import checkify
+
+    head = H.multiclass(4, ignore_index=-100)
+    jnp = jax.numpy
+    z, y = jnp.zeros((5, 4)), jnp.asarray([0, 1, 7, 2, 0])
+    w = jnp.asarray([1.0, 1, 1, np.nan, 1])
+
+    def program(validate):
+        step = jax.jit(jax.value_and_grad(unihead.compile(head, "jax", validate=validate).loss))
+        text = re.sub(r", metadata=\{[^}]*\}", "", step.lower(z, y, w).compile().as_text())
+        ops = [line.strip() for line in text.splitlines() if re.match(r"\s*(ROOT )?%\S+ = ", line)]
+        return sorted(re.sub(r"%([A-Za-z_]+)[.\d]*", r"%\1", op) for op in ops)  # names aside
+
+    # a plain jit step compiles to the same program with and without the checks
+    assert program(True) == program(False)
+    # plain jit: unchecked (docs/semantics.md §9), no error
+    jax.jit(unihead.compile(head, "jax").loss)(z, y, w)
+    # validate=False, or validation switched off while tracing: nothing for checkify to find
+    err, _ = checkify.checkify(jax.jit(unihead.compile(head, "jax", validate=False).loss))(z, y, w)
+    assert err.get() is None
+    with unihead.validation(False):
+        err, _ = checkify.checkify(jax.jit(unihead.compile(head, "jax").loss))(z, y, w)
+    assert err.get() is None
+    # valid inputs: checkify finds nothing, and the loss is the eager one
+    good = jnp.asarray([0, 1, -100, 2, 0])
+    err, out = checkify.checkify(jax.jit(unihead.compile(head, "jax").loss))(z, good, w.at[3].set(2.0))
+    assert err.get() is None
+    assert float(out) == float(unihead.compile(head, "jax").loss(z, good, w.at[3].set(2.0)))

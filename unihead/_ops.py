@@ -320,8 +320,17 @@ class Ops:
         return contextlib.nullcontext()
 
     def is_concrete(self, x: Any) -> bool:
-        """False when ``x`` has no values yet (a tracer): validation of values is skipped."""
+        """False when ``x`` has no values yet (a tracer): its values are checked by
+        :meth:`check` where the backend has :attr:`traced_checks`, else not at all."""
         return True
+
+    #: Whether :meth:`check` puts value checks into a traced computation (JAX: ``checkify``).
+    traced_checks = False
+
+    def check(self, ok: Any, message: str, **values: Any) -> None:
+        """A value check inside a traced computation: ``ok`` a 0-d boolean array, ``message`` a
+        ``str.format`` template of the error and ``values`` its fields (arrays of the trace)."""
+        raise NotImplementedError  # pragma: no cover - only called where traced_checks
 
     def to_numpy(self, x: Any) -> Any:
         import numpy as np

@@ -5,8 +5,14 @@ through :class:`~unihead._ops.Ops`).
 Shape and dtype checks are free.  Value checks (label ranges, one-hot rows, probability sums,
 NaN, negative weights) read values, which on an accelerator is a device synchronisation: they
 run by default and are skipped with ``validate=False`` (per compiled head, or globally with
-:func:`set_validation`), and they are skipped automatically when the arrays have no values yet
-(JAX tracing).  Nothing is ever clipped, wrapped or zeroed silently.
+:func:`set_validation`).  Where the arrays have no values yet (tracing) they become in-graph
+checks on backends that have them (JAX: ``checkify``) and are skipped elsewhere
+(docs/semantics.md §9 says where).  Nothing is ever clipped, wrapped or zeroed silently.
+
+Each rule exists once: the label dtypes and shapes in :func:`label_kinds` and
+:func:`_label_form`, every value rule (with its message) in :func:`_rules`, which
+:func:`value_errors` (one reduction, also inside the compiled PyTorch kernels), the eager error
+path and the ``checkify`` checks all read.
 
 Logits are model output, not user input: NaN/inf logits are not errors (see docs/semantics.md).
 """
@@ -14,9 +20,8 @@ Logits are model output, not user input: NaN/inf logits are not errors (see docs
 from __future__ import annotations
 
 import contextlib
-import math
 import threading
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 from ._ops import Ops
 from .spec import ClassificationHead
@@ -27,6 +32,7 @@ __all__ = [
     "validation",
     "check_inputs",
     "value_errors",
+    "label_kinds",
     "check_logits",
     "logits_dtype_error",
 ]
@@ -58,10 +64,6 @@ def _fmt_shape(shape: tuple[int, ...]) -> str:
     return "(" + ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "") + ")"
 
 
-def _fmt_index(idx: tuple[int, ...]) -> str:
-    return "[" + ", ".join(map(str, idx)) + "]"
-
-
 def _first(ops: Ops, bad: Any) -> tuple[int, ...]:
     """Index of the first True element of ``bad`` (error path only)."""
     import numpy as np
@@ -69,15 +71,6 @@ def _first(ops: Ops, bad: Any) -> tuple[int, ...]:
     arr = np.asarray(ops.to_numpy(bad))
     flat = int(np.argmax(arr.reshape(-1)))
     return tuple(int(i) for i in np.unravel_index(flat, arr.shape)) if arr.ndim else ()
-
-
-def _value(ops: Ops, x: Any, idx: tuple[int, ...]) -> Any:
-    import numpy as np
-
-    v = np.asarray(ops.to_numpy(x))[idx]
-    if isinstance(v, np.ndarray):
-        return np.array2string(v, threshold=12, separator=", ")
-    return str(v)  # numpy's shortest repr of the value in its own dtype (1.2, not 1.2000000476837158)
 
 
 def _same(a: tuple, b: tuple) -> bool:
@@ -89,16 +82,21 @@ def _any(ops: Ops, x: Any) -> bool:
     return bool(ops.xp.any(x))
 
 
+def _dtype_str(dtype: Any) -> str:
+    """A dtype's name, the same on every backend (``float16``, not ``torch.float16`` or
+    ``<dtype: 'float16'>``)."""
+    return str(dtype).replace("torch.", "").replace("<dtype: '", "").replace("'>", "")
+
+
 def _dtype_name(x: Any) -> str:
-    return str(getattr(x, "dtype", type(x).__name__)).replace("torch.", "")
+    return _dtype_str(getattr(x, "dtype", type(x).__name__))
 
 
 def logits_dtype_error(dtype: Any) -> TypeError:
     """The error for non-floating logits (one message for every backend)."""
-    name = str(dtype).replace("torch.", "").replace("<dtype: '", "").replace("'>", "")
     return TypeError(
         f"logits must be a floating-point array (the output layer's values before any "
-        f"activation); got dtype {name}."
+        f"activation); got dtype {_dtype_str(dtype)}."
     )
 
 
@@ -140,159 +138,87 @@ def check_inputs(
 ) -> tuple[Any, Any]:
     """Validate labels and sample weights against logits ``z`` (already checked) and return them
     normalised: labels in the shape and dtype the engine takes, the sample weight in ``z``'s
-    dtype.  Value checks run when ``validate`` and the global switch are on and values exist:
-    one reduction (:func:`value_errors`, on the values as given, before any conversion) and one
-    read of its result; only when it finds something do the checks that locate and describe the
-    first bad value run."""
+    dtype.
+
+    Shape and dtype checks always run.  Value checks run when ``validate`` and the global switch
+    are on, on the values as given (before any conversion, which could round an invalid value to
+    a valid one): where the arrays have values, one reduction (:func:`value_errors`) and one read
+    of its result, and only when it finds something the checks that locate and describe the first
+    bad value; where they are traced, the backend's in-graph checks if it has them
+    (:attr:`Ops.traced_checks`: ``checkify`` on JAX), else none."""
     lead = tuple(z.shape[:-1])
     on = validate and validation_enabled()
     with ops.eager():
-        raw_labels, raw_weight = labels, sample_weight
-        labels = _check_labels(ops, head, z, lead, labels, False)
-        if sample_weight is not None:
-            sample_weight = _check_sample_weight(ops, head, z, lead, sample_weight, False)
-        concrete = on and ops.is_concrete(labels) and (sample_weight is None or ops.is_concrete(sample_weight))
-        if concrete and _any(ops, value_errors(ops, head, raw_labels, raw_weight)):
-            # the message names the value as it was given (3, not 3.0)
-            _check_labels(ops, head, z, lead, raw_labels, True)
-            if raw_weight is not None:
-                _check_sample_weight(ops, head, z, lead, raw_weight, True)
-    return labels, sample_weight
+        y, kind = _label_form(ops, head, z, lead, labels)
+        sw = None if sample_weight is None else _weight_form(ops, head, z, lead, sample_weight)
+        if on:
+            _check_values(ops, head, labels, sample_weight)
+        if head.label_format != "sparse":
+            y = ops.astype(y, z)
+        elif kind == "real floating":  # ids as floats, checked: integer ids (as given otherwise)
+            y = ops.xp.astype(y, ops.index_dtype())
+        return y, (None if sw is None else ops.astype(sw, z))
 
 
-def value_errors(ops: Ops, head: ClassificationHead, labels: Any, sample_weight: Any = None) -> Any:
-    """Whether any value of the labels or the sample weight, as given (before conversion to the
-    logits' dtype, which could round an invalid value to a valid one), breaks docs/semantics.md
-    §9: one 0-d boolean array computed with array operations only.  No value is read on the
-    host, so it can run inside a compiled kernel or under tracing."""
-    xp = ops.xp
-    y = labels
+# ------------------------------------------------------------------------------- label dtypes
+def label_kinds(head: ClassificationHead) -> tuple[str, ...]:
+    """The dtype kinds (Array API ``isdtype`` names) labels of ``head``'s label format are taken
+    in as they are (docs/semantics.md §2, §9).  Sparse ids may also come as floats with whole
+    values (Keras pipelines make them): those are checked and converted to integer ids by
+    :func:`check_inputs`, and are not in this list."""
     fmt = head.label_format
-    k = head.num_classes
-    checks = []
     if fmt == "sparse":
-        bad = (y < 0) | (y >= k)
-        checks.append(bad if head.ignore_index is None else bad & (y != head.ignore_index))
-    elif fmt == "binary":
-        if not ops.is_bool(y):
-            # y (y - 1) is 0 exactly for 0 and 1, and NaN (true) for NaN
-            bad = y * (y - 1)
-            checks.append(bad if head.ignore_index is None else ops.where0(y != head.ignore_index, bad))
-    elif fmt in ("one_hot", "multi_hot"):
-        if not ops.is_bool(y):  # booleans are 0/1
-            checks.append(y * (y - 1))
-        if fmt == "one_hot":
-            checks.append(xp.sum(xp.astype(y != 0, ops.index_dtype()), axis=-1) != 1)
-    else:  # probabilities
-        checks.append(~((y >= 0) & (y <= 1)))  # NaN is neither
-        if head.task == "multiclass":
-            tol = k * max(float(xp.finfo(y.dtype).eps), 2.0**-23)
-            checks.append(xp.abs(xp.sum(y, axis=-1) - 1) > tol)
-    if sample_weight is not None:
-        checks.append(~(xp.isfinite(sample_weight) & (sample_weight >= 0)))
-    if not checks:
-        return xp.asarray(False)
-    flag = xp.any(checks[0])
-    for c in checks[1:]:
-        flag = flag | xp.any(c)
-    return flag
+        return ("integral",)
+    if fmt == "probabilities":
+        return ("real floating",)
+    return ("integral", "real floating", "bool")
 
 
-# ------------------------------------------------------------------------------------ labels
-def _check_labels(
-    ops: Ops, head: ClassificationHead, z: Any, lead: tuple[int, ...], y: Any, values: bool
-) -> Any:
-    xp = ops.xp
+def _kind(ops: Ops, x: Any) -> str | None:
+    """``x``'s dtype kind ("integral", "real floating", "bool"), or None (not a real number, or
+    a dtype the array library cannot classify)."""
+    try:
+        if ops.is_floating(x):
+            return "real floating"
+        if ops.is_integer(x):
+            return "integral"
+        if ops.is_bool(x):
+            return "bool"
+    except (TypeError, ValueError):  # e.g. NumPy's isdtype on an ml_dtypes dtype
+        pass
+    return None
+
+
+def _exact_integers(ops: Ops, y: Any) -> int:
+    """Up to which magnitude the floating dtype of ``y`` holds every integer exactly."""
+    if "bfloat16" in _dtype_name(y):
+        return 2**8
+    return {16: 2**11, 32: 2**24, 64: 2**53}[ops.bits(y)]
+
+
+# ------------------------------------------------------------------------------ label shapes
+def _label_form(
+    ops: Ops, head: ClassificationHead, z: Any, lead: tuple[int, ...], y: Any
+) -> tuple[Any, str]:
+    """The shape and dtype rules of labels: ``y`` with the trailing axis of 1 that per-example
+    labels may have removed, in its own dtype (values are checked as given, then converted), and
+    its dtype kind."""
     fmt = head.label_format
     k = head.num_classes
     shape = tuple(y.shape)
-    if not (ops.is_floating(y) or ops.is_integer(y) or ops.is_bool(y)):
+    kind = _kind(ops, y)
+    if kind is None:
         raise TypeError(f"labels must be a numeric array; got dtype {_dtype_name(y)}.")
 
-    if fmt in ("sparse", "binary"):
-        if fmt == "binary" and _same(shape, lead + (1,)):
-            y = y[..., 0]
-            shape = lead
+    per_example = fmt in ("sparse", "binary") or head.task == "binary"
+    if per_example:  # one label per example: (...) or (..., 1), Keras' convention
         if not _same(shape, lead):
-            want = _fmt_shape(lead)
-            hint = ""
-            if fmt == "sparse" and _same(shape, lead + (k,)):
-                hint = (
-                    " These look like one-hot rows: write label_format='one_hot' (or pass "
-                    "labels.argmax(-1))."
-                )
-            elif fmt == "binary" and _same(shape, lead + (2,)):
-                hint = (
-                    " A binary head takes one 0/1 label per example, also with binary_units=2: "
-                    "pass labels.argmax(-1) instead of one-hot rows."
-                )
-            raise ValueError(
-                f"labels must have shape {want} (one "
-                f"{'class id' if fmt == 'sparse' else '0/1 label'} per example"
-                f"{', or ' + _fmt_shape(lead + (1,)) if fmt == 'binary' else ''}) to match logits "
-                f"of shape {_fmt_shape(tuple(z.shape))}; got {_fmt_shape(shape)}.{hint}"
-            )
-        if fmt == "sparse":
-            if not ops.is_integer(y):
-                raise TypeError(
-                    f"labels must be integer class ids for label_format='sparse'; got dtype "
-                    f"{_dtype_name(y)}. Cast them (labels.astype(int)), or set label_format="
-                    f"'one_hot'/'probabilities' if each row is a distribution over classes."
-                )
-            if values:
-                bad = (y < 0) | (y >= k)
-                if head.ignore_index is not None:
-                    bad = bad & (y != head.ignore_index)
-                if _any(ops, bad):
-                    i = _first(ops, bad)
-                    ign = (
-                        f" (or ignore_index={head.ignore_index})"
-                        if head.ignore_index is not None
-                        else " (set ignore_index=... to leave examples out)"
-                    )
-                    raise ValueError(
-                        f"labels{_fmt_index(i)} = {_value(ops, y, i)} is not a class id: ids must be "
-                        f"in [0, {k}) for num_classes={k}{ign}."
-                    )
-            return y
-        # binary labels: 0/1 (any numeric dtype) or ignore_index; checked in their own dtype
-        if values and not ops.is_bool(y):
-            if ops.is_floating(y) and _any(ops, xp.isnan(y)):
-                i = _first(ops, xp.isnan(y))
-                raise ValueError(f"labels{_fmt_index(i)} is NaN; binary labels must be 0 or 1.")
-            bad = (y != 0) & (y != 1)
-            if head.ignore_index is not None:
-                bad = bad & (y != head.ignore_index)
-            if _any(ops, bad):
-                i = _first(ops, bad)
-                v = _value(ops, y, i)
-                within = _any(ops, bad & (y > 0) & (y < 1))
-                hint = (
-                    " Soft targets in [0, 1] need label_format='probabilities'."
-                    if within
-                    else " Labels outside {0, 1} make binary cross-entropy negative; for more than "
-                    "two classes use ClassificationHead.multiclass(num_classes) with integer labels."
-                )
-                raise ValueError(
-                    f"labels{_fmt_index(i)} = {v} is not a binary label: a binary head takes 0 or 1 "
-                    f"per example{' (or ignore_index=' + str(head.ignore_index) + ')' if head.ignore_index is not None else ''}.{hint}"
-                )
-        return ops.astype(y, z)
-
-    # dense formats
-    if head.task == "binary":  # binary probabilities: one P(class 1) per example
-        if _same(shape, lead + (1,)):
+            if not _same(shape, lead + (1,)):
+                raise ValueError(_per_example_shape_error(head, z, lead, shape))
             y = y[..., 0]
-            shape = lead
-        if not _same(shape, lead):
-            raise ValueError(
-                f"labels must have shape {_fmt_shape(lead)} or {_fmt_shape(lead + (1,))} (P(class 1) "
-                f"per example) for a binary head with label_format='probabilities'; got "
-                f"{_fmt_shape(shape)}."
-            )
     elif not _same(shape, lead + (k,)):
         hint = ""
-        if _same(shape, lead) and ops.is_integer(y):
+        if _same(shape, lead) and kind == "integral":
             hint = (
                 " These look like integer class ids: "
                 + (
@@ -306,82 +232,63 @@ def _check_labels(
             f"label_format={fmt!r}) to match logits of shape {_fmt_shape(tuple(z.shape))}; got "
             f"{_fmt_shape(shape)}.{hint}"
         )
-    if fmt == "probabilities" and not ops.is_floating(y):
+
+    if kind in label_kinds(head):
+        return y, kind
+    if fmt == "sparse" and kind == "real floating":  # ids as floats: whole values, checked
+        limit = _exact_integers(ops, y)
+        largest = max(k - 1, abs(head.ignore_index) if head.ignore_index is not None else 0)
+        if largest > limit:
+            raise TypeError(
+                f"labels of dtype {_dtype_name(y)} cannot hold every class id of num_classes={k} "
+                f"exactly (whole numbers only up to {limit}): pass integer class ids."
+            )
+        return y, kind
+    if fmt == "sparse":
         raise TypeError(
-            f"labels must be floating-point for label_format='probabilities'; got dtype "
-            f"{_dtype_name(y)}."
+            f"labels must be class ids for label_format='sparse' (integers, or floats with whole "
+            f"values); got dtype {_dtype_name(y)}. Pass labels.astype(int), or use "
+            f"ClassificationHead.binary() for 0/1 labels."
         )
-    if values:
-        _check_dense_values(ops, head, y)
-    return ops.astype(y, z)
+    raise TypeError(
+        f"labels must be floating-point for label_format='probabilities'; got dtype "
+        f"{_dtype_name(y)}."
+    )
 
 
-def _check_dense_values(ops: Ops, head: ClassificationHead, y: Any) -> None:
-    """Value checks of one-hot, multi-hot and probability labels, in their own dtype."""
-    xp = ops.xp
+def _per_example_shape_error(
+    head: ClassificationHead, z: Any, lead: tuple[int, ...], shape: tuple[int, ...]
+) -> str:
     fmt = head.label_format
     k = head.num_classes
-    if ops.is_floating(y) and _any(ops, xp.isnan(y)):
-        i = _first(ops, xp.isnan(y))
-        raise ValueError(f"labels{_fmt_index(i)} is NaN.")
-    if fmt in ("one_hot", "multi_hot"):
-        bad = (y != 0) & (y != 1)
-        if _any(ops, bad):
-            i = _first(ops, bad)
-            hint = " Soft targets need label_format='probabilities'."
-            raise ValueError(
-                f"labels{_fmt_index(i)} = {_value(ops, y, i)} is not 0 or 1 "
-                f"(label_format={fmt!r}).{hint}"
-            )
-        if fmt == "one_hot":
-            count = xp.sum(xp.astype(y != 0, ops.index_dtype()), axis=-1)
-            bad_rows = count != 1
-            if _any(ops, bad_rows):
-                i = _first(ops, bad_rows)
-                n = int(_value(ops, count, i))
-                if n > 1:
-                    hint = (
-                        f" A row with {n} ones is multi-label: use "
-                        f"ClassificationHead.multilabel({k}) with a sigmoid per label."
-                    )
-                else:
-                    hint = (
-                        " Every example needs exactly one class (give it sample_weight 0 to leave it "
-                        "out, or use integer labels with ignore_index)."
-                    )
-                raise ValueError(
-                    f"labels{_fmt_index(i)} = {_value(ops, y, i)} is not one-hot: each row must have "
-                    f"exactly one 1 and zeros elsewhere (found {n}).{hint}"
-                )
-        return
-    # probabilities
-    bad = (y < 0) | (y > 1)
-    if _any(ops, bad):
-        i = _first(ops, bad)
-        raise ValueError(
-            f"labels{_fmt_index(i)} = {_value(ops, y, i)} is not a probability: soft labels must be "
-            f"in [0, 1]."
+    want = f"{_fmt_shape(lead)} or {_fmt_shape(lead + (1,))}"
+    if fmt == "probabilities":  # binary probabilities: one P(class 1) per example
+        return (
+            f"labels must have shape {want} (P(class 1) per example) for a binary head with "
+            f"label_format='probabilities'; got {_fmt_shape(shape)}."
         )
-    if head.task == "multiclass":
-        tol = k * max(float(ops.xp.finfo(y.dtype).eps), 2.0**-23)
-        total = xp.sum(y, axis=-1)
-        bad_rows = xp.abs(total - 1) > tol
-        if _any(ops, bad_rows):
-            i = _first(ops, bad_rows)
-            raise ValueError(
-                f"labels{_fmt_index(i)} sums to {_value(ops, total, i)}, not 1: each row of "
-                f"label_format='probabilities' is a distribution over the {k} classes (allowed "
-                f"rounding: {tol:.2g}). For independent per-label probabilities use "
-                f"ClassificationHead.multilabel({k}, label_format='probabilities')."
-            )
+    hint = ""
+    if fmt == "sparse" and _same(shape, lead + (k,)):
+        hint = (
+            " These look like one-hot rows: write label_format='one_hot' (or pass "
+            "labels.argmax(-1))."
+        )
+    elif fmt == "binary" and _same(shape, lead + (2,)):
+        hint = (
+            " A binary head takes one 0/1 label per example, also with binary_units=2: "
+            "pass labels.argmax(-1) instead of one-hot rows."
+        )
+    return (
+        f"labels must have shape {want} (one {'class id' if fmt == 'sparse' else '0/1 label'} per "
+        f"example) to match logits of shape {_fmt_shape(tuple(z.shape))}; got "
+        f"{_fmt_shape(shape)}.{hint}"
+    )
 
 
-# ----------------------------------------------------------------------------- sample weight
-def _check_sample_weight(
-    ops: Ops, head: ClassificationHead, z: Any, lead: tuple[int, ...], sw: Any, values: bool
-) -> Any:
-    xp = ops.xp
-    if not (ops.is_floating(sw) or ops.is_integer(sw) or ops.is_bool(sw)):
+# ----------------------------------------------------------------------- sample weight shape
+def _weight_form(ops: Ops, head: ClassificationHead, z: Any, lead: tuple[int, ...], sw: Any) -> Any:
+    """The shape and dtype rules of sample weights (``sw`` is returned as given)."""
+    if _kind(ops, sw) is None:
         raise TypeError(f"sample_weight must be a numeric array; got dtype {_dtype_name(sw)}.")
     shape = tuple(sw.shape)
     full = lead + ((head.num_classes,) if head.task == "multilabel" else ())
@@ -394,15 +301,215 @@ def _check_sample_weight(
             f"part of it that is broadcast over the rest{also}; got {_fmt_shape(shape)} for logits of "
             f"shape {_fmt_shape(tuple(z.shape))}."
         )
-    sw = ops.astype(sw, z)
-    if values:
-        bad = ~xp.isfinite(sw) | (sw < 0)
-        if _any(ops, bad):
-            i = _first(ops, bad)
-            v = _value(ops, sw, i)
-            what = "NaN" if math.isnan(float(v)) else v
-            raise ValueError(
-                f"sample_weight{_fmt_index(i)} = {what}: weights must be finite and >= 0 "
-                f"(0 leaves the example out)."
-            )
     return sw
+
+
+# ------------------------------------------------------------------------------- value rules
+class _Rule(NamedTuple):
+    """One value rule of docs/semantics.md §9 on one argument, stated once as array operations.
+
+    ``bad`` is where the rule is broken (elementwise, or one entry per row).  ``says()`` gives,
+    lazily (only when an error is described): the arrays the message shows (aligned with ``bad``;
+    ``row``: with one more axis, a row per entry) and the message variants ``(when, template)``: ``when`` is None or a function of the shown values
+    at the first bad entry, exactly one variant holding there.  Templates are ``str.format``
+    strings with ``{where}`` (the index), ``{row}`` and ``!s`` fields: the same string is formatted
+    with values read on the host (:func:`_raise_first`) and by ``checkify`` under tracing
+    (:func:`_emit_checks`), so a message is the same in both."""
+
+    arg: Any  # the argument the rule is about (its array as given)
+    name: str  # "labels" or "sample_weight"
+    bad: Any
+    says: Callable[[], tuple[dict[str, Any], list[tuple[Callable[[dict], Any] | None, str]]]]
+
+
+def _isnan(v: dict) -> Any:
+    return v["value"] != v["value"]
+
+
+def _not_nan(v: dict) -> Any:
+    return v["value"] == v["value"]
+
+
+def _rules(ops: Ops, head: ClassificationHead, y: Any, sw: Any = None) -> list[_Rule]:
+    """The value rules of labels ``y`` and sample weight ``sw`` as given, in the order they are
+    reported (docs/semantics.md §9)."""
+    xp = ops.xp
+    fmt = head.label_format
+    k = head.num_classes
+    ign = head.ignore_index
+    rules: list[_Rule] = []
+
+    def counted(bad: Any) -> Any:  # an ignored label breaks no rule
+        return bad if ign is None else bad & (y != ign)
+
+    def or_ignore() -> str:
+        return f" (or ignore_index={ign})" if ign is not None else ""
+
+    if fmt == "sparse":
+        if ops.is_floating(y):  # ids as floats: whole numbers (NaN is not: NaN != round(NaN))
+            rules.append(_Rule(y, "labels", y != xp.round(y), lambda: ({"value": y}, [(None, (
+                f"labels{{where}} = {{value!s}} is not a class id: ids are whole numbers in [0, {k}) "
+                f"for num_classes={k}{or_ignore()} (integers, or floats with whole values); pass "
+                f"integer class ids."))])))
+        rules.append(_Rule(y, "labels", counted((y < 0) | (y >= k)), lambda: ({"value": y}, [(None, (
+            f"labels{{where}} = {{value!s}} is not a class id: ids must be in [0, {k}) for "
+            f"num_classes={k}{or_ignore() or ' (set ignore_index=... to leave examples out)'}."))])))
+    elif fmt == "binary":
+        if not ops.is_bool(y):
+
+            def says_binary() -> tuple:
+                not_binary = (f"labels{{where}} = {{value!s}} is not a binary label: a binary head "
+                              f"takes 0 or 1 per example{or_ignore()}.")
+                return {"value": y}, [
+                    (_isnan, "labels{where} is NaN; binary labels must be 0 or 1."),
+                    (lambda v: (v["value"] > 0) & (v["value"] < 1),  # a soft target
+                     not_binary + " Soft targets in [0, 1] need label_format='probabilities'."),
+                    (lambda v: (v["value"] < 0) | (v["value"] > 1),
+                     not_binary + " Labels outside {{0, 1}} make binary cross-entropy negative; for "
+                     "more than two classes use ClassificationHead.multiclass(num_classes) with "
+                     "integer labels."),
+                ]
+
+            rules.append(_Rule(y, "labels", counted((y != 0) & (y != 1)), says_binary))
+    elif fmt in ("one_hot", "multi_hot"):
+        if not ops.is_bool(y):  # booleans are 0/1
+            rules.append(_Rule(y, "labels", (y != 0) & (y != 1), lambda: ({"value": y}, [
+                (_isnan, "labels{where} is NaN."),
+                (_not_nan, f"labels{{where}} = {{value!s}} is not 0 or 1 (label_format={fmt!r}). "
+                           "Soft targets need label_format='probabilities'."),
+            ])))
+        if fmt == "one_hot":
+            count = xp.sum(xp.astype(y != 0, ops.index_dtype()), axis=-1)
+            not_one_hot = (
+                "labels{where} = {row} is not one-hot: each row must have exactly one 1 and zeros "
+                "elsewhere (found {n!s})."
+            )
+            rules.append(_Rule(y, "labels", count != 1, lambda: ({"row": y, "n": count}, [
+                (lambda v: v["n"] > 1, not_one_hot + " A row with {n!s} ones is multi-label: use "
+                 f"ClassificationHead.multilabel({k}) with a sigmoid per label."),
+                (lambda v: v["n"] < 1, not_one_hot + " Every example needs exactly one class (give it "
+                 "sample_weight 0 to leave it out, or use integer labels with ignore_index)."),
+            ])))
+    else:  # probabilities
+        rules.append(_Rule(y, "labels", ~((y >= 0) & (y <= 1)), lambda: ({"value": y}, [  # NaN too
+            (_isnan, "labels{where} is NaN."),
+            (_not_nan, "labels{where} = {value!s} is not a probability: soft labels must be in [0, 1]."),
+        ])))
+        if head.task == "multiclass":
+            tol = k * max(float(xp.finfo(y.dtype).eps), 2.0**-23)
+            total = xp.sum(y, axis=-1)
+            rules.append(_Rule(y, "labels", xp.abs(total - 1) > tol, lambda: ({"value": total}, [(None, (
+                f"labels{{where}} sums to {{value!s}}, not 1: each row of label_format='probabilities' "
+                f"is a distribution over the {k} classes (allowed rounding: {tol:.2g}). For independent "
+                f"per-label probabilities use ClassificationHead.multilabel({k}, "
+                f"label_format='probabilities')."))])))
+    if sw is not None:
+        rules.append(_Rule(sw, "sample_weight", ~(xp.isfinite(sw) & (sw >= 0)), lambda: ({"value": sw}, [
+            (_isnan, "sample_weight{where} = NaN: weights must be finite and >= 0 (0 leaves the example out)."),
+            (_not_nan, "sample_weight{where} = {value!s}: weights must be finite and >= 0 (0 leaves the "
+                       "example out)."),
+        ])))
+    return rules
+
+
+def value_errors(ops: Ops, head: ClassificationHead, labels: Any, sample_weight: Any = None) -> Any:
+    """Whether any value of the labels or the sample weight, as given (before conversion to the
+    logits' dtype, which could round an invalid value to a valid one), breaks docs/semantics.md
+    §9: one 0-d boolean array computed with array operations only (the rules of :func:`_rules`).
+    No value is read on the host, so it can run inside a compiled kernel or under tracing."""
+    xp = ops.xp
+    flag = None
+    for rule in _rules(ops, head, labels, sample_weight):
+        b = xp.any(rule.bad)
+        flag = b if flag is None else flag | b
+    return xp.asarray(False) if flag is None else flag
+
+
+def _check_values(ops: Ops, head: ClassificationHead, labels: Any, sample_weight: Any) -> None:
+    """Raise the error of the first bad value (labels first, then the sample weight)."""
+    if ops.is_concrete(labels) and (sample_weight is None or ops.is_concrete(sample_weight)):
+        if _any(ops, value_errors(ops, head, labels, sample_weight)):
+            for rule in _rules(ops, head, labels, sample_weight):
+                _raise_first(ops, rule)
+            raise AssertionError("unihead: value_errors found a bad value no rule describes")
+        return
+    # tracing: what has values is checked now; traced arrays in the graph, where the backend can
+    for rule in _rules(ops, head, labels, sample_weight):
+        if ops.is_concrete(rule.arg):
+            _raise_first(ops, rule)
+        elif ops.traced_checks:
+            _emit_checks(ops, rule)
+
+
+def _row_columns(width: int) -> list[int | None]:
+    """The columns of a row a message shows: all of them, or for long rows the first and last
+    three around ``...`` (as NumPy prints them)."""
+    return list(range(width)) if width <= 12 else [0, 1, 2, None, width - 3, width - 2, width - 1]
+
+
+def _template(template: str, ndim: int, shows: dict[str, Any]) -> str:
+    """``template`` with ``{where}`` spelled out for an index of ``ndim`` coordinates and
+    ``{row}`` for the columns :func:`_row_columns` shows of ``shows["row"]``."""
+    where = "" if ndim == 0 else "[" + ", ".join(f"{{i{d}!s}}" for d in range(ndim)) + "]"
+    text = template.replace("{where}", where)
+    if "row" in shows:
+        cols = _row_columns(shows["row"].shape[-1])
+        text = text.replace("{row}", "[" + ", ".join("..." if c is None else f"{{row{c}!s}}" for c in cols) + "]")
+    return text
+
+
+def _located(shows: dict[str, Any], at: Any) -> dict[str, Any]:
+    """The shown values at the first bad entry (``at(array)`` reads it), a row's columns spread
+    out as ``row0``, ``row1``..."""
+    out: dict[str, Any] = {}
+    for key, arr in shows.items():
+        if key == "row":
+            row = at(arr)
+            out.update({f"row{c}": row[c] for c in _row_columns(arr.shape[-1]) if c is not None})
+        else:
+            out[key] = at(arr)
+    return out
+
+
+def _raise_first(ops: Ops, rule: _Rule) -> None:
+    """If ``rule`` is broken, raise ``ValueError`` naming its first bad entry (values read on the
+    host)."""
+    import numpy as np
+
+    if not _any(ops, rule.bad):
+        return
+    i = _first(ops, rule.bad)
+    shows, variants = rule.says()
+    host = {key: np.asarray(ops.to_numpy(arr)) for key, arr in shows.items()}
+    values = _located(host, lambda arr: arr[i])
+    values.update({f"i{d}": c for d, c in enumerate(i)})
+    for when, template in variants:
+        if when is None or bool(when(values)):
+            raise ValueError(_template(template, len(i), shows).format(**values))
+    raise AssertionError(f"unihead: no message for {rule.name}{list(i)}")  # pragma: no cover
+
+
+def _emit_checks(ops: Ops, rule: _Rule) -> None:
+    """``rule`` as in-graph checks (:meth:`Ops.check`): the message of :func:`_raise_first`, its
+    index and values computed in the graph."""
+    xp = ops.xp
+    bad = rule.bad
+    shape = tuple(bad.shape)
+    if 0 in shape:  # no values, nothing to check (and no first entry)
+        return
+    flat = xp.argmax(xp.reshape(xp.astype(bad, xp.int8), (-1,)))  # the first True
+    i = []
+    for d in reversed(shape):
+        i.append(flat % d)
+        flat = flat // d
+    i = tuple(reversed(i))
+    shows, variants = rule.says()
+    # half-precision values as float32, as the host path reads them (Ops.to_numpy)
+    wide = {key: (xp.astype(a, xp.float32) if _dtype_name(a) in ("float16", "bfloat16") else a)
+            for key, a in shows.items()}
+    values = _located(wide, lambda arr: arr[i] if i else arr)
+    values.update({f"i{d}": c for d, c in enumerate(i)})
+    broken = xp.any(bad)
+    for when, template in variants:
+        fails = broken if when is None else broken & when(values)
+        ops.check(~fails, _template(template, len(shape), shows), **values)
