@@ -91,7 +91,7 @@ class Signature:
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-_SOURCES = ("_ops.py", "_engine.py", "formulas.py", "validation.py", "spec.py")
+_SOURCES = ("_ops.py", "_engine.py", "formulas.py", "_validation.py", "spec.py")
 _source_digest: str | None = None
 
 
