@@ -148,7 +148,7 @@ class KerasHead(CompiledHead):
         return self.loss_fn(**kwargs)
 
     def keras_metrics(self) -> list:
-        return [HeadAccuracy(self.head)]
+        return [HeadAccuracy(self)]
 
     def compile_kwargs(self) -> dict[str, Any]:
         """``{"loss": ..., "metrics": [...]}`` for ``model.compile(optimizer, **kwargs)``."""
@@ -174,7 +174,7 @@ class HeadDense(keras.layers.Dense):
     the layer's variables, as ``model.get_weights()`` expects); ``set_weights`` also takes the
     canonical mapping ``{"kernel": (in, out), "bias": (out,)}`` that the other backends' layers
     return, and ``get_canonical_weights()`` / ``set_canonical_weights()`` are the canonical pair
-    every backend's layer has (the merged kernel, also with LoRA enabled)."""
+    every backend's layer has."""
 
     def __init__(self, head: Any, compile_options: Mapping[str, Any] | None = None, **kwargs: Any):
         compiled = head if isinstance(head, KerasHead) else None
@@ -396,9 +396,9 @@ class HeadAccuracy(keras.metrics.MeanMetricWrapper):
     """Accuracy of a head's predictions (its compiled head's ``predict``) against its labels."""
 
     def __init__(self, head: Any, name: str = "accuracy", dtype: Any = None):
-        head = _as_head(head)
-        super().__init__(fn=_head_accuracy, name=name, dtype=dtype, compiled=KerasHead(head))
-        self.head = head
+        compiled = head if isinstance(head, KerasHead) else KerasHead(_as_head(head))
+        super().__init__(fn=_head_accuracy, name=name, dtype=dtype, compiled=compiled)
+        self.head = compiled.head
         self._direction = "up"
 
     def get_config(self) -> dict[str, Any]:

@@ -39,7 +39,7 @@ from torch import nn
 
 from unihead._engine import Engine, broadcast_prefix
 from unihead._ops import Ops
-from unihead.compiled import CompiledHead, canonical_weights, check_choice, compiled_head
+from unihead.compiled import CompiledHead, canonical_weights, check_choice, compiled_head, weights_mismatch
 from unihead.spec import ClassificationHead
 from unihead._validation import logits_dtype_error, validation_enabled
 
@@ -616,23 +616,6 @@ class TorchHead(CompiledHead):
 _EXTRA_STATE = "_extra_state"
 
 
-def _meaning_mismatch(saved: ClassificationHead, head: ClassificationHead) -> str | None:
-    """What makes weights trained for ``saved`` mean something else under ``head``, or None.
-
-    A layer's weights produce logits; what a logit means is fixed by the task (softmax over
-    classes, independent sigmoids, a yes/no score) and the number of outputs (for a binary head:
-    its units).  Everything else in a spec (label format, smoothing, class and positive weights,
-    ignore index, focal loss, reduction, threshold) is how the loss or the decision reads the
-    same logits: weights move freely between such heads."""
-    if saved.task == head.task == "binary" and saved.binary_units != head.binary_units:
-        return f"binary_units={saved.binary_units} vs {head.binary_units}"
-    if saved.task != head.task:
-        return f"task {saved.task!r} vs {head.task!r}"
-    if saved.num_outputs != head.num_outputs:
-        return f"{saved.num_outputs} outputs vs {head.num_outputs}"
-    return None
-
-
 class HeadLinear(nn.Linear):
     """``nn.Linear(in_features, head.num_outputs)`` that carries its :class:`ClassificationHead`.
 
@@ -680,7 +663,7 @@ class HeadLinear(nn.Linear):
 
     def set_extra_state(self, state: Any) -> None:
         saved = ClassificationHead.from_json(state)
-        problem = _meaning_mismatch(saved, self.head)
+        problem = weights_mismatch(saved, self.head)
         if problem is not None:
             unit_hint = ""
             if saved.task == self.head.task == "binary":

@@ -11,7 +11,7 @@ from ._ops import Ops
 from .spec import ClassificationHead
 from ._validation import check_inputs, check_logits
 
-__all__ = ["CompiledHead", "canonical_weights", "host_weights", "glorot_uniform", "compiled_head", "check_choice"]
+__all__ = ["CompiledHead", "canonical_weights", "host_weights", "glorot_uniform", "compiled_head", "check_choice", "weights_mismatch"]
 
 
 class CompiledHead:
@@ -157,6 +157,23 @@ def check_choice(name: str, value: Any, choices: tuple) -> Any:
     if not any(value is c or (type(value) is type(c) and value == c) for c in choices):
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}.")
     return value
+
+
+def weights_mismatch(saved: ClassificationHead, head: ClassificationHead) -> str | None:
+    """What makes weights trained for ``saved`` mean something else under ``head``, or None.
+
+    A layer's weights produce logits; what a logit means is fixed by the task (softmax over
+    classes, independent sigmoids, a yes/no score) and the number of outputs (for a binary head:
+    its units).  Everything else in a spec (label format, smoothing, class and positive weights,
+    ignore index, focal loss, reduction, threshold) is how the loss or the decision reads the
+    same logits: weights move freely between such heads."""
+    if saved.task == head.task == "binary" and saved.binary_units != head.binary_units:
+        return f"binary_units={saved.binary_units} vs {head.binary_units}"
+    if saved.task != head.task:
+        return f"task {saved.task!r} vs {head.task!r}"
+    if saved.num_outputs != head.num_outputs:
+        return f"{saved.num_outputs} outputs vs {head.num_outputs}"
+    return None
 
 
 def glorot_uniform(rng: np.random.Generator, fan_in: int, fan_out: int, dtype: Any) -> np.ndarray:
