@@ -5,9 +5,12 @@ Pure functions over arrays and pytrees, the way JAX code is written:
 * ``compiled.loss(logits, labels, sample_weight=None)`` is a pure function with a
   ``jax.custom_vjp`` carrying the analytic gradient; it works under ``jax.jit``, ``jax.grad``,
   ``jax.value_and_grad`` and ``jax.vmap``, with ``jax_enable_x64`` on or off;
-* ``compiled.layer(in_features)`` gives :class:`Dense` with ``init(key) -> params`` (the
+  ``compiled.loss_fn()`` is the same function, for code that takes a loss function (optax
+  style: ``loss_fn(logits, labels)``);
+* ``compiled.layer(in_features)`` gives :class:`Dense` with ``init(key[, x]) -> params`` (the
   ``{"kernel": (in, out), "bias": (out,)}`` layout of ``flax.linen.Dense`` / ``flax.nnx.Linear``)
-  and ``apply(params, x) -> logits``;
+  and ``apply(params, x) -> logits``; ``get_weights(params)`` / ``set_weights(params, weights)
+  -> params`` move canonical weights out of and into a params pytree (nothing is mutated);
 * bfloat16/float16 logits are computed in float32.
 
 The math is the shared formula code running on ``jax.numpy`` (an Array API namespace).  Under
@@ -43,7 +46,7 @@ import numpy as np
 from jax.experimental import checkify
 
 from unihead._ops import Ops
-from unihead.compiled import CompiledHead, canonical_weights
+from unihead.compiled import CompiledHead, canonical_weights, check_choice
 from unihead.spec import ClassificationHead
 from unihead._validation import logits_dtype_error
 
@@ -125,9 +128,7 @@ class JaxHead(CompiledHead):
 
     def __init__(self, head: ClassificationHead, *, validate: bool = True, keep: str = "inputs"):
         super().__init__(head, validate=validate)
-        if keep not in ("inputs", "stats"):
-            raise ValueError(f"keep must be 'inputs' or 'stats'; got {keep!r}.")
-        self.keep = keep
+        self.keep = check_choice("keep", keep, ("inputs", "stats"))
         self._loss_fn = self._make_loss()
 
     def options(self) -> dict[str, Any]:
@@ -184,24 +185,65 @@ class JaxHead(CompiledHead):
         return self._loss_fn(z, labels, sample_weight)
 
     def layer(self, in_features: int, weights: Any = None, *, dtype: Any = jnp.float32) -> "Dense":
-        """The output layer as pure functions: ``init(key) -> params``, ``apply(params, x)``."""
-        return Dense(self.head, in_features, weights, dtype=dtype)
+        """The output layer as pure functions: ``init(key[, x]) -> params``, ``apply(params, x)``
+        (see :class:`Dense`)."""
+        return Dense(self, in_features, weights, dtype=dtype)
 
 
 class Dense:
     """``logits = x @ params["kernel"] + params["bias"]`` with ``kernel (in, out)``, ``bias (out,)``:
     the parameter layout of ``flax.linen.Dense`` and ``flax.nnx.Linear``, so ``params`` drop into
-    Flax code and optax optimisers as they are."""
+    Flax code and optax optimisers as they are.
 
-    def __init__(self, head: ClassificationHead, in_features: int, weights: Any = None, *, dtype: Any = jnp.float32):
-        self.head = head
+    The layer holds no state: its parameters are a pytree you keep, as everywhere in JAX.  The
+    head's params are one entry of a model's params, and one optax optimiser trains them all::
+
+        compiled = unihead.compile(ClassificationHead.multiclass(10), "jax")
+        head = compiled.layer(128)
+        k1, k2 = jax.random.split(jax.random.key(0))
+        params = {"encoder": init_encoder(k1), "head": head.init(k2, features)}  # features (N, 128)
+
+        def loss(params, x, y):
+            return compiled.loss(head.apply(params["head"], encoder(params["encoder"], x)), y)
+
+        tx = optax.adam(1e-3)
+        opt_state = tx.init(params)
+
+        @jax.jit
+        def step(params, opt_state, x, y):
+            value, grads = jax.value_and_grad(loss)(params, x, y)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, value
+
+    In a Flax ``linen`` module, ``params["head"]`` is what ``nn.Dense(num_outputs, name="head")``
+    holds: ``head.apply(variables["params"]["head"], h)`` computes the same logits.
+
+    ``head``: the spec, or the compiled :class:`JaxHead` it came from (:meth:`compiled`)."""
+
+    def __init__(self, head: Any, in_features: int, weights: Any = None, *, dtype: Any = jnp.float32):
+        self._compiled = head if isinstance(head, JaxHead) else None
+        self.head = head = head.head if self._compiled is not None else head
         self.in_features = int(in_features)
         self.out_features = head.num_outputs
         self.dtype = dtype
         self._weights = None if weights is None else canonical_weights(head, in_features, weights)
 
-    def init(self, key: Any) -> dict[str, Any]:
-        """Parameters: the given weights, or Flax's defaults (LeCun-normal kernel, zero bias)."""
+    def init(self, key: Any, x: Any = None) -> dict[str, Any]:
+        """Parameters ``{"kernel": (in, out), "bias": (out,)}``: the weights given to the layer,
+        or Flax's defaults (LeCun-normal kernel from ``key``, zero bias).
+
+        ``x`` (optional, as in Flax's ``init(key, x)``): a sample input (an array, or anything
+        with a ``shape`` such as ``jax.ShapeDtypeStruct``), checked to have ``in_features``
+        features in its last dimension.  The result is the params themselves, not Flax's
+        ``{"params": ...}`` variables: they are one entry of your model's params."""
+        if x is not None:
+            shape = tuple(getattr(x, "shape", None) or np.shape(x))
+            if not shape or shape[-1] != self.in_features:
+                got = f"{shape[-1]} features (its last dimension; shape {shape})" if shape else "no feature axis (a scalar)"
+                raise ValueError(
+                    f"init(key, x): x has {got}, but this layer takes in_features={self.in_features}. "
+                    f"Build the layer for your features: compiled.layer({shape[-1] if shape else 'in_features'})."
+                )
         if self._weights is not None:
             kernel, bias = self._weights
             return {"kernel": jnp.asarray(kernel, self.dtype), "bias": jnp.asarray(bias, self.dtype)}
@@ -218,11 +260,50 @@ class Dense:
 
     @staticmethod
     def get_weights(params: dict[str, Any]) -> dict[str, np.ndarray]:
-        """Parameters in the canonical layout as NumPy arrays (they already are (in, out))."""
+        """``params`` in the canonical layout as NumPy arrays on the host (they already are
+        ``(in, out)``): what every backend's layer loads with ``set_weights``."""
+        _check_params(params)
         return {"kernel": _OPS.to_numpy(params["kernel"]), "bias": _OPS.to_numpy(params["bias"])}
+
+    def set_weights(self, params: dict[str, Any], weights: Any) -> dict[str, Any]:
+        """New params holding canonical-layout ``weights`` (a ``{"kernel", "bias"}`` mapping or a
+        ``(kernel, bias)`` pair, e.g. another backend's ``layer.get_weights()``), in the dtype
+        and on the devices of ``params``.  Pure, like ``x.at[i].set(v)``: ``params`` is not
+        changed; use the result (``params["head"] = head.set_weights(params["head"], w)``)."""
+        _check_params(params)
+        kernel, bias = canonical_weights(self.head, self.in_features, weights)
+        return {"kernel": _like(kernel, params["kernel"]), "bias": _like(bias, params["bias"])}
+
+    # the names every backend's layer has (Keras' own get_weights/set_weights are Keras' lists)
+    get_canonical_weights = get_weights
+    set_canonical_weights = set_weights
+
+    def compiled(self, **options: Any) -> JaxHead:
+        """The compiled head of this layer: the one it was built from, with its options;
+        ``options`` change some of them."""
+        if self._compiled is None:
+            self._compiled = JaxHead(self.head)
+        return self._compiled._with_options(**options)
 
     def __repr__(self) -> str:
         return f"Dense(in_features={self.in_features}, out_features={self.out_features}, head={self.head!r})"
+
+
+def _check_params(params: Any) -> None:
+    if not (hasattr(params, "keys") and "kernel" in params and "bias" in params):
+        raise TypeError(
+            "params must be this layer's {'kernel': (in, out), 'bias': (out,)} (what layer.init "
+            f"returns); got {type(params).__name__}"
+            + (f" with keys {sorted(map(str, params.keys()))}" if hasattr(params, "keys") else "") + "."
+        )
+
+
+def _like(value: np.ndarray, old: Any) -> Any:
+    """``value`` as a JAX array with ``old``'s dtype, on ``old``'s devices when it has some."""
+    new = jnp.asarray(value, dtype=old.dtype)
+    if isinstance(old, jax.Array) and not isinstance(old, jax.core.Tracer):
+        new = jax.device_put(new, old.sharding)
+    return new
 
 
 def compile_head(head: ClassificationHead, *, validate: bool = True, keep: str = "inputs") -> JaxHead:

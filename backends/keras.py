@@ -6,18 +6,28 @@ run on TF tensors with ``tf.custom_gradient``, and on the NumPy Keras backend (i
 NumPy backend.  What a Keras user gets:
 
 * ``compiled.layer()`` -> :class:`HeadDense`, a ``keras.layers.Dense`` producing logits that
-  carries its spec (usable in ``Sequential`` and functional models);
-* ``compiled.keras_loss()`` -> :class:`HeadLoss`, a ``keras.losses.Loss`` with unihead's semantics
+  carries its spec (usable in ``Sequential`` and functional models).  Its kernel is ``(in, out)``,
+  unihead's canonical layout: ``get_weights()`` is Keras' own list ``[kernel, bias]`` (so
+  ``model.get_weights()`` and Keras' tools see an ordinary ``Dense``), ``set_weights`` also takes
+  the canonical ``{"kernel", "bias"}`` mapping of the other backends' layers, and
+  ``get_canonical_weights()`` / ``set_canonical_weights()`` are the names every backend's layer
+  has;
+* ``compiled.loss_fn()`` -> :class:`HeadLoss`, a ``keras.losses.Loss`` with unihead's semantics
   (the weighted mean of docs/semantics.md: ``fit(sample_weight=...)`` and
   ``fit(class_weight=...)`` give what the head's own options give);
 * ``compiled.keras_metrics()`` -> ``[HeadAccuracy]``: accuracy under the head's decision rule
-  (threshold for binary and multilabel heads, argmax for multiclass; 1- and 2-unit binary alike);
+  (the compiled head's ``predict``);
 * ``compiled.compile_model(model, optimizer)`` puts all three into ``model.compile``.
 
 All three are registered Keras serializables (package ``"unihead"``): a model saved with
 ``model.save("m.keras")`` loads with ``keras.models.load_model`` without ``custom_objects`` once
 ``unihead`` is imported (``import unihead`` registers them when Keras is imported, without
-importing Keras itself).
+importing Keras itself).  The layer and the loss keep the options of the compiled head they
+came from (``validate``, and ``fused``/``keep`` for Keras on PyTorch/JAX) in their configs.
+
+``unihead.compile(head, "keras")`` says once (a ``UserWarning``) when Keras runs on the backend
+it falls back to, TensorFlow, because nothing chose one: neither ``KERAS_BACKEND`` nor
+``~/.keras/keras.json`` (as Keras itself wrote it).
 
 Labels reach a Keras loss the way Keras pipelines produce them: sparse ids with a trailing axis
 of 1, or as floats with whole values.  unihead's one label rule accepts both on every backend
@@ -26,14 +36,16 @@ of 1, or as floats with whole values.  unihead's one label rule accepts both on 
 
 from __future__ import annotations
 
-import math
-from typing import Any
+import json
+import os
+import warnings
+from typing import Any, Mapping
 
 import keras
 import numpy as np
 from keras import ops
 
-from unihead.compiled import CompiledHead, canonical_weights
+from unihead.compiled import CompiledHead, canonical_weights, check_choice
 from unihead.spec import ClassificationHead
 
 __all__ = ["compile_head", "KerasHead", "HeadDense", "HeadLoss", "HeadAccuracy"]
@@ -41,17 +53,19 @@ __all__ = ["compile_head", "KerasHead", "HeadDense", "HeadLoss", "HeadAccuracy"]
 _PACKAGE = "unihead"
 
 
-def _native(head: ClassificationHead, validate: bool) -> CompiledHead:
-    """The compiled head of the array library Keras runs on."""
+def _native(head: ClassificationHead, validate: bool, options: Mapping[str, Any] | None = None) -> CompiledHead:
+    """The compiled head of the array library Keras runs on; ``options``: ``fused`` (PyTorch)
+    and ``keep`` (JAX), each passed where it applies."""
     name = keras.backend.backend()
+    options = options or {}
     if name == "jax":
         from unihead.backends.jax import JaxHead
 
-        return JaxHead(head, validate=validate)
+        return JaxHead(head, validate=validate, **{k: v for k, v in options.items() if k == "keep"})
     if name == "torch":
         from unihead.backends.torch import TorchHead
 
-        return TorchHead(head, validate=validate)
+        return TorchHead(head, validate=validate, **{k: v for k, v in options.items() if k == "fused"})
     if name == "tensorflow":
         from unihead.backends._tensorflow import TFHead
 
@@ -71,14 +85,26 @@ def _as_head(head: Any) -> ClassificationHead:
 
 
 class KerasHead(CompiledHead):
-    """The compiled head on Keras (see :class:`unihead.CompiledHead` for the methods)."""
+    """The compiled head on Keras (see :class:`unihead.CompiledHead` for the methods).
+
+    ``fused`` and ``keep`` are the options of the PyTorch and JAX backends, used when Keras runs
+    on PyTorch or JAX (``None``: their defaults).  On the other Keras backends they change
+    nothing, so a model saved with them loads on every backend."""
 
     backend = "keras"
 
-    def __init__(self, head: ClassificationHead, *, validate: bool = True):
+    def __init__(self, head: ClassificationHead, *, validate: bool = True, fused: Any = None, keep: str | None = None):
         super().__init__(head, validate=validate)
-        self.native = _native(head, validate)
+        self._native_options: dict[str, Any] = {}
+        if fused is not None:
+            self._native_options["fused"] = check_choice("fused", fused, ("auto", True, False))
+        if keep is not None:
+            self._native_options["keep"] = check_choice("keep", keep, ("inputs", "stats"))
+        self.native = _native(head, self.validate, self._native_options)
         self.ops = self.native.ops
+
+    def options(self) -> dict[str, Any]:
+        return {"validate": self.validate, **self._native_options}
 
     @property
     def keras_backend(self) -> str:
@@ -99,8 +125,9 @@ class KerasHead(CompiledHead):
 
     def layer(self, in_features: int | None = None, weights: Any = None, **kwargs: Any) -> "HeadDense":
         """A :class:`HeadDense` producing logits; ``weights`` in the canonical layout
-        (``kernel (in, out)``, ``bias (out,)``).  Keyword arguments go to ``keras.layers.Dense``."""
-        layer = HeadDense(self.head, **kwargs)
+        (``kernel (in, out)``, ``bias (out,)``).  Keyword arguments go to ``keras.layers.Dense``.
+        ``layer.compiled()`` is this compiled head (its options are in the layer's config)."""
+        layer = HeadDense(self, **kwargs)
         if weights is not None or in_features is not None:
             if in_features is None:
                 in_features = int(np.asarray(weights["kernel"] if isinstance(weights, dict) else weights[0]).shape[0])
@@ -109,15 +136,23 @@ class KerasHead(CompiledHead):
                 layer.set_canonical_weights(weights)
         return layer
 
+    def loss_fn(self, **kwargs: Any) -> "HeadLoss":
+        """The loss as a ``keras.losses.Loss`` (:class:`HeadLoss`) computing with this compiled
+        head and its options; ``kwargs`` go to :class:`HeadLoss` (``name``, ``dtype``,
+        ``reduction``)."""
+        return HeadLoss(self, **kwargs)
+
     def keras_loss(self, **kwargs: Any) -> "HeadLoss":
-        return HeadLoss(self.head, validate=self.validate, **kwargs)
+        """Deprecated: :meth:`loss_fn`."""
+        warnings.warn("KerasHead.keras_loss() is deprecated; use loss_fn().", DeprecationWarning, stacklevel=2)
+        return self.loss_fn(**kwargs)
 
     def keras_metrics(self) -> list:
-        return [HeadAccuracy(self.head)]
+        return [HeadAccuracy(self)]
 
     def compile_kwargs(self) -> dict[str, Any]:
         """``{"loss": ..., "metrics": [...]}`` for ``model.compile(optimizer, **kwargs)``."""
-        return {"loss": self.keras_loss(), "metrics": self.keras_metrics()}
+        return {"loss": self.loss_fn(), "metrics": self.keras_metrics()}
 
     def compile_model(self, model: Any, optimizer: Any = "adam", **kwargs: Any) -> Any:
         """``model.compile(optimizer, loss=..., metrics=[...], **kwargs)``; returns the model."""
@@ -129,9 +164,23 @@ class KerasHead(CompiledHead):
 class HeadDense(keras.layers.Dense):
     """``keras.layers.Dense(head.num_outputs)`` without activation, carrying its
     :class:`ClassificationHead`: the layer emits logits, the head applies the activation in its
-    loss and ``probabilities``.  Its kernel is ``(in, out)``: unihead's canonical layout."""
+    loss and ``probabilities``.  Its kernel is ``(in, out)``: unihead's canonical layout.
 
-    def __init__(self, head: Any, **kwargs: Any):
+    ``head``: the spec (or its ``to_dict()``), or the compiled :class:`KerasHead` it comes from;
+    ``compile_options``: the options of :meth:`compiled` (taken from a compiled head when one is
+    given), saved in the layer's config.
+
+    Weights: Keras' ``get_weights()`` / ``set_weights([kernel, bias])`` are unchanged (they list
+    the layer's variables, as ``model.get_weights()`` expects); ``set_weights`` also takes the
+    canonical mapping ``{"kernel": (in, out), "bias": (out,)}`` that the other backends' layers
+    return, and ``get_canonical_weights()`` / ``set_canonical_weights()`` are the canonical pair
+    every backend's layer has."""
+
+    def __init__(self, head: Any, compile_options: Mapping[str, Any] | None = None, **kwargs: Any):
+        compiled = head if isinstance(head, KerasHead) else None
+        if compiled is not None:
+            head = compiled.head
+            compile_options = {**compiled.options(), **(compile_options or {})}
         head = _as_head(head)
         if kwargs.pop("activation", None) not in (None, "linear"):
             raise ValueError(
@@ -143,12 +192,16 @@ class HeadDense(keras.layers.Dense):
             raise ValueError(f"units={units} does not match the head's num_outputs={head.num_outputs}.")
         super().__init__(units=head.num_outputs, activation=None, **kwargs)
         self.head = head
+        self._compile_options = tuple(sorted(dict(compile_options or {}).items()))
+        self._compiled_head = compiled
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.pop("units", None)
         config.pop("activation", None)
         config["head"] = self.head.to_dict()
+        if self._compile_options:
+            config["compile_options"] = dict(self._compile_options)
         return config
 
     def get_canonical_weights(self) -> dict[str, np.ndarray]:
@@ -156,13 +209,34 @@ class HeadDense(keras.layers.Dense):
         return {"kernel": ops.convert_to_numpy(self.kernel), "bias": ops.convert_to_numpy(self.bias)}
 
     def set_canonical_weights(self, weights: Any) -> None:
+        """Load canonical-layout weights (a ``{"kernel", "bias"}`` mapping or a ``(kernel, bias)``
+        pair, from any backend's layer) into the built layer."""
+        if not self.built:
+            raise ValueError(
+                "this HeadDense is not built yet, so it has no weights to set: build it first "
+                "(layer.build((None, in_features)), or call it on data), or pass the weights to "
+                "compiled.layer(in_features, weights)."
+            )
         in_features = int(self.kernel.shape[0])
         kernel, bias = canonical_weights(self.head, in_features, weights)
         self.kernel.assign(kernel.astype(self.kernel.dtype))
         self.bias.assign(bias.astype(self.bias.dtype))
 
+    def set_weights(self, weights: Any) -> None:
+        """Keras' ``set_weights`` (a list of arrays in the order of ``layer.weights``), or the
+        canonical ``{"kernel", "bias"}`` mapping other backends' layers return."""
+        if isinstance(weights, Mapping):
+            return self.set_canonical_weights(weights)
+        return super().set_weights(weights)
+
     def compiled(self, **options: Any) -> KerasHead:
-        return KerasHead(self.head, **options)
+        """The compiled head of this layer: the one it was built from (or one with its saved
+        ``compile_options``); ``options`` change some of them."""
+        compiled = self.__dict__.get("_compiled_head")
+        if compiled is None:
+            compiled = KerasHead(self.head, **dict(self._compile_options))
+            object.__setattr__(self, "_compiled_head", compiled)  # a plain attribute, untracked
+        return compiled._with_options(**options)
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -172,21 +246,55 @@ class HeadLoss(keras.losses.Loss):
     number of examples; this one divides by the sum of the weights (docs/semantics.md §7), so
     ``fit(class_weight={c: w_c})`` equals the head's ``class_weights`` for integer and one-hot
     labels.  Padding is left out with ``sample_weight`` 0 or ``ignore_index`` (Keras masks attached
-    to the predictions are not read: their accessor is not public API)."""
+    to the predictions are not read: their accessor is not public API).
 
-    def __init__(self, head: Any, validate: bool = True, name: str = "unihead_loss", **kwargs: Any):
-        kwargs.pop("reduction", None)  # unihead's reduction comes from the head
-        super().__init__(name=name, **kwargs)
-        self.head = _as_head(head)
-        self.validate = bool(validate)
+    ``head``: the spec (or its ``to_dict()``), or the compiled :class:`KerasHead` it comes from
+    (what ``compiled.loss_fn()`` passes), whose options it keeps; ``validate``, ``fused`` and
+    ``keep`` override them (see :class:`KerasHead`).  All are in the loss's config.
+
+    ``reduction`` (Keras' argument) sets the head's reduction: ``"mean_with_sample_weight"`` is the
+    head's ``"mean"`` (the weighted mean), ``"sum"`` its ``"sum"``, ``None``/``"none"`` its
+    ``"none"``; without it, the head's own.  Keras' ``"sum_over_batch_size"`` and ``"mean"`` divide
+    by the number of examples, which no head does: they are refused, with how to write it.
+    ``loss.reduction`` is the Keras name of the head's reduction."""
+
+    def __init__(
+        self,
+        head: Any,
+        validate: bool | None = None,
+        name: str = "unihead_loss",
+        reduction: Any = "from_head",
+        dtype: Any = None,
+        *,
+        fused: Any = None,
+        keep: str | None = None,
+    ):
+        compiled = head if isinstance(head, KerasHead) else None
+        head = _as_head(compiled.head if compiled is not None else head)
+        if not (isinstance(reduction, str) and reduction == "from_head"):
+            head = head.replace(reduction=_head_reduction(head, reduction))
+        super().__init__(name=name, reduction=_KERAS_REDUCTION[head.reduction], dtype=dtype)
+        options = {} if compiled is None else compiled.options()
+        options.update({k: v for k, v in (("validate", validate), ("fused", fused), ("keep", keep)) if v is not None})
+        self.head = head
+        self.validate = bool(options.get("validate", True))
+        self._options = options
+        if compiled is not None and compiled.head == head:  # share it (and its kernels)
+            self.__dict__["_heads"] = {head: compiled._with_options(**options)}
+        else:
+            self._compiled(head)  # the options are checked now, not at the first call
 
     def _compiled(self, head: ClassificationHead) -> KerasHead:
         # one compiled head per spec, kept: the PyTorch one holds its fused kernels, which
         # torch.compile builds on first use (a new one per call would recompile every step)
         cache = self.__dict__.setdefault("_heads", {})
         if head not in cache:
-            cache[head] = KerasHead(head, validate=self.validate)
+            cache[head] = KerasHead(head, **self._options)
         return cache[head]
+
+    def compiled(self) -> KerasHead:
+        """The compiled head this loss computes with."""
+        return self._compiled(self.head)
 
     def __call__(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> Any:
         if sample_weight is not None and len(sample_weight.shape) == len(y_pred.shape) and sample_weight.shape[-1] == 1 \
@@ -199,33 +307,57 @@ class HeadLoss(keras.losses.Loss):
         return self._compiled(self.head.replace(reduction="none")).loss(y_pred, y_true)
 
     def get_config(self) -> dict[str, Any]:
-        return {"name": self.name, "head": self.head.to_dict(), "validate": self.validate}
+        return {"name": self.name, "head": self.head.to_dict(), "reduction": self.reduction, **self._options,
+                "validate": self.validate}
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "HeadLoss":
         return cls(**config)
 
 
-def _head_accuracy(y_true: Any, y_pred: Any, head: ClassificationHead) -> Any:
-    """Per-example accuracy under the head's decision rule (on logits)."""
+#: The Keras name of each head reduction (``HeadLoss.reduction``), and back.
+_KERAS_REDUCTION = {"mean": "mean_with_sample_weight", "sum": "sum", "none": "none"}
+_FROM_KERAS = {"mean_with_sample_weight": "mean", "sum": "sum", "none": "none", None: "none"}
+
+
+def _head_reduction(head: ClassificationHead, reduction: Any) -> str:
+    """The head reduction that gives what Keras' ``reduction`` means, or a ValueError."""
+    if reduction is None or (isinstance(reduction, str) and reduction in _FROM_KERAS):
+        return _FROM_KERAS[reduction]
+    spec = f"ClassificationHead.{head.task}(..., reduction='mean')"
+    if isinstance(reduction, str) and reduction in ("sum_over_batch_size", "mean"):
+        raise ValueError(
+            f"HeadLoss(reduction={reduction!r}): Keras' {reduction!r} divides the weighted sum of "
+            f"the losses by the number of examples; a unihead loss divides by the sum of the "
+            f"weights (docs/semantics.md §7: sample and class weights are relative, ignored labels "
+            f"do not dilute the batch). Set the reduction in the head spec: {spec} (the weighted "
+            f"mean, Keras' 'mean_with_sample_weight'), 'sum' or 'none'; or leave reduction out of "
+            f"HeadLoss."
+        )
+    raise ValueError(
+        f"HeadLoss(reduction={reduction!r}) is not a reduction: set it in the head spec, {spec}, "
+        f"'sum' or 'none' (Keras' names 'mean_with_sample_weight', 'sum' and None are accepted "
+        f"here too)."
+    )
+
+
+def _head_accuracy(y_true: Any, y_pred: Any, compiled: KerasHead) -> Any:
+    """Per-example accuracy of the compiled head's ``predict`` (its decision rule, computed
+    once for every backend) against the labels."""
+    head = compiled.head
     y_pred = ops.convert_to_tensor(y_pred)
     y_true = ops.convert_to_tensor(y_true)
-    cut = math.log(head.threshold / (1.0 - head.threshold))
+    pred = ops.cast(compiled.predict(y_pred), "int32")
     fmt = head.label_format
     if head.task == "multilabel":
-        target = ops.cast(ops.greater(ops.cast(y_true, "float32"), 0.5), "float32")
-        pred = ops.cast(ops.greater(ops.cast(y_pred, "float32"), cut), "float32")
+        target = ops.cast(ops.greater(ops.cast(y_true, "float32"), 0.5), "int32")
         return ops.mean(ops.cast(ops.equal(pred, target), "float32"), axis=-1)
     if head.task == "binary":
-        z = ops.cast(y_pred, "float32")
-        d = z[..., 1] - z[..., 0] if head.binary_units == 2 else z[..., 0]
-        pred = ops.cast(ops.greater(d, cut), "float32")
         y = ops.cast(y_true, "float32")
-        if len(y.shape) == len(z.shape):
+        if len(y.shape) == len(y_pred.shape):
             y = y[..., 0]
-        target = ops.cast(ops.greater(y, 0.5), "float32")
+        target = ops.cast(ops.greater(y, 0.5), "int32")
         return ops.cast(ops.equal(pred, target), "float32")
-    pred = ops.argmax(y_pred, axis=-1)
     if fmt == "sparse":
         y = y_true
         if len(y.shape) == len(y_pred.shape):
@@ -233,17 +365,17 @@ def _head_accuracy(y_true: Any, y_pred: Any, head: ClassificationHead) -> Any:
         target = ops.cast(y, "int32")
     else:
         target = ops.argmax(y_true, axis=-1)
-    return ops.cast(ops.equal(ops.cast(pred, "int32"), ops.cast(target, "int32")), "float32")
+    return ops.cast(ops.equal(pred, ops.cast(target, "int32")), "float32")
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class HeadAccuracy(keras.metrics.MeanMetricWrapper):
-    """Accuracy of a head's predictions (``predict``'s rule) against its labels."""
+    """Accuracy of a head's predictions (its compiled head's ``predict``) against its labels."""
 
     def __init__(self, head: Any, name: str = "accuracy", dtype: Any = None):
-        head = _as_head(head)
-        super().__init__(fn=_head_accuracy, name=name, dtype=dtype, head=head)
-        self.head = head
+        compiled = head if isinstance(head, KerasHead) else KerasHead(_as_head(head))
+        super().__init__(fn=_head_accuracy, name=name, dtype=dtype, compiled=compiled)
+        self.head = compiled.head
         self._direction = "up"
 
     def get_config(self) -> dict[str, Any]:
@@ -254,5 +386,58 @@ class HeadAccuracy(keras.metrics.MeanMetricWrapper):
         return cls(**config)
 
 
-def compile_head(head: ClassificationHead, *, validate: bool = True) -> KerasHead:
-    return KerasHead(head, validate=validate)
+def compile_head(head: ClassificationHead, *, validate: bool = True, fused: Any = None,
+                 keep: str | None = None) -> KerasHead:
+    """``unihead.compile(head, "keras", validate=True, fused=None, keep=None)`` (see
+    :class:`KerasHead`)."""
+    _announce_default_backend()
+    return KerasHead(head, validate=validate, fused=fused, keep=keep)
+
+
+#: What Keras writes to ``keras.json`` when it finds none: its defaults, chosen by nobody.
+_KERAS_WRITTEN_CONFIG = {"floatx": "float32", "epsilon": 1e-07, "backend": "tensorflow", "image_data_format": "channels_last"}
+_announced = False
+
+
+def _keras_config_path() -> str:
+    try:
+        from keras.src.backend.config import keras_home  # where this Keras read its keras.json
+        home = keras_home()
+    except Exception:  # its documented rule: $KERAS_HOME, else ~/.keras
+        home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    return os.path.expanduser(os.path.join(home, "keras.json"))
+
+
+def _backend_chosen(path: str) -> bool:
+    """Whether the user chose Keras' backend: ``KERAS_BACKEND``, or a ``keras.json`` naming a
+    backend that is not the file Keras writes itself on its first import (its defaults)."""
+    if os.environ.get("KERAS_BACKEND"):
+        return True
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "backend" in config and config != _KERAS_WRITTEN_CONFIG
+
+
+def _announce_default_backend() -> None:
+    """Say once which backend Keras fell back to, and how to choose, when nothing chose it:
+    importing TensorFlow takes seconds and logs of its own, and JAX or PyTorch may be what the
+    user has.  A ``UserWarning`` (shown once; ``warnings`` filters silence it)."""
+    global _announced
+    if _announced:
+        return
+    _announced = True
+    path = _keras_config_path()
+    if _backend_chosen(path):
+        return
+    warnings.warn(
+        f"unihead: Keras is running on {keras.backend.backend()!r}, its default backend, because "
+        f"nothing chose one (no KERAS_BACKEND environment variable; {path} is missing or as Keras "
+        f"wrote it). To run Keras on JAX or PyTorch, set KERAS_BACKEND=jax or KERAS_BACKEND=torch "
+        f"before Keras is imported, or \"backend\" in {path}; KERAS_BACKEND="
+        f"{keras.backend.backend()} keeps this one and silences this message.",
+        UserWarning,
+        stacklevel=4,
+    )

@@ -4,7 +4,7 @@ Computes in the logits' dtype (float32 or float64; float16 and bfloat16 in float
 shared formulas.  NumPy has no autodiff, so the compiled head also offers
 :meth:`NumpyHead.loss_and_gradient`, the analytic gradient every other backend plugs into its
 own autodiff.  The output layer is a small :class:`Dense` object holding ``kernel (in, out)``
-and ``bias (out,)``.
+and ``bias (out,)``; ``compiled.loss_fn()`` is the loss as a function.
 """
 
 from __future__ import annotations
@@ -81,10 +81,13 @@ def _compute_dtype(dtype: np.dtype) -> np.dtype:
 
 
 class Dense:
-    """The NumPy output layer: ``logits = x @ kernel + bias``; ``kernel (in, out)``, ``bias (out,)``."""
+    """The NumPy output layer: ``logits = x @ kernel + bias``; ``kernel (in, out)``, ``bias (out,)``.
 
-    def __init__(self, head: ClassificationHead, kernel: np.ndarray, bias: np.ndarray):
-        self.head = head
+    ``head``: the spec, or the compiled :class:`NumpyHead` it came from (:meth:`compiled`)."""
+
+    def __init__(self, head: Any, kernel: np.ndarray, bias: np.ndarray):
+        self._compiled = head if isinstance(head, NumpyHead) else None
+        self.head = head.head if self._compiled is not None else head
         self.kernel = kernel
         self.bias = bias
 
@@ -100,9 +103,22 @@ class Dense:
         return {"kernel": self.kernel.copy(), "bias": self.bias.copy()}
 
     def set_weights(self, weights: Any) -> None:
+        """Load canonical-layout weights: a ``{"kernel", "bias"}`` mapping or a ``(kernel, bias)``
+        pair, from any backend's layer (kept in this layer's dtype)."""
         kernel, bias = canonical_weights(self.head, self.in_features, weights)
         self.kernel = kernel.astype(self.kernel.dtype)
         self.bias = bias.astype(self.bias.dtype)
+
+    # the names every backend's layer has (Keras' own get_weights/set_weights are Keras' lists)
+    get_canonical_weights = get_weights
+    set_canonical_weights = set_weights
+
+    def compiled(self, **options: Any) -> "NumpyHead":
+        """The compiled head of this layer: the one it was built from, with its options;
+        ``options`` change some of them."""
+        if self._compiled is None:
+            self._compiled = NumpyHead(self.head)
+        return self._compiled._with_options(**options)
 
     def __repr__(self) -> str:
         return f"Dense(in_features={self.in_features}, out_features={self.kernel.shape[1]}, head={self.head!r})"
@@ -173,9 +189,9 @@ class NumpyHead(CompiledHead):
         k = self.head.num_outputs
         if weights is not None:
             kernel, bias = canonical_weights(self.head, in_features, weights)
-            return Dense(self.head, kernel.astype(dtype), bias.astype(dtype))
+            return Dense(self, kernel.astype(dtype), bias.astype(dtype))
         rng = np.random.default_rng(seed)
-        return Dense(self.head, glorot_uniform(rng, in_features, k, dtype), np.zeros(k, dtype=dtype))
+        return Dense(self, glorot_uniform(rng, in_features, k, dtype), np.zeros(k, dtype=dtype))
 
 
 def compile_head(head: ClassificationHead, *, validate: bool = True) -> NumpyHead:

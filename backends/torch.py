@@ -8,8 +8,10 @@ the Array API; this module adds what is PyTorch-specific:
   it supports ``torch.func`` (``grad``, ``vmap``) and ``torch.compile(fullgraph=True)``;
 * dtype and device handling: float16/bfloat16 logits are computed in float32, labels and
   weights move to the logits' device, gradients come back in the logits' dtype;
-* the output layer (:class:`HeadLinear`, an ``nn.Linear`` that carries its spec) and a loss
-  module (:class:`HeadLoss`) for code that expects ``criterion(logits, target)``;
+* the output layer (:class:`HeadLinear`, an ``nn.Linear`` that carries its spec; it loads the
+  state dict of a plain ``nn.Linear``) and a loss module (:class:`HeadLoss`, from
+  ``compiled.loss_fn()``) for code that expects ``criterion(logits, target)``; both compute with
+  the options of the compiled head they came from;
 * weights in and out in unihead's canonical layout (``kernel (in, out)``, ``bias (out,)``),
   transposing PyTorch's ``(out, in)``;
 * speed: float32 logits on the CPU are evaluated in float64 and rounded once (the wide formulas,
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import os
 import types
+import warnings
 from typing import Any
 
 import array_api_compat.torch as _compat
@@ -36,7 +39,7 @@ from torch import nn
 
 from unihead._engine import Engine, broadcast_prefix
 from unihead._ops import Ops
-from unihead.compiled import CompiledHead, canonical_weights
+from unihead.compiled import CompiledHead, canonical_weights, check_choice, compiled_head, weights_mismatch
 from unihead.spec import ClassificationHead
 from unihead._validation import label_kinds, logits_dtype_error, validation_enabled
 
@@ -459,8 +462,7 @@ class TorchHead(CompiledHead):
 
     def __init__(self, head: ClassificationHead, *, validate: bool = True, fused: Any = "auto"):
         super().__init__(head, validate=validate)
-        if fused not in ("auto", True, False):
-            raise ValueError(f"fused must be 'auto', True or False; got {fused!r}.")
+        check_choice("fused", fused, ("auto", True, False))
         if fused == "auto" and os.environ.get("UNIHEAD_TORCH_FUSED", "1") == "0":
             fused = False
         self.fused = fused
@@ -582,9 +584,15 @@ class TorchHead(CompiledHead):
             label_dtype = self._label_dtype
         return self._kernels.aot.warmup(ndim, label_dtype)
 
+    def loss_fn(self) -> "HeadLoss":
+        """The loss as an ``nn.Module``, ``criterion(logits, target[, sample_weight])``: a
+        :class:`HeadLoss` computing with this compiled head (its options and its kernels)."""
+        return HeadLoss(self)
+
     def loss_module(self) -> "HeadLoss":
-        """An ``nn.Module`` computing :meth:`loss`: ``criterion(logits, target[, sample_weight])``."""
-        return HeadLoss(self.head, validate=self.validate)
+        """Deprecated: :meth:`loss_fn`."""
+        warnings.warn("TorchHead.loss_module() is deprecated; use loss_fn().", DeprecationWarning, stacklevel=2)
+        return self.loss_fn()
 
     def layer(
         self,
@@ -595,23 +603,42 @@ class TorchHead(CompiledHead):
         dtype: Any = None,
     ) -> "HeadLinear":
         """The output layer: an ``nn.Linear(in_features, num_outputs)`` producing logits, with
-        ``module.head`` set.  ``weights`` in the canonical layout (``kernel (in, out)``,
-        ``bias (out,)``); without them PyTorch's default initialisation."""
-        layer = HeadLinear(self.head, in_features, device=device, dtype=dtype)
+        ``module.head`` set and ``module.compiled()`` this compiled head.  ``weights`` in the
+        canonical layout (``kernel (in, out)``, ``bias (out,)``); without them PyTorch's default
+        initialisation."""
+        layer = HeadLinear(self, in_features, device=device, dtype=dtype)
         if weights is not None:
             layer.set_weights(weights)
         return layer
 
 
+#: ``state_dict`` key suffix of a module's extra state (``nn.Module.get_extra_state``).
+_EXTRA_STATE = "_extra_state"
+
+
 class HeadLinear(nn.Linear):
     """``nn.Linear(in_features, head.num_outputs)`` that carries its :class:`ClassificationHead`.
 
-    An ordinary module (``state_dict``, ``.to()``, optimisers, ``torch.save``); the spec travels
-    in the state dict as extra state and is checked on load."""
+    ``head``: the spec, or a compiled :class:`TorchHead` (what ``compiled.layer()`` passes), whose
+    options :meth:`compiled` keeps.  An ordinary module (``state_dict``, ``.to()``, optimisers,
+    ``torch.save``).  The spec travels in the state dict as extra state; on load:
 
-    def __init__(self, head: ClassificationHead, in_features: int, *, device: Any = None, dtype: Any = None):
+    * the state dict of a plain ``nn.Linear`` of the same shape loads (``strict=True`` too): it
+      has no spec to check, and porting a model's last layer is what this layer is for;
+    * a state dict saved with a head that differs only in its loss or decision options
+      (smoothing, weights, focal loss, reduction, label format, threshold) loads: the weights
+      mean the same; this layer keeps its own head;
+    * a head whose logits mean something else (another task, number of outputs or binary units)
+      is refused before any weight is copied, with what to do instead."""
+
+    def __init__(self, head: Any, in_features: int, *, device: Any = None, dtype: Any = None):
+        compiled = head if isinstance(head, TorchHead) else None
+        head = compiled.head if compiled is not None else head
+        if not isinstance(head, ClassificationHead):
+            raise TypeError(f"HeadLinear takes a ClassificationHead or a TorchHead; got {type(head).__name__}.")
         super().__init__(in_features, head.num_outputs, bias=True, device=device, dtype=dtype)
         self.head = head
+        self._compiled_head = compiled  # built on first use otherwise
 
     def get_weights(self) -> dict[str, np.ndarray]:
         """``{"kernel": (in, out), "bias": (out,)}`` as NumPy arrays (PyTorch stores ``(out, in)``)."""
@@ -619,41 +646,83 @@ class HeadLinear(nn.Linear):
         return {"kernel": to_np(self.weight).T.copy(), "bias": to_np(self.bias).copy()}
 
     def set_weights(self, weights: Any) -> None:
-        """Load canonical-layout weights (``kernel (in, out)`` is transposed into ``weight``)."""
+        """Load canonical-layout weights (``kernel (in, out)`` is transposed into ``weight``): a
+        ``{"kernel", "bias"}`` mapping or a ``(kernel, bias)`` pair, from any backend's layer."""
         kernel, bias = canonical_weights(self.head, self.in_features, weights)
         with torch.no_grad():
-            self.weight.copy_(torch.as_tensor(np.ascontiguousarray(kernel.T)))
-            self.bias.copy_(torch.as_tensor(bias))
+            # torch.tensor copies: the arrays may be read-only views (JAX's, for one)
+            self.weight.copy_(torch.tensor(kernel.T))
+            self.bias.copy_(torch.tensor(bias))
+
+    # the names every backend's layer has (Keras' own get_weights/set_weights are Keras' lists)
+    get_canonical_weights = get_weights
+    set_canonical_weights = set_weights
 
     def get_extra_state(self) -> str:
         return self.head.to_json()
 
     def set_extra_state(self, state: Any) -> None:
-        stored = ClassificationHead.from_json(state)
-        if stored != self.head:
+        saved = ClassificationHead.from_json(state)
+        problem = weights_mismatch(saved, self.head)
+        if problem is not None:
+            unit_hint = ""
+            if saved.task == self.head.task == "binary":
+                unit_hint = (
+                    " To turn a binary head's weights from 1 unit into 2 (exactly), port them: "
+                    "unihead.port((saved_head, {'kernel': sd['weight'].T, 'bias': sd['bias']}), "
+                    f"to='torch', binary_units={self.head.binary_units})."
+                )
             raise ValueError(
-                f"This state dict was saved from a layer with head {stored!r}; this layer's head is "
-                f"{self.head!r}."
+                f"This state dict was saved from a layer with head {saved!r}; this layer's head is "
+                f"{self.head!r}. Their logits mean different things ({problem}), so the weights do "
+                f"not carry over. To load them, build the layer for the saved head: saved_head = "
+                f"unihead.ClassificationHead.from_json(sd['{_EXTRA_STATE}']); "
+                f"layer = unihead.compile(saved_head, 'torch').layer(in_features).{unit_hint} "
+                f"(Heads that differ only in loss options, such as label_smoothing, class_weights, "
+                f"focal_gamma or reduction, load into each other.)"
             )
 
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, local_metadata: Any, strict: bool,
+                              missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+        key = prefix + _EXTRA_STATE
+        if key in state_dict:
+            self.set_extra_state(state_dict[key])  # refuse before any weight is copied
+        n = len(missing_keys)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if key not in state_dict and key in missing_keys[n:]:
+            missing_keys.remove(key)  # a plain nn.Linear's state dict: nothing to check
+
     def compiled(self, **options: Any) -> "TorchHead":
-        """The compiled head of this layer's spec (for its loss, probabilities, predict)."""
-        return TorchHead(self.head, **options)
+        """The compiled head of this layer (for its loss, probabilities, predict): the one it was
+        built from, with its options (``fused``, ``validate``); ``options`` change some of them."""
+        compiled = self.__dict__.get("_compiled_head")  # absent in modules pickled before it existed
+        if compiled is None:
+            compiled = self._compiled_head = TorchHead(self.head)
+        return compiled._with_options(**options)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, head={self.head!r}"
 
 
 class HeadLoss(nn.Module):
-    """``criterion(logits, target, sample_weight=None)`` for a :class:`ClassificationHead`."""
+    """``criterion(logits, target, sample_weight=None)`` for a :class:`ClassificationHead`.
 
-    def __init__(self, head: ClassificationHead, *, validate: bool = True, fused: Any = "auto"):
+    ``head``: the spec, or a compiled :class:`TorchHead` (what ``compiled.loss_fn()`` passes),
+    whose options and kernels the module uses; ``validate``/``fused`` override them."""
+
+    def __init__(self, head: Any, *, validate: bool | None = None, fused: Any = None):
         super().__init__()
-        self.head = head
-        self._compiled = TorchHead(head, validate=validate, fused=fused)
+        options = {k: v for k, v in (("validate", validate), ("fused", fused)) if v is not None}
+        self._compiled = compiled_head(head, TorchHead, options)
+        self.head = self._compiled.head
 
     def forward(self, logits: torch.Tensor, target: Any, sample_weight: Any = None) -> torch.Tensor:
         return self._compiled.loss(logits, target, sample_weight)
+
+    def compiled(self) -> "TorchHead":
+        """The compiled head this module computes with."""
+        return self._compiled
 
     def extra_repr(self) -> str:
         return f"head={self.head!r}"

@@ -349,7 +349,7 @@ class KerasAdapter(Adapter):
             native = losses.SparseCategoricalCrossentropy(from_logits=True, reduction=red)
         else:
             native = losses.BinaryCrossentropy(from_logits=True, reduction=red)
-        return c.keras_loss(), native
+        return c.loss_fn(), native
 
     def _labels(self, head: Any, y: np.ndarray) -> np.ndarray:
         return y[:, None] if head.task == "binary" else y

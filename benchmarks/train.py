@@ -244,7 +244,7 @@ def keras_steps(task: str, batch: int, steps_per_call: int) -> tuple[Callable, C
 
         return run
 
-    ours, nat = make(c.keras_loss(), ys), make(native, yns)
+    ours, nat = make(c.loss_fn(), ys), make(native, yns)
     return ours, nat, build + first_calls(ours, nat, warm=1), n // batch
 
 

@@ -9,6 +9,7 @@ process for each of ``KERAS_BACKEND=jax``, ``torch`` and ``tensorflow``.  To run
 from __future__ import annotations
 
 import os
+import pickle
 
 import numpy as np
 import pytest
@@ -22,6 +23,8 @@ from .test_validation import ACCEPTED, REFUSED
 
 keras = pytest.importorskip("keras")
 from keras import ops  # noqa: E402
+
+from unihead.backends.keras import HeadDense, HeadLoss  # noqa: E402
 
 BACKEND = keras.backend.backend()
 FTZ = float(ops.convert_to_numpy(ops.exp(ops.convert_to_tensor(-100.0, "float32")))) == 0.0
@@ -99,6 +102,20 @@ def test_layer_in_sequential_and_functional_models_with_canonical_weights():
     got = layer.get_canonical_weights()
     np.testing.assert_array_equal(got["kernel"], w["kernel"])
     np.testing.assert_array_equal(got["bias"], w["bias"])
+    # Keras' own pair is unchanged: the variables' list, which is the canonical (in, out) layout
+    native = layer.get_weights()
+    assert isinstance(native, list) and len(native) == 2
+    np.testing.assert_array_equal(native[0], w["kernel"])
+    layer.set_weights([np.zeros((5, 3), "float32"), np.ones(3, "float32")])
+    np.testing.assert_array_equal(seq.predict(x, verbose=0), np.ones((4, 3)))
+    assert [a.shape for a in seq.get_weights()] == [(5, 3), (3,)]
+    seq.set_weights([w["kernel"], w["bias"]])  # model-level, untouched by unihead
+    np.testing.assert_array_equal(layer.get_canonical_weights()["kernel"], w["kernel"])
+    # set_weights also takes the canonical mapping the other backends' layers return
+    layer.set_weights({"kernel": np.ones((5, 3), "float32"), "bias": np.zeros(3, "float32")})
+    np.testing.assert_allclose(seq.predict(x, verbose=0), x.sum(-1, keepdims=True) * np.ones((1, 3)), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="not built yet"):
+        c.layer().set_canonical_weights(w)
     with pytest.raises(ValueError, match="emits logits"):
         unihead.backends.keras.HeadDense(head, activation="softmax")
     with pytest.raises(ValueError, match="looks transposed"):
@@ -181,9 +198,144 @@ def test_keras_label_conventions_are_the_one_label_rule(head, z, y, ids):
     z = ops.convert_to_tensor(np.random.default_rng(1).normal(size=z.shape).astype("float32"))
     ref = numpy_of(c.loss(z, ops.convert_to_tensor(ids)))
     np.testing.assert_array_equal(numpy_of(c.loss(z, ops.convert_to_tensor(y))), ref)
-    np.testing.assert_array_equal(numpy_of(c.keras_loss()(ops.convert_to_tensor(y), z)), ref)
-    per = numpy_of(c.keras_loss().call(ops.convert_to_tensor(y), z))
+    np.testing.assert_array_equal(numpy_of(c.loss_fn()(ops.convert_to_tensor(y), z)), ref)
+    per = numpy_of(c.loss_fn().call(ops.convert_to_tensor(y), z))
     assert per.shape == tuple(z.shape[:-1])
+
+
+def test_loss_fn_is_a_keras_loss_carrying_the_compiled_heads_options(tmp_path):
+    head = H.multiclass(3, label_smoothing=0.1)
+    c = compiled(head, validate=False, fused=False, keep="stats")
+    options = {"validate": False, "fused": False, "keep": "stats"}
+    assert c.options() == options
+    # the native head gets the options that apply to it
+    assert c.native.options() == {"jax": {"validate": False, "keep": "stats"},
+                                  "torch": {"validate": False, "fused": False},
+                                  "tensorflow": {"validate": False}}[BACKEND]
+    loss = c.loss_fn()
+    assert isinstance(loss, keras.losses.Loss) and loss.compiled() is c
+    z = ops.convert_to_tensor(np.array([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]], "float32"))
+    np.testing.assert_allclose(numpy_of(loss(np.array([1, 2]), z)), unihead.compile(head, "numpy").loss(numpy_of(z), np.array([1, 2])), rtol=1e-6)
+    # serialization (get_config), pickling and a saved model keep them
+    assert keras.losses.deserialize(keras.losses.serialize(loss)).compiled().options() == options
+    assert pickle.loads(pickle.dumps(loss)).compiled().options() == options
+    layer = c.layer(5)
+    assert layer.compiled() is c and layer.compiled(validate=True).options() == {**options, "validate": True}
+    assert HeadDense.from_config(layer.get_config()).compiled().options() == options
+    model = keras.Sequential([keras.Input((5,)), layer])
+    c.compile_model(model, "sgd")
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    assert loaded.layers[-1].compiled().options() == options and loaded.loss.compiled().options() == options
+    # a layer and a loss without options have none in their configs (older files load as before)
+    assert "compile_options" not in HeadDense(head).get_config()
+    assert HeadLoss(head).compiled().options() == {"validate": True}
+    with pytest.raises(ValueError, match="fused must be one of"):
+        compiled(head, fused="yes")
+    # the old name still works, with a DeprecationWarning naming the new one
+    with pytest.warns(DeprecationWarning, match="loss_fn"):
+        assert c.keras_loss().compiled() is c
+
+
+def test_head_loss_reduction_gives_the_heads_numbers_or_is_refused():
+    """Keras' reduction argument sets the head's reduction where they mean the same thing (the
+    independent expectation: Keras' own loss with that reduction, docs/semantics.md §10)."""
+    head = H.multiclass(4)
+    rng = np.random.default_rng(7)
+    z = ops.convert_to_tensor(rng.normal(size=(8, 4)).astype("float32"))
+    y = rng.integers(0, 4, 8)
+    sw = ops.convert_to_tensor(rng.uniform(0.2, 2.0, size=8).astype("float32"))
+    for reduction, head_reduction in (("sum", "sum"), ("mean_with_sample_weight", "mean"), (None, "none"), ("none", "none")):
+        loss = compiled(head).loss_fn(reduction=reduction)
+        assert loss.head == head.replace(reduction=head_reduction)
+        assert loss.reduction == {"sum": "sum", "mean": "mean_with_sample_weight", "none": "none"}[head_reduction]
+        keras_own = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=reduction)
+        for weight in (None, sw):
+            np.testing.assert_allclose(numpy_of(loss(y, z, sample_weight=weight)), numpy_of(keras_own(y, z, sample_weight=weight)),
+                                       rtol=3e-6, err_msg=str(reduction))
+        # the setting survives serialization (it is the head's)
+        assert keras.losses.deserialize(keras.losses.serialize(loss)).head == loss.head
+    # without reduction=, the head's own
+    assert compiled(head.replace(reduction="sum")).loss_fn().head.reduction == "sum"
+    # Keras' mean over the batch size is no head's reduction: refused, with what to write
+    for reduction in ("sum_over_batch_size", "mean"):
+        with pytest.raises(ValueError, match=r"divides the weighted sum of the losses by the number of examples.*"
+                           r"Set the reduction in the head spec: ClassificationHead\.multiclass\(\.\.\., reduction='mean'\)"):
+            compiled(head).loss_fn(reduction=reduction)
+    with pytest.raises(ValueError, match="is not a reduction"):
+        HeadLoss(head, reduction="avg")
+    # in fit/evaluate: one batch, so the reported loss is the batch's
+    x, labels = synthetic("multiclass", n=32)
+    model = build(head)
+    model.compile(optimizer="sgd", loss=HeadLoss(head, reduction="sum"))
+    got = model.evaluate(x, labels, batch_size=32, verbose=0, return_dict=True)["loss"]
+    want = unihead.compile(head.replace(reduction="sum"), "numpy").loss(model.predict(x, verbose=0), labels)
+    np.testing.assert_allclose(got, want, rtol=2e-6)
+
+
+def test_compiled_heads_pickle_as_their_class_with_their_options():
+    head = H.binary(binary_units=2, label_smoothing=0.1)
+    c = compiled(head, validate=False, keep="stats")
+    back = pickle.loads(pickle.dumps(c))
+    assert type(back) is type(c) and back.head == head and back.options() == c.options()
+    assert type(back.native) is type(c.native)
+    # the head Keras runs on: the TensorFlow head on TensorFlow (not a registered backend name)
+    native = back.native
+    again = pickle.loads(pickle.dumps(native))
+    assert type(again) is type(native) and again.options() == native.options() and again.head == head
+    z = np.array([[0.5, -1.0], [2.0, 1.0]], "float32")
+    np.testing.assert_array_equal(numpy_of(again.probabilities(z)), numpy_of(native.probabilities(z)))
+    # every backend's head
+    for name, options in (("numpy", {"validate": False}), ("torch", {"validate": False, "fused": False}),
+                          ("jax", {"validate": False, "keep": "stats"}), ("keras", {"validate": False, "fused": True})):
+        h = unihead.compile(head, name, **options)
+        b = pickle.loads(pickle.dumps(h))
+        assert type(b) is type(h) and b.options() == options, name
+
+
+@pytest.mark.parametrize(
+    "head",
+    [H.multiclass(4), H.multiclass(4, label_format="one_hot"), H.binary(), H.binary(threshold=0.3),
+     H.binary(binary_units=2, threshold=0.7), H.multilabel(3, threshold=0.2)],
+    ids=repr,
+)
+def test_accuracy_metric_counts_the_compiled_heads_predictions(head):
+    c = compiled(head)
+    rng = np.random.default_rng(3)
+    z = rng.normal(size=(64, head.num_outputs)).astype("float32")
+    if head.task != "multiclass":  # logits on and next to the decision threshold
+        cut = np.float32(np.log(head.threshold / (1 - head.threshold)))
+        col = 1 if head.num_outputs == 2 and head.task == "binary" else 0
+        if col:
+            z[:12, 0] = 0.0
+        z[:4, col] = cut
+        # the neighbouring floats (the smallest normal ones around a cut of 0: XLA and TensorFlow
+        # flush subnormal numbers to zero on CPU, docs/semantics.md §11)
+        tiny = np.finfo(np.float32).tiny
+        z[4:8, col] = np.nextafter(cut, np.float32(np.inf)) if cut else tiny
+        z[8:12, col] = np.nextafter(cut, np.float32(-np.inf)) if cut else -tiny
+    else:
+        z[:6, 1] = z[:6, 2] = z[:6].max(-1) + 1  # ties: the first index of the maximum
+    y = labels_for(head, 64, rng)
+    metric = c.keras_metrics()[0]
+    metric.update_state(y, z)
+    pred = numpy_of(c.predict(z))
+    np.testing.assert_array_equal(pred, unihead.compile(head, "numpy").predict(z))
+    target = y.argmax(-1) if head.label_format == "one_hot" else y
+    assert float(numpy_of(metric.result())) == pytest.approx(float((pred == target).mean()), rel=1e-6)
+
+
+def test_keras_label_conventions():
+    c = compiled(H.multiclass(3))
+    loss = c.loss_fn()
+    z = ops.convert_to_tensor(np.array([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]], "float32"))
+    ref = float(numpy_of(c.loss(z, np.array([1, 2]))))
+    assert float(numpy_of(loss(np.array([[1], [2]]), z))) == pytest.approx(ref, rel=1e-6)
+    assert float(numpy_of(loss(np.array([1.0, 2.0], "float32"), z))) == pytest.approx(ref, rel=1e-6)
+    with pytest.raises(ValueError, match="not a class id"):
+        loss(np.array([1.5, 2.0], "float32"), z)
+    per = numpy_of(loss.call(np.array([1, 2]), z))
+    assert per.shape == (2,)
 
 
 @pytest.mark.parametrize("head, z, y, w", REFUSED + [
@@ -198,7 +350,7 @@ def test_same_errors_as_numpy(head, z, y, w):
         unihead.compile(head, "numpy").loss(z, y, w)
     tensor = lambda a: None if a is None else ops.convert_to_tensor(a)
     for loss in (lambda: compiled(head).loss(tensor(z), tensor(y), tensor(w)),
-                 lambda: compiled(head).keras_loss()(tensor(y), tensor(z), tensor(w))):
+                 lambda: compiled(head).loss_fn()(tensor(y), tensor(z), tensor(w))):
         with pytest.raises((ValueError, TypeError)) as got:
             loss()
         assert type(got.value) is type(want.value)
@@ -255,7 +407,7 @@ def test_mixed_bfloat16_computes_the_loss_in_float32():
         assert model.layers[-1].compute_dtype == "bfloat16"
         logits = model(x[:8])
         assert "bfloat16" in str(logits.dtype)
-        value = c.keras_loss()(y[:8], logits)
+        value = c.loss_fn()(y[:8], logits)
         assert "float32" in str(value.dtype)
         ref = unihead.compile(head, "numpy").loss(numpy_of(ops.cast(logits, "float32")), y[:8])
         np.testing.assert_allclose(numpy_of(value), ref, rtol=1e-6)
@@ -358,7 +510,7 @@ def test_diagnose_and_port_on_this_backend():
 
 def test_head_loss_keeps_its_compiled_head_between_calls():
     """A new compiled head per call would rebuild (on PyTorch: recompile) its kernels every step."""
-    loss = compiled(H.multiclass(3)).keras_loss()
+    loss = compiled(H.multiclass(3)).loss_fn()
     z = np.zeros((2, 3), "float32")
     loss(np.array([0, 1]), z)
     first = loss._compiled(loss.head)

@@ -281,10 +281,10 @@ def test_native_differences_are_reported_as_info():
 def test_mismatched_unihead_layer_and_loss():
     torch = require("torch")
     layer = unihead.compile(H.multiclass(3), "torch").layer(8)
-    loss = unihead.compile(H.multiclass(3, label_smoothing=0.1), "torch").loss_module()
+    loss = unihead.compile(H.multiclass(3, label_smoothing=0.1), "torch").loss_fn()
     d = unihead.diagnose(torch.nn.Sequential(layer), loss)
     assert d.codes == ("head_mismatch",)
-    assert unihead.diagnose(torch.nn.Sequential(layer), layer.compiled().loss_module()).findings == ()
+    assert unihead.diagnose(torch.nn.Sequential(layer), layer.compiled().loss_fn()).findings == ()
 
 
 def test_unreadable_models_are_explained():

@@ -160,10 +160,167 @@ def test_layer_params_are_a_flax_style_pytree():
     w = {"kernel": rng.normal(size=(8, 4)).astype(np.float32), "bias": rng.normal(size=4).astype(np.float32)}
     p2 = compiled(head).layer(8, w).init(jax.random.PRNGKey(1))
     out = layer.get_weights(p2)
+    assert type(layer).get_weights(p2).keys() == out.keys()  # also a static method, as before
     np.testing.assert_array_equal(out["kernel"], w["kernel"])
     np.testing.assert_array_equal(out["bias"], w["bias"])
     with pytest.raises(ValueError, match="looks transposed"):
         compiled(head).layer(8, {"kernel": w["kernel"].T, "bias": w["bias"]})
+
+
+def test_init_takes_a_sample_input_like_flax():
+    layer = compiled(H.multiclass(4)).layer(8)
+    key = jax.random.PRNGKey(3)
+    want = layer.init(key)
+    for x in (jnp.ones((2, 8)), np.ones((5, 3, 8), np.float32), jax.ShapeDtypeStruct((7, 8), jnp.float32)):
+        got = layer.init(key, x)
+        assert jax.tree_util.tree_all(jax.tree_util.tree_map(lambda a, b: bool(jnp.array_equal(a, b)), got, want))
+    with pytest.raises(ValueError, match=r"x has 5 features .*in_features=8.*compiled.layer\(5\)"):
+        layer.init(key, jnp.ones((2, 5)))
+    with pytest.raises(ValueError, match="no feature axis"):
+        layer.init(key, jnp.float32(1.0))
+    # under jit the shape check is static (no concrete values needed)
+    params = jax.jit(layer.init)(key, jnp.ones((2, 8)))
+    assert params["kernel"].shape == (8, 4)
+
+
+def test_get_and_set_weights_are_pure_functions_of_params():
+    head = H.multiclass(3)
+    layer = compiled(head).layer(4, dtype=jnp.bfloat16)
+    params = layer.init(jax.random.PRNGKey(0))
+    rng = np.random.default_rng(0)
+    w = {"kernel": rng.normal(size=(4, 3)).astype(np.float32), "bias": rng.normal(size=3).astype(np.float32)}
+    new = layer.set_weights(params, w)
+    assert new is not params and not np.array_equal(np.asarray(params["kernel"], np.float32), np.asarray(new["kernel"], np.float32))
+    assert new["kernel"].dtype == jnp.bfloat16 and new["bias"].dtype == jnp.bfloat16  # the params' dtype
+    np.testing.assert_array_equal(np.asarray(new["kernel"], np.float32), w["kernel"].astype(jnp.bfloat16).astype(np.float32))
+    assert jax.tree_util.tree_structure(new) == jax.tree_util.tree_structure(params)
+    # the pair form (Keras' get_weights() lists [kernel, bias]) and the canonical names
+    assert layer.set_canonical_weights is not None
+    f32 = compiled(head).layer(4)
+    p32 = f32.set_canonical_weights(f32.init(jax.random.PRNGKey(1)), (w["kernel"], w["bias"]))
+    out = f32.get_canonical_weights(p32)
+    np.testing.assert_array_equal(out["kernel"], w["kernel"])
+    np.testing.assert_array_equal(out["bias"], w["bias"])
+    assert isinstance(out["kernel"], np.ndarray)
+    with pytest.raises(ValueError, match="looks transposed"):
+        f32.set_weights(p32, {"kernel": w["kernel"].T, "bias": w["bias"]})
+    with pytest.raises(TypeError, match="params must be this layer's"):
+        f32.set_weights({"params": p32}, w)
+    # a head's params as one entry of a model's params
+    model = {"encoder": {"w": jnp.ones((2, 4))}, "head": p32}
+    model["head"] = f32.set_weights(model["head"], f32.get_weights(p32))
+    np.testing.assert_array_equal(f32.get_weights(model["head"])["kernel"], w["kernel"])
+
+
+def test_loss_fn_is_the_loss_as_a_plain_function():
+    head = H.multiclass(4, label_smoothing=0.1)
+    c = compiled(head, keep="stats")
+    loss_fn = c.loss_fn()
+    rng = np.random.default_rng(2)
+    z = jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 4, size=6))
+    sw = jnp.asarray(rng.uniform(0.5, 2, size=6), jnp.float32)
+    assert float(loss_fn(z, y)) == float(c.loss(z, y))
+    assert float(jax.jit(loss_fn)(z, y, sw)) == float(jax.jit(c.loss)(z, y, sw))
+    assert float(loss_fn(z, y, sample_weight=sw)) == float(c.loss(z, y, sw))
+    np.testing.assert_array_equal(jax.grad(loss_fn)(z, y), jax.grad(c.loss)(z, y))
+    # in optax code: a loss function of (logits, labels)
+    layer = c.layer(4)
+    params = layer.init(jax.random.PRNGKey(0))
+    tx = optax.sgd(0.5)
+    state = tx.init(params)
+
+    @jax.jit
+    def step(p, s, x, t):
+        value, g = jax.value_and_grad(lambda q: loss_fn(layer.apply(q, x), t))(p)
+        updates, s = tx.update(g, s)
+        return optax.apply_updates(p, updates), s, value
+
+    first = step(params, state, z, y)[2]
+    for _ in range(20):
+        params, state, value = step(params, state, z, y)
+    assert float(value) < float(first)
+    # NumPy: a callable too
+    n = unihead.compile(head, "numpy")
+    assert float(n.loss_fn()(np.asarray(z), np.asarray(y))) == float(n.loss(np.asarray(z), np.asarray(y)))
+
+
+def test_compiled_heads_and_layers_keep_their_options_through_pickling():
+    import pickle
+
+    head = H.multilabel(3, pos_weight=2.0)
+    c = compiled(head, validate=False, keep="stats")
+    back = pickle.loads(pickle.dumps(c))
+    assert type(back) is type(c) and back.head == head and back.options() == {"validate": False, "keep": "stats"}
+    layer = c.layer(5)
+    assert layer.compiled() is c and layer.compiled(keep="inputs").options() == {"validate": False, "keep": "inputs"}
+    assert pickle.loads(pickle.dumps(layer)).compiled().options() == c.options()
+    n = unihead.compile(head, "numpy", validate=False)
+    assert pickle.loads(pickle.dumps(n)).options() == {"validate": False}
+    nl = n.layer(5, seed=0)
+    assert nl.compiled() is n and pickle.loads(pickle.dumps(nl)).compiled().options() == {"validate": False}
+    with pytest.raises(ValueError, match="keep must be one of 'inputs', 'stats'"):
+        compiled(head, keep="all")
+
+
+def _layers(head, d):
+    """``name -> (get canonical, set canonical, get native, set native, logits(x))`` for every
+    backend's layer (the JAX layer's params held in a box: they are values, not state)."""
+    torch = require("torch")
+    keras = require("keras")
+    out = {}
+    nl = unihead.compile(head, "numpy").layer(d, seed=1)
+    out["numpy"] = (nl.get_canonical_weights, nl.set_canonical_weights, nl.get_weights, nl.set_weights, nl)
+    tl = unihead.compile(head, "torch").layer(d)
+
+    def torch_logits(x):
+        with torch.no_grad():
+            return tl(torch.as_tensor(x)).numpy()
+
+    out["torch"] = (tl.get_canonical_weights, tl.set_canonical_weights, tl.get_weights, tl.set_weights, torch_logits)
+    jl = unihead.compile(head, "jax").layer(d)
+    box = {"params": jl.init(jax.random.PRNGKey(5))}
+
+    def jax_set(w):
+        box["params"] = jl.set_canonical_weights(box["params"], w)
+
+    def jax_get():
+        return jl.get_canonical_weights(box["params"])
+
+    out["jax"] = (jax_get, jax_set, jax_get, jax_set, lambda x: np.asarray(jl.apply(box["params"], x)))
+    kl = unihead.compile(head, "keras").layer(d)
+    out["keras"] = (kl.get_canonical_weights, kl.set_canonical_weights, kl.get_weights, kl.set_weights,
+                    lambda x: keras.ops.convert_to_numpy(kl(x)))
+    return out
+
+
+@pytest.mark.parametrize("head", [H.multiclass(4), H.binary(), H.multilabel(3)], ids=repr)
+def test_canonical_weights_round_trip_between_every_backends_layers(head):
+    """get_canonical_weights() of any backend's layer loads with set_canonical_weights() into any
+    other's, bit for bit; so does each framework's get_weights() / set_weights() pair (Keras'
+    own lists [kernel, bias]; the others return the canonical mapping)."""
+    d = 6
+    rng = np.random.default_rng(11)
+    w = {"kernel": rng.normal(size=(d, head.num_outputs)).astype(np.float32),
+         "bias": rng.normal(size=head.num_outputs).astype(np.float32)}
+    x = np.eye(d, dtype=np.float32)  # basis vectors: every framework's logits are exact
+    want = x @ w["kernel"] + w["bias"]
+    layers = _layers(head, d)
+    for pair in ("canonical", "native"):
+        for src, (get, put, get_native, put_native, _) in layers.items():
+            (put if pair == "canonical" else put_native)(w if src != "keras" or pair == "canonical" else [w["kernel"], w["bias"]])
+            exported = get() if pair == "canonical" else get_native()
+            for dst, (dget, dput, _, dput_native, logits) in layers.items():
+                if dst == src:
+                    continue
+                (dput if pair == "canonical" else dput_native)(exported)
+                got = dget()
+                np.testing.assert_array_equal(got["kernel"], w["kernel"], err_msg=f"{pair} {src} -> {dst}")
+                np.testing.assert_array_equal(got["bias"], w["bias"], err_msg=f"{pair} {src} -> {dst}")
+                np.testing.assert_array_equal(logits(x), want, err_msg=f"{pair} {src} -> {dst}")
+                rng_w = {"kernel": rng.normal(size=w["kernel"].shape).astype(np.float32),
+                         "bias": rng.normal(size=w["bias"].shape).astype(np.float32)}
+                dput(rng_w)  # scramble it again, so the next load is seen
 
 
 def test_params_drop_into_flax():

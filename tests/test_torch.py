@@ -19,6 +19,7 @@ from .conftest import require
 torch = require("torch")
 nn = torch.nn
 F = torch.nn.functional
+from unihead.backends.torch import HeadLinear, HeadLoss, TorchHead  # noqa: E402
 
 
 def compiled(head, **kw):
@@ -198,7 +199,7 @@ def test_layer_is_an_ordinary_module(tmp_path):
     other.load_state_dict(sd)
     assert torch.equal(other.weight, layer.weight)
     with pytest.raises(ValueError, match="saved from a layer with head"):
-        compiled(H.multiclass(4)).layer(8).load_state_dict(sd)
+        compiled(H.multilabel(4)).layer(8).load_state_dict(sd)
     # pickling with torch.save / torch.load, and .to(dtype)
     path = tmp_path / "layer.pt"
     torch.save(layer, path)
@@ -224,6 +225,11 @@ def test_weights_in_and_out_in_the_canonical_layout():
     w = layer.get_weights()
     np.testing.assert_array_equal(w["kernel"], kernel)
     np.testing.assert_array_equal(w["bias"], bias)
+    canonical = layer.get_canonical_weights()  # the name every backend's layer has
+    assert canonical.keys() == w.keys() and all(np.array_equal(canonical[k], w[k]) for k in w)
+    other = c.layer(5)
+    other.set_canonical_weights((kernel, bias))  # a pair, as Keras' get_weights() lists them
+    assert torch.equal(other.weight, layer.weight) and torch.equal(other.bias, layer.bias)
     x = rng.normal(size=(4, 5)).astype(np.float32)
     # float32 matmuls of two libraries: same products, summed in another order
     np.testing.assert_allclose(layer(torch.tensor(x)).detach().numpy(), x @ kernel + bias, rtol=1e-5, atol=1e-6)
@@ -236,13 +242,152 @@ def test_weights_in_and_out_in_the_canonical_layout():
     assert compiled(H.binary(binary_units=2)).layer(5).out_features == 2
 
 
-def test_loss_module():
+def test_loss_fn_is_a_module_computing_with_the_compiled_heads_options(tmp_path):
     head = H.binary(pos_weight=2.0)
-    crit = compiled(head).loss_module()
+    c = compiled(head, validate=False, fused=False)
+    crit = c.loss_fn()
     assert isinstance(crit, nn.Module) and crit.head == head
     z, y = torch.randn(5, 1), torch.tensor([0.0, 1, 1, 0, 1])
     assert crit(z, y).item() == compiled(head).loss(z, y).item()
     assert crit(z, y, torch.ones(5)).item() == pytest.approx(crit(z, y).item(), rel=1e-7)
+    # the options travel with the module: the very compiled head, through pickling and torch.save
+    assert crit.compiled() is c
+    assert pickle.loads(pickle.dumps(crit)).compiled().options() == {"validate": False, "fused": False}
+    torch.save(crit, tmp_path / "crit.pt")
+    assert torch.load(tmp_path / "crit.pt", weights_only=False).compiled().options() == c.options()
+    # validate=False reaches the loss: an invalid label is not read (it would raise otherwise)
+    with pytest.raises(ValueError, match="not a binary label"):
+        compiled(head).loss_fn()(z, torch.tensor([0.0, 1, 3, 0, 1]))
+    assert torch.isfinite(crit(z, torch.tensor([0.0, 1, 3, 0, 1])))
+    # the module alone, from a spec, with options overriding a compiled head's
+    assert HeadLoss(head).compiled().options() == {"validate": True, "fused": "auto"}
+    assert HeadLoss(c, validate=True).compiled().options() == {"validate": True, "fused": False}
+    with pytest.raises(TypeError, match="compiled for numpy"):
+        HeadLoss(unihead.compile(head, "numpy"))
+    # the old name still works, with a DeprecationWarning naming the new one
+    with pytest.warns(DeprecationWarning, match="loss_fn"):
+        old = c.loss_module()
+    assert isinstance(old, type(crit)) and old.compiled() is c
+
+
+def test_layer_keeps_the_compiled_heads_options():
+    c = compiled(H.multiclass(3), validate=False, fused=False)
+    layer = c.layer(4)
+    assert layer.compiled() is c
+    assert layer.compiled(validate=True).options() == {"validate": True, "fused": False}
+    assert pickle.loads(pickle.dumps(layer)).compiled().options() == c.options()
+    assert HeadLinear(H.multiclass(3), 4).compiled().options() == {"validate": True, "fused": "auto"}
+
+
+# ------------------------------------------------------------------------------ state dicts
+def test_loads_the_state_dict_of_a_plain_linear_layer():
+    """The porting case: an ``nn.Linear``'s state dict has no spec (``_extra_state``)."""
+    plain = nn.Linear(6, 4)
+    layer = compiled(H.multiclass(4)).layer(6)
+    result = layer.load_state_dict(plain.state_dict())  # strict=True
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    assert torch.equal(layer.weight, plain.weight) and torch.equal(layer.bias, plain.bias)
+    x = torch.randn(3, 6)
+    assert torch.equal(layer(x), plain(x))
+    # inside a model too (prefixed keys)
+    model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 4))
+    ported = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), compiled(H.multiclass(4)).layer(6))
+    ported.load_state_dict(model.state_dict())
+    assert torch.equal(ported(torch.ones(2, 5)), model(torch.ones(2, 5)))
+    # a missing weight is still missing
+    with pytest.raises(RuntimeError, match="Missing key"):
+        layer.load_state_dict({"weight": plain.weight.detach()})
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        layer.load_state_dict(nn.Linear(6, 3).state_dict())
+
+
+@pytest.mark.parametrize(
+    "saved, target",
+    [
+        (H.multiclass(4), H.multiclass(4, label_smoothing=0.1)),
+        (H.multiclass(4, label_smoothing=0.1), H.multiclass(4)),
+        (H.multiclass(4), H.multiclass(4, class_weights=[1, 2, 3, 4], ignore_index=-1, focal_gamma=2.0, reduction="sum")),
+        (H.multiclass(4), H.multiclass(4, label_format="one_hot")),
+        (H.binary(), H.binary(pos_weight=3.0, threshold=0.3, label_smoothing=0.2)),
+        (H.multilabel(4, pos_weight=[1, 2, 3, 4]), H.multilabel(4, reduction="none")),
+    ],
+    ids=repr,
+)
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_state_dict_saved_with_other_loss_options_loads(saved, target, strict):
+    source = compiled(saved).layer(6)
+    layer = compiled(target).layer(6)
+    layer.load_state_dict(source.state_dict(), strict=strict)
+    assert torch.equal(layer.weight, source.weight) and torch.equal(layer.bias, source.bias)
+    assert layer.head == target  # the layer keeps its own spec: it defines the loss
+    assert H.from_json(layer.state_dict()["_extra_state"]) == target
+
+
+@pytest.mark.parametrize(
+    "saved, target, what",
+    [
+        (H.multiclass(4), H.multilabel(4), "task 'multiclass' vs 'multilabel'"),
+        (H.binary(binary_units=2), H.multiclass(2), "task 'binary' vs 'multiclass'"),
+        (H.multiclass(4), H.multiclass(5), "4 outputs vs 5"),
+        (H.binary(), H.binary(binary_units=2), "binary_units=1 vs 2"),
+    ],
+    ids=repr,
+)
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_state_dict_whose_weights_mean_something_else_is_refused(saved, target, what, strict):
+    source = compiled(saved).layer(6)
+    layer = compiled(target).layer(6)
+    before = layer.weight.detach().clone()
+    with pytest.raises(ValueError) as err:
+        layer.load_state_dict(source.state_dict(), strict=strict)
+    message = str(err.value)
+    assert what in message and "saved from a layer with head" in message
+    assert "unihead.compile(saved_head, 'torch').layer(in_features)" in message  # what to do
+    assert torch.equal(layer.weight, before)  # refused before any weight was copied
+    if saved.task == target.task == "binary":
+        assert "binary_units=2" in message and "unihead.port(" in message
+        # and what it says works
+        sd = source.state_dict()
+        saved_head = H.from_json(sd["_extra_state"])
+        ported = unihead.port((saved_head, {"kernel": sd["weight"].T, "bias": sd["bias"]}), to="torch", binary_units=2)
+        layer.load_state_dict(ported.layer.state_dict())
+        x = torch.randn(3, 6)
+        p1 = torch.sigmoid(source(x))[:, 0]
+        torch.testing.assert_close(torch.softmax(layer(x), -1)[:, 1], p1)
+
+
+# ------------------------------------------------------------------------------ pickling
+class TemperatureHead(TorchHead):
+    """A subclass with an option of its own: logits divided by a temperature."""
+
+    def __init__(self, head, *, temperature=1.0, **options):
+        super().__init__(head, **options)
+        self.temperature = temperature
+
+    def options(self):
+        return {**super().options(), "temperature": self.temperature}
+
+    def probabilities(self, logits):
+        return super().probabilities(torch.as_tensor(logits) / self.temperature)
+
+
+def test_compiled_heads_pickle_as_their_class_with_their_options():
+    head = H.multiclass(3, label_smoothing=0.1)
+    c = compiled(head, validate=False, fused=False)
+    back = pickle.loads(pickle.dumps(c))
+    assert type(back) is type(c) and back.head == head and back.options() == c.options()
+    sub = TemperatureHead(head, temperature=2.0, fused=False)
+    back = pickle.loads(pickle.dumps(sub))
+    assert type(back) is TemperatureHead and back.options() == {"validate": True, "fused": False, "temperature": 2.0}
+    z = torch.randn(2, 3)
+    torch.testing.assert_close(back.probabilities(z), torch.softmax(z / 2.0, -1))
+    # layers and loss modules built from a subclass keep it
+    assert type(pickle.loads(pickle.dumps(sub.layer(4))).compiled()) is TemperatureHead
+    # heads pickled by earlier versions (by backend name) still load
+    from unihead.compiled import _rebuild
+
+    old = _rebuild("torch", head, {"validate": False})
+    assert type(old) is type(c) and old.options() == {"validate": False, "fused": "auto"}
 
 
 # ------------------------------------------------------------------------------ validation

@@ -120,7 +120,7 @@ def add_port(sub: Any) -> None:
 
 _SNIPPETS = {
     "torch": ('layer = compiled.layer({d}, weights=weights)   # nn.Linear({d}, {k}) producing logits\n'
-              'criterion = compiled.loss_module()                # criterion(logits, labels)\n'
+              'criterion = compiled.loss_fn()                    # criterion(logits, labels)\n'
               'probabilities = compiled.probabilities(layer(x))'),
     "jax": ('layer = compiled.layer({d}, weights=weights)\n'
             'params = layer.init(jax.random.key(0))  # {{"kernel": ({d}, {k}), "bias": ({k},)}}, Flax layout\n'

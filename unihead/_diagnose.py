@@ -159,7 +159,7 @@ def native_lines(head: ClassificationHead, framework: str, in_features: int | No
                   f"criterion = {loss}({', '.join(opts)})  # {labels}\n"
                   f"probabilities = {act}")
         uni = (f"compiled = unihead.compile(unihead.{head!r}, \"torch\")\n"
-               f"layer = compiled.layer({d}); criterion = compiled.loss_module()")
+               f"layer = compiled.layer({d}); criterion = compiled.loss_fn()")
         return {"torch": native, "unihead": uni}
     return {"unihead": f"compiled = unihead.compile(unihead.{head!r}, backend)"}
 

@@ -11,7 +11,7 @@ from ._ops import Ops
 from .spec import ClassificationHead
 from ._validation import check_inputs, check_logits
 
-__all__ = ["CompiledHead", "canonical_weights", "host_weights", "glorot_uniform"]
+__all__ = ["CompiledHead", "canonical_weights", "host_weights", "glorot_uniform", "compiled_head", "check_choice", "weights_mismatch"]
 
 
 class CompiledHead:
@@ -26,7 +26,16 @@ class CompiledHead:
       ``reduction="none"``; differentiable with respect to the logits in frameworks with autodiff;
     - ``predict(logits)`` -> class ids ``(...)`` (binary, multiclass) or 0/1 ``(..., K)``
       (multilabel);
+    - ``loss_fn()`` -> the loss as the framework's own loss object: an ``nn.Module`` (PyTorch), a
+      ``keras.losses.Loss`` (Keras), a function ``(logits, labels, sample_weight=None) -> loss``
+      (JAX, NumPy); it computes with this head's options;
     - ``layer(in_features, weights=None)`` -> the framework's own output layer producing logits.
+      Every layer has ``get_canonical_weights()`` / ``set_canonical_weights(weights)``: weights in
+      unihead's canonical layout, ``{"kernel": (in, out), "bias": (out,)}`` (see
+      :func:`canonical_weights`), and ``compiled()``, the compiled head it came from.
+
+    A compiled head is its spec, its class and its options (:meth:`options`): it pickles as
+    ``cls(head, **options)``, so a subclass taking the same arguments round-trips as itself.
 
     float16/bfloat16 logits are computed in float32 (results are float32); float32 and float64
     are computed in their own dtype.  ``validate=False`` skips the value checks of labels and
@@ -88,26 +97,83 @@ class CompiledHead:
     def loss(self, logits: Any, labels: Any, sample_weight: Any = None) -> Any:
         raise NotImplementedError  # pragma: no cover
 
+    def loss_fn(self) -> Any:
+        """The loss as a plain function ``(logits, labels, sample_weight=None) -> loss`` (this
+        head's :meth:`loss`: a pure function of its arrays, usable in ``jax.jit``/``jax.grad`` and
+        optax code on JAX).  PyTorch and Keras return their own loss objects instead."""
+        return self.loss
+
     def layer(self, in_features: int, weights: Any = None, **kwargs: Any) -> Any:
         raise NotImplementedError  # pragma: no cover
 
     def options(self) -> dict[str, Any]:
-        """The keyword options this head was compiled with (``unihead.compile(head, backend,
-        **options)`` rebuilds it)."""
+        """The keyword options this head was compiled with: ``type(self)(head, **options)`` (and
+        ``unihead.compile(head, backend, **options)``) rebuilds it.  A subclass with options of
+        its own adds them here."""
         return {"validate": self.validate}
 
+    def _with_options(self, **options: Any) -> "CompiledHead":
+        """This head compiled with ``options`` changed: ``self`` when they change nothing (what a
+        loss object or layer built from it shares, with its kernels), else a new head of the same
+        class with the other options kept."""
+        current = self.options()
+        if all(k in current and current[k] == v for k, v in options.items()):
+            return self
+        return type(self)(self.head, **{**current, **options})
+
     def __reduce__(self) -> Any:
-        # a compiled head is its spec, backend and options: rebuild rather than pickle namespaces
-        return (_rebuild, (self.backend, self.head, self.options()))
+        # a compiled head is its class, spec and options: rebuild rather than pickle namespaces
+        # (the class pickles by its qualified name, so a subclass rebuilds as itself)
+        return (_rebuild, (type(self), self.head, self.options()))
 
     def __repr__(self) -> str:
         return f"<unihead {self.backend} head: {self.head!r}>"
 
 
-def _rebuild(backend: str, head: ClassificationHead, options: dict[str, Any]) -> CompiledHead:
-    from ._registry import compile
+def _rebuild(cls: Any, head: ClassificationHead, options: dict[str, Any]) -> CompiledHead:
+    if isinstance(cls, str):  # pickled by unihead <= 0.x: by backend name
+        from ._registry import compile
 
-    return compile(head, backend, **options)
+        return compile(head, cls, **options)
+    return cls(head, **options)
+
+
+def compiled_head(head: Any, cls: type, options: dict[str, Any]) -> CompiledHead:
+    """What a backend's layer or loss object computes with: ``head`` itself when it is a compiled
+    head of class ``cls`` (with ``options`` changed, if any), else ``cls(head, **options)``."""
+    if isinstance(head, cls):
+        return head._with_options(**options)
+    if isinstance(head, CompiledHead):
+        raise TypeError(
+            f"expected a ClassificationHead or a {cls.__name__}; got a {type(head).__name__} "
+            f"(compiled for {head.backend}): pass its spec, compiled.head."
+        )
+    return cls(head, **options)
+
+
+def check_choice(name: str, value: Any, choices: tuple) -> Any:
+    """``value`` if it is one of ``choices`` (compared by equality and type: ``1`` is not
+    ``True``), else a ``ValueError`` naming the option and its values."""
+    if not any(value is c or (type(value) is type(c) and value == c) for c in choices):
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}.")
+    return value
+
+
+def weights_mismatch(saved: ClassificationHead, head: ClassificationHead) -> str | None:
+    """What makes weights trained for ``saved`` mean something else under ``head``, or None.
+
+    A layer's weights produce logits; what a logit means is fixed by the task (softmax over
+    classes, independent sigmoids, a yes/no score) and the number of outputs (for a binary head:
+    its units).  Everything else in a spec (label format, smoothing, class and positive weights,
+    ignore index, focal loss, reduction, threshold) is how the loss or the decision reads the
+    same logits: weights move freely between such heads."""
+    if saved.task == head.task == "binary" and saved.binary_units != head.binary_units:
+        return f"binary_units={saved.binary_units} vs {head.binary_units}"
+    if saved.task != head.task:
+        return f"task {saved.task!r} vs {head.task!r}"
+    if saved.num_outputs != head.num_outputs:
+        return f"{saved.num_outputs} outputs vs {head.num_outputs}"
+    return None
 
 
 def glorot_uniform(rng: np.random.Generator, fan_in: int, fan_out: int, dtype: Any) -> np.ndarray:
