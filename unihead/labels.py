@@ -1,5 +1,10 @@
-"""What a label array says about the head it needs: :func:`describe_labels` and
-:func:`head_from_labels` (``ClassificationHead.from_labels``)."""
+"""What a label array says about the head it needs.
+
+:func:`describe_labels` reads the facts (integer ids, one-hot / multi-hot / probability rows,
+probabilities), :func:`read_labels` turns them into a task, label format and class count (the
+one rule set: :meth:`ClassificationHead.from_labels` and :func:`unihead.diagnose` both use it),
+and :func:`head_from_labels` is ``ClassificationHead.from_labels``.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ import numpy as np
 from .errors import HeadSpecError
 from .spec import ClassificationHead
 
-__all__ = ["LabelSummary", "describe_labels", "head_from_labels"]
+__all__ = ["LabelSummary", "LabelReading", "describe_labels", "read_labels", "head_from_labels"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +36,7 @@ class LabelSummary:
     width: int | None  # K for row labels
     classes: int | None  # number of classes the values imply (ids: max + 1)
     negatives: tuple[int, ...] = ()  # distinct negative ids (ignore markers?)
+    distinct: int | None = None  # ids: how many distinct non-negative ids occur
 
     def describe(self) -> str:
         if self.kind == "ids":
@@ -62,7 +68,7 @@ def describe_labels(y: Any) -> LabelSummary:
             neg = tuple(sorted({int(v) for v in np.unique(flat) if v < 0}))
             pos = flat[flat >= 0]
             top = int(pos.max()) if pos.size else -1
-            return LabelSummary("ids", shape, True, lo, hi, None, top + 1, neg)
+            return LabelSummary("ids", shape, True, lo, hi, None, top + 1, neg, int(np.unique(pos).size))
         if 0.0 <= lo and hi <= 1.0:
             return LabelSummary("probabilities", shape, False, lo, hi, None, 2)
         return LabelSummary("other", shape, False, lo, hi, None, None)
@@ -81,40 +87,80 @@ def describe_labels(y: Any) -> LabelSummary:
     return LabelSummary("other", shape, integral, lo, hi, k, None)
 
 
+@dataclasses.dataclass(frozen=True)
+class LabelReading:
+    """What labels say the head is: ``task``, ``label_format`` and ``num_classes`` (``None``:
+    the labels cannot tell, e.g. ids that are all the same class)."""
+
+    task: str
+    label_format: str
+    num_classes: int | None
+
+    def head(self, **options: Any) -> ClassificationHead:
+        """The head, with ``options`` for the constructor (the label format is passed only when it
+        is not the task's default, so an explicit ``label_format`` option can choose it)."""
+        fmt = {} if self.label_format in ("sparse", "binary", "multi_hot") else {"label_format": self.label_format}
+        if self.task == "binary":
+            return ClassificationHead.binary(**fmt, **options)
+        return ClassificationHead(self.task, num_classes=self.num_classes, **fmt, **options)
+
+
+def read_labels(s: LabelSummary, *, num_classes: int | None = None, outputs: int | None = None,
+                exclusive: bool | None = None) -> LabelReading | None:
+    """The one rule set from label facts to a head's task, label format and class count.
+
+    Hints from elsewhere settle what labels alone cannot: ``num_classes`` (given by the user:
+    integer ids are then ``multiclass(num_classes)``, even for two classes), ``outputs`` (the
+    width of an existing output layer: a batch need not show every class, so ids are read as at
+    least that many classes) and ``exclusive`` (``True``: the model scores exclusive classes, a
+    softmax or a categorical loss; ``False``: independent labels, sigmoids with binary
+    cross-entropy).  Rows with exactly one 1, or rows of probabilities summing to 1, are
+    exclusive classes unless ``exclusive`` is ``False`` (a multilabel batch can look like that);
+    rows with several 1s are always multilabel.  ``None`` for labels that are none of these
+    (``s.kind == "other"``); negative ids are ignore markers and count for nothing here."""
+    if s.kind == "ids":
+        if num_classes is not None:
+            return LabelReading("multiclass", "sparse", num_classes)
+        k = max(s.classes or 0, outputs or 0)
+        if outputs is None and (s.distinct or 0) < 2:
+            return LabelReading("multiclass", "sparse", None)  # one class seen: how many are there?
+        if k <= 2:
+            return LabelReading("binary", "binary", 2)
+        return LabelReading("multiclass", "sparse", k)
+    if s.kind == "multi_hot" or s.kind == "one_hot" and exclusive is False:
+        return LabelReading("multilabel", "multi_hot", s.width)
+    if s.kind == "one_hot":
+        return LabelReading("multiclass", "one_hot", s.width)
+    if s.kind == "probability_rows":
+        return LabelReading("multilabel" if exclusive is False else "multiclass", "probabilities", s.width)
+    if s.kind == "probabilities":
+        if s.width is None:
+            return LabelReading("binary", "probabilities", 2)
+        return LabelReading("multilabel", "probabilities", s.width)
+    return None
+
+
 def head_from_labels(y: Any, num_classes: int | None = None, **options: Any) -> ClassificationHead:
     """The head a label array calls for (see :meth:`ClassificationHead.from_labels`)."""
     s = describe_labels(y)
-    if s.kind == "ids":
-        if s.negatives:
-            marker = s.negatives[0]
-            raise HeadSpecError(
-                f"labels contain negative ids {list(s.negatives)}: if {marker} marks examples to leave out, "
-                f"write ClassificationHead.multiclass(K, ignore_index={marker}) (or binary(ignore_index={marker})); "
-                f"otherwise the labels are not class ids."
-            )
-        distinct = np.unique(np.asarray(y))
-        k = num_classes or s.classes
-        if k is None or k < 2 or (num_classes is None and distinct.size < 2):
-            raise HeadSpecError(
-                f"labels only contain class {int(s.max)}: the number of classes cannot be told. Pass "
-                f"num_classes=K, or choose ClassificationHead.binary() (two classes) or "
-                f"ClassificationHead.multiclass(K)."
-            )
-        if k == 2 and num_classes is None:
-            return ClassificationHead.binary(**options)
-        return ClassificationHead.multiclass(k, **options)
-    if s.kind == "one_hot":
-        return ClassificationHead.multiclass(s.width, label_format="one_hot", **options)
-    if s.kind == "multi_hot":
-        return ClassificationHead.multilabel(s.width, **options)
-    if s.kind == "probability_rows":
-        return ClassificationHead.multiclass(s.width, label_format="probabilities", **options)
-    if s.kind == "probabilities":
-        if s.width is None:
-            return ClassificationHead.binary(label_format="probabilities", **options)
-        return ClassificationHead.multilabel(s.width, label_format="probabilities", **options)
-    raise HeadSpecError(
-        f"labels are {s.describe()}: neither class ids, one-hot/multi-hot rows nor probabilities. "
-        f"Choose between ClassificationHead.multiclass(K) (integer ids 0..K-1), "
-        f"ClassificationHead.multilabel(K) (0/1 rows) and label_format='probabilities' (values in [0, 1])."
-    )
+    if s.kind == "ids" and s.negatives:
+        marker = s.negatives[0]
+        raise HeadSpecError(
+            f"labels contain negative ids {list(s.negatives)}: if {marker} marks examples to leave out, "
+            f"write ClassificationHead.multiclass(K, ignore_index={marker}) (or binary(ignore_index={marker})); "
+            f"otherwise the labels are not class ids."
+        )
+    reading = read_labels(s, num_classes=num_classes)
+    if reading is None:
+        raise HeadSpecError(
+            f"labels are {s.describe()}: neither class ids, one-hot/multi-hot rows nor probabilities. "
+            f"Choose between ClassificationHead.multiclass(K) (integer ids 0..K-1), "
+            f"ClassificationHead.multilabel(K) (0/1 rows) and label_format='probabilities' (values in [0, 1])."
+        )
+    if reading.num_classes is None or reading.num_classes < 2:
+        raise HeadSpecError(
+            f"labels only contain class {int(s.max)}: the number of classes cannot be told. Pass "
+            f"num_classes=K, or choose ClassificationHead.binary() (two classes) or "
+            f"ClassificationHead.multiclass(K)."
+        )
+    return reading.head(**options)
