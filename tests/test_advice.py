@@ -74,7 +74,7 @@ def _grid_head(task, fmt, units, options, reduction, k=4):
 def combinations():
     """(head, sample_weight) pairs: the conformance cases' heads, and every option alone and in
     pairs for every label format, with each reduction."""
-    from conformance.cases import generate
+    from unihead.conformance.cases import generate
 
     out = {}
     for c in generate(0):
@@ -246,7 +246,7 @@ def keras_results(backend, tmp_dir):
         out = tmp_dir / f"keras-{backend}.npz"
         combos.write_text(json.dumps([[h.to_dict(), sw, a] for h, sw, a in KERAS_CASES]))
         env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3", JAX_ENABLE_X64="1")
-        code = f"import sys; from tests.test_advice import _keras_child; _keras_child({str(combos)!r}, {str(out)!r})"
+        code = f"from tests.test_advice import _keras_child; _keras_child({str(combos)!r}, {str(out)!r})"
         run = subprocess.run([sys.executable, "-W", "ignore", "-c", code], cwd=ROOT, env=env,
                              capture_output=True, text=True, timeout=900)
         assert run.returncode == 0, f"Keras on {backend}:\n{run.stderr[-3000:]}"
