@@ -97,9 +97,11 @@ class LabelReading:
     num_classes: int | None
 
     def head(self, **options: Any) -> ClassificationHead:
-        """The head, with ``options`` for the constructor (the label format is passed only when it
-        is not the task's default, so an explicit ``label_format`` option can choose it)."""
-        fmt = {} if self.label_format in ("sparse", "binary", "multi_hot") else {"label_format": self.label_format}
+        """The head, with ``options`` for the constructor.  The label format is passed only when
+        it is not the task's default (as ``from_labels`` always did: a ``label_format`` option is
+        taken for integer ids and 0/1 rows, and clashes with one-hot or probability rows)."""
+        default = self.label_format in ("sparse", "binary", "multi_hot")
+        fmt = {} if default else {"label_format": self.label_format}
         if self.task == "binary":
             return ClassificationHead.binary(**fmt, **options)
         return ClassificationHead(self.task, num_classes=self.num_classes, **fmt, **options)
