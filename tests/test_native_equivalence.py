@@ -104,6 +104,9 @@ ROWS = {
     }),
     "mc6": (lambda: ours(H.multiclass(K, class_weights=W, ignore_index=-100), Z, Y_IGN), {
         "torch": torch_call(lambda torch, F, t: F.cross_entropy(t(Z), t(Y_IGN), weight=t(W), ignore_index=-100)),
+        "keras": keras_call(lambda L, f: L.SparseCategoricalCrossentropy(
+            from_logits=True, ignore_class=-100, reduction="mean_with_sample_weight")(
+                Y_IGN, f(Z), sample_weight=f(W[np.clip(Y_IGN, 0, K - 1)]))),
     }),
     "mc7": (lambda: ours(H.multiclass(K, label_smoothing=EPS), Z, Y), {
         "torch": torch_call(lambda torch, F, t: F.cross_entropy(t(Z), t(Y), label_smoothing=EPS)),

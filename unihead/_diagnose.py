@@ -11,7 +11,12 @@ one unit, independent sigmoids under a categorical loss) or labels that do not f
 (ids > 1 under binary cross-entropy, one-hot rows under a sparse loss, ...) is an *error*:
 training gives wrong numbers.  A *warning* is a choice that works but is rarely what is meant; an
 *info* finding says where the framework's numbers differ from unihead's spec for the same
-options (the native-equivalence table, docs/semantics.md §10).
+options (the native-equivalence table, docs/semantics.md §10), or, without a loss, what was not
+checked (``loss_not_checked``).
+
+Labels are read by :func:`unihead.labels.read_labels`, the rules of ``from_labels``, with the
+layer's width and activation as hints; the native lines of a fix come from
+:mod:`unihead._native`, which knows the native-equivalence table.
 """
 
 from __future__ import annotations
@@ -21,13 +26,15 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from ._native import native_lines, native_loss
 from ._readers import LossReading, Reading, read_model
 from .errors import HeadSpecError
-from .labels import LabelSummary, describe_labels
+from .labels import LabelSummary, describe_labels, read_labels
 from .spec import ClassificationHead
 
 __all__ = ["Finding", "Diagnosis", "Inferred", "infer", "diagnose", "native_lines"]
 
+_FRAMEWORK = {"torch": "PyTorch", "keras": "Keras"}
 _CATEGORICAL = ("categorical_ce", "sparse_ce", "ce", "nll")
 _PRODUCES = {"linear": "logits", "softmax": "probabilities", "sigmoid": "probabilities",
              "log_softmax": "log-probabilities"}
@@ -37,7 +44,9 @@ _PRODUCES = {"linear": "logits", "softmax": "probabilities", "sigmoid": "probabi
 class Finding:
     """One problem: ``code`` (stable identifier), ``severity`` (``"error"``, ``"warning"``,
     ``"info"``), ``what`` is wrong, ``why`` it matters, the ``fix`` as a head, and ``lines``:
-    how to write the fix natively and with unihead (``{"keras"|"torch": ..., "unihead": ...}``)."""
+    how to write the fix natively and with unihead (``{"keras"|"torch": ..., "unihead": ...}``,
+    from :func:`unihead._native.native_lines`: the native entry is code only where a native loss
+    gives the fix's numbers, otherwise the sentence saying that none does, and why)."""
 
     code: str
     severity: str
@@ -93,6 +102,8 @@ class Diagnosis:
         n_err = len(self.errors)
         n_warn = sum(f.severity == "warning" for f in self.findings)
         status = "OK" if self.ok else f"{n_err} error{'s' * (n_err != 1)}"
+        if self.ok and "loss_not_checked" in self.codes:
+            status = "OK as far as checked (the loss was not)"
         lines = [f"unihead diagnose: {self.where}: {status}"
                  + (f", {n_warn} warning{'s' * (n_warn != 1)}" if n_warn else "")]
         for f in self.findings:
@@ -100,74 +111,6 @@ class Diagnosis:
         lines.append(f"head: {self.head!r}")
         lines.extend(f"  (assumed: {a})" for a in self.assumptions)
         return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------ fix lines
-def native_lines(head: ClassificationHead, framework: str, in_features: int | None = None) -> dict[str, str]:
-    """How to write ``head`` in ``framework`` ("keras" or "torch") with its own layers and losses
-    (logits out of the layer, a loss that takes logits) and with unihead."""
-    k = head.num_outputs
-    d = in_features if in_features is not None else "in_features"
-    opts = []
-    sparse = head.task == "binary" and k == 2 or head.label_format == "sparse"
-    if framework == "keras":
-        args = ["from_logits=True"]
-        if head.focal_gamma:
-            if head.task == "multiclass" or k == 2:
-                loss = "CategoricalFocalCrossentropy"
-                args += ["alpha=1.0", f"gamma={head.focal_gamma:g}"]
-            else:
-                loss = "BinaryFocalCrossentropy"
-                args.append(f"gamma={head.focal_gamma:g}")
-        elif head.task == "multilabel" or k == 1:
-            loss = "BinaryCrossentropy"
-        elif sparse and not head.label_smoothing:
-            loss = "SparseCategoricalCrossentropy"
-            if head.ignore_index is not None:
-                args.append(f"ignore_class={head.ignore_index}")
-        else:
-            loss = "CategoricalCrossentropy"
-        if head.label_smoothing:
-            args.append(f"label_smoothing={head.label_smoothing:g}")
-        act = "sigmoid" if head.task == "multilabel" or k == 1 else "softmax"
-        native = (f"keras.layers.Dense({k})  # logits, no activation\n"
-                  f"loss=keras.losses.{loss}({', '.join(args)})\n"
-                  f"probabilities = keras.ops.{act}(model(x))")
-        if loss.startswith("Categorical") and sparse:
-            native += f"\nlabels: keras.utils.to_categorical(y, {k})"
-        uni = (f"compiled = unihead.compile(unihead.{head!r}, \"keras\")\n"
-               f"layer = compiled.layer(); model.compile(optimizer, **compiled.compile_kwargs())")
-        return {"keras": native, "unihead": uni}
-    if framework == "torch":
-        if head.task == "multilabel" or k == 1:
-            if head.pos_weight is not None:
-                opts.append(f"pos_weight=torch.tensor({_fmt(head.pos_weight)})")
-            loss, act = "nn.BCEWithLogitsLoss", "torch.sigmoid(logits)"
-            labels = "float labels" + (" of shape (N, 1)" if k == 1 else " (N, K)")
-        else:
-            if head.class_weights is not None:
-                opts.append(f"weight=torch.tensor({_fmt(head.class_weights)})")
-            if head.ignore_index is not None:
-                opts.append(f"ignore_index={head.ignore_index}")
-            if head.label_smoothing:
-                opts.append(f"label_smoothing={head.label_smoothing:g}")
-            loss, act = "nn.CrossEntropyLoss", "torch.softmax(logits, -1)"
-            labels = "integer labels (N,)" if sparse else "float target rows (N, K)"
-        if head.reduction != "mean":
-            opts.append(f"reduction={head.reduction!r}")
-        native = (f"nn.Linear({d}, {k})  # logits, no activation\n"
-                  f"criterion = {loss}({', '.join(opts)})  # {labels}\n"
-                  f"probabilities = {act}")
-        uni = (f"compiled = unihead.compile(unihead.{head!r}, \"torch\")\n"
-               f"layer = compiled.layer({d}); criterion = compiled.loss_fn()")
-        return {"torch": native, "unihead": uni}
-    return {"unihead": f"compiled = unihead.compile(unihead.{head!r}, backend)"}
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, (tuple, list)):
-        return "[" + ", ".join(f"{x:g}" for x in v) + "]"
-    return f"{v:g}"
 
 
 # ------------------------------------------------------------------------------ inference
@@ -179,44 +122,42 @@ def _labels_summary(labels: Any) -> LabelSummary | None:
     return describe_labels(labels)
 
 
+def _exclusive(r: Reading) -> bool | None:
+    """What the model says about its classes: exclusive (a softmax, a categorical loss),
+    independent (sigmoids over several outputs with binary cross-entropy or no loss), or ``None``."""
+    kind = r.loss.kind if r.loss is not None else None
+    if kind in _CATEGORICAL or r.activation in ("softmax", "log_softmax"):
+        return True
+    if r.units >= 2 and (kind == "binary_ce" and r.activation in ("sigmoid", "linear")
+                         or kind is None and r.activation == "sigmoid"):
+        return False
+    return None
+
+
 def _structure(r: Reading, s: LabelSummary | None) -> tuple[ClassificationHead, list[str]]:
-    """The head ``r`` implements or evidently was meant to, before loss options."""
+    """The head ``r`` implements or evidently was meant to, before loss options.  Labels, when
+    given, are read by :func:`unihead.labels.read_labels` (the rules of ``from_labels``) with the
+    layer's width and activation as hints; the layer's width and loss decide the rest."""
     u, act = r.units, r.activation
     kind = r.loss.kind if r.loss is not None else None
     notes: list[str] = []
-    ids_k = s.classes if s is not None and s.kind == "ids" else None
-    rows_k = s.width if s is not None and s.width is not None else None
-    row_format = {"one_hot": "one_hot", "probability_rows": "probabilities"}.get(s.kind if s else "", None)
+    reading = read_labels(s, outputs=u, exclusive=_exclusive(r)) if s is not None else None
+    if reading is not None and reading.num_classes is not None:
+        if reading.task == "binary" or u == 1 and reading.num_classes == 2:
+            fmt = reading.label_format if reading.task == "binary" else "binary"
+            return ClassificationHead.binary(label_format=fmt, binary_units=2 if u == 2 else 1), notes
+        return reading.head(), notes
+    # no labels (or labels that are not class labels): the layer and the loss
     if u == 1:
-        if ids_k is not None and ids_k > 2:
-            return ClassificationHead.multiclass(ids_k), notes
-        if row_format and rows_k and rows_k > 2:
-            return ClassificationHead.multiclass(rows_k, label_format=row_format), notes
-        fmt = "probabilities" if s is not None and s.kind == "probabilities" else "binary"
-        return ClassificationHead.binary(label_format=fmt), notes
-    if s is not None and s.kind == "multi_hot" or (s is not None and s.kind == "probabilities" and rows_k):
-        fmt = "multi_hot" if s.kind == "multi_hot" else "probabilities"
-        return ClassificationHead.multilabel(rows_k or u, label_format=fmt), notes
-    if kind == "binary_ce" and act in ("sigmoid", "linear") or kind is None and act == "sigmoid":
+        return ClassificationHead.binary(), notes
+    if _exclusive(r) is False:
         return ClassificationHead.multilabel(u), notes
-    k = u
-    if ids_k is not None and ids_k > u:
-        k = ids_k
-    elif rows_k is not None and rows_k != u:
-        k = rows_k
-    if s is not None and s.kind == "ids":
-        fmt = "sparse"
-    elif row_format:
-        fmt = row_format
-    elif kind in ("categorical_ce", "binary_ce"):
-        fmt = "one_hot"
-    else:
-        fmt = "sparse"
+    fmt = "one_hot" if kind in ("categorical_ce", "binary_ce") else "sparse"
     if kind is None and act == "linear":
         notes.append(f"no loss given: {u} linear outputs read as multiclass logits")
-    if k == 2 and fmt == "sparse":
+    if u == 2 and fmt == "sparse":
         return ClassificationHead.binary(binary_units=2), notes
-    return ClassificationHead.multiclass(k, label_format=fmt), notes
+    return ClassificationHead.multiclass(u, label_format=fmt), notes
 
 
 def _with_options(head: ClassificationHead, loss: LossReading | None, s: LabelSummary | None,
@@ -456,11 +397,13 @@ def _label_rules(c: _Ctx, s: LabelSummary) -> None:
 
 def _native_differences(c: _Ctx, L: LossReading) -> None:
     h = c.head
-    if L.name == "CrossEntropyLoss" and L.class_weights is not None and L.label_smoothing:
-        c.add("differs_from_native", "info",
-              "CrossEntropyLoss(weight=, label_smoothing=) weights the smoothing term per class; "
-              f"{h!r} weights each example by its true class (docs/semantics.md §10, row mc8).",
-              "the same options give different losses and gradients in PyTorch and in unihead.")
+    if c.fw in ("torch", "keras") and L.kind not in ("unihead", "other"):
+        nl = native_loss(h, c.fw)
+        if not nl.exact:  # the loss was read as h, and no native loss gives h's numbers
+            c.add("differs_from_native", "info",
+                  f"{c.loss_name or L.name} does not give the numbers of {h!r}, the head its options describe: "
+                  + nl.note,
+                  f"the same options give different losses and gradients in {_FRAMEWORK[c.fw]} and in unihead.")
     if L.name == "BCEWithLogitsLoss" and h.task == "multilabel":
         if L.reduction == "sum":
             c.add("differs_from_native", "info",
@@ -479,6 +422,39 @@ def _native_differences(c: _Ctx, L: LossReading) -> None:
               "the loss and its gradients are alpha times unihead's.")
 
 
+def _without_loss(c: _Ctx) -> None:
+    """No loss: say what was not checked, and what the output layer alone shows."""
+    r = c.r
+    act, keras_ = r.activation, c.fw == "keras"
+    shown = {"softmax_one_unit", "not_a_probability_activation"} & {f.code for f in c.findings}
+    if act in ("softmax", "sigmoid") and r.head is None and not shown:
+        own = "softmax" if act == "softmax" else "sigmoid"
+        if keras_:
+            c.add("probabilities_output", "info",
+                  f"{r.where} outputs probabilities, so the loss must take probabilities "
+                  "(from_logits=False, Keras' default).",
+                  f"a loss with from_logits=True, or unihead's loss, would apply the {own} a second time. "
+                  "Keras' losses on probabilities clip them to [1e-7, 1 - 1e-7], which caps the loss (and "
+                  "kills the gradient) of confident mistakes; logits out and from_logits=True do not.", c.head)
+        else:
+            c.add("probabilities_output", "warning",
+                  f"{r.where} outputs probabilities, so the loss must take probabilities.",
+                  f"nn.{'CrossEntropyLoss' if act == 'softmax' else 'BCEWithLogitsLoss'} (like unihead's losses) "
+                  f"takes logits and applies the {own} itself: after this module it is applied twice and training "
+                  "stalls. The loss that takes probabilities "
+                  f"({'torch.log then nn.NLLLoss' if act == 'softmax' else 'nn.BCELoss'}) "
+                  f"is less accurate and loses the gradient of confident mistakes. Output logits and apply the "
+                  f"{own} only to predict.", c.head)
+    how = ("compile the model with its loss (or pass loss=)" if keras_
+           else "pass the criterion: diagnose(model, loss=nn.CrossEntropyLoss(...))" if c.fw == "torch"
+           else "pass loss=")
+    c.findings.append(Finding(
+        "loss_not_checked", "info",
+        f"no loss given: the loss, and whether it fits the output ({r.where}) and the labels, were not checked.",
+        "most wrong heads are a loss that does not fit the output activation (an activation applied twice, "
+        f"a categorical loss over one unit, ...) or the labels. To check them, {how}."))
+
+
 def diagnose(model: Any, loss: Any = None, labels: Any = None) -> Diagnosis:
     """Findings on an existing head (see the module docstring): a Keras model/``Dense`` (its
     activation or a following ``Activation``/``Softmax`` layer, and its compiled loss, or
@@ -490,5 +466,7 @@ def diagnose(model: Any, loss: Any = None, labels: Any = None) -> Diagnosis:
     head = _head(r, s, notes)
     ctx = _Ctx(r, s, head)
     _rules(ctx)
+    if r.loss is None:
+        _without_loss(ctx)
     where = r.where + (f" + {ctx.loss_name}" if r.loss is not None else " (no loss given)")
     return Diagnosis(head, _weights(r), tuple(ctx.findings), where, ctx.fw, tuple(notes))

@@ -1,5 +1,10 @@
-"""What a label array says about the head it needs: :func:`describe_labels` and
-:func:`head_from_labels` (``ClassificationHead.from_labels``)."""
+"""What a label array says about the head it needs.
+
+:func:`describe_labels` reads the facts (integer ids, one-hot / multi-hot / probability rows,
+probabilities), :func:`read_labels` turns them into a task, label format and class count (the
+one rule set: :meth:`ClassificationHead.from_labels` and :func:`unihead.diagnose` both use it),
+and :func:`head_from_labels` is ``ClassificationHead.from_labels``.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ from ._untrusted import show as _show
 from .errors import HeadSpecError
 from .spec import _ALL_FORMATS, _DEFAULT_FORMAT, MAX_INDEX, TASKS, ClassificationHead, _as_int, _suggest
 
-__all__ = ["LabelSummary", "describe_labels", "head_from_labels"]
+__all__ = ["LabelSummary", "LabelReading", "describe_labels", "read_labels", "head_from_labels"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +37,7 @@ class LabelSummary:
     width: int | None  # K for row labels
     classes: int | None  # number of classes the values imply (ids: max + 1)
     negatives: tuple[int, ...] = ()  # distinct negative ids (ignore markers?)
+    distinct: int | None = None  # ids: how many distinct non-negative ids occur
 
     def describe(self) -> str:
         if self.kind == "ids":
@@ -64,7 +70,7 @@ def describe_labels(y: Any) -> LabelSummary:
             neg = tuple(sorted({int(v) for v in np.unique(flat) if v < 0}))
             pos = flat[flat >= 0]
             top = int(pos.max()) if pos.size else -1
-            return LabelSummary("ids", shape, True, lo, hi, None, top + 1, neg)
+            return LabelSummary("ids", shape, True, lo, hi, None, top + 1, neg, int(np.unique(pos).size))
         if 0.0 <= lo and hi <= 1.0:
             return LabelSummary("probabilities", shape, False, lo, hi, None, 2)
         return LabelSummary("other", shape, False, lo, hi, None, None)
@@ -99,6 +105,61 @@ class _Fit:
             return "ClassificationHead.binary(" + ("label_format='probabilities')" if self.label_format != "binary" else ")")
         fmt = "" if self.label_format == _DEFAULT_FORMAT[self.task] else f", label_format={self.label_format!r}"
         return f"ClassificationHead.{self.task}({k}{fmt})"
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelReading:
+    """What labels say the head is: ``task``, ``label_format`` and ``num_classes`` (``None``:
+    the labels cannot tell, e.g. ids that are all the same class)."""
+
+    task: str
+    label_format: str
+    num_classes: int | None
+
+    def head(self, **options: Any) -> ClassificationHead:
+        """The head, with ``options`` for the constructor.  The label format is passed only when
+        it is not the task's default (as ``from_labels`` always did: a ``label_format`` option is
+        taken for integer ids and 0/1 rows, and clashes with one-hot or probability rows)."""
+        default = self.label_format in ("sparse", "binary", "multi_hot")
+        fmt = {} if default else {"label_format": self.label_format}
+        if self.task == "binary":
+            return ClassificationHead.binary(**fmt, **options)
+        return ClassificationHead(self.task, num_classes=self.num_classes, **fmt, **options)
+
+
+def read_labels(s: LabelSummary, *, num_classes: int | None = None, outputs: int | None = None,
+                exclusive: bool | None = None) -> LabelReading | None:
+    """The one rule set from label facts to a head's task, label format and class count.
+
+    Hints from elsewhere settle what labels alone cannot: ``num_classes`` (given by the user:
+    integer ids are then ``multiclass(num_classes)``, even for two classes), ``outputs`` (the
+    width of an existing output layer: a batch need not show every class, so ids are read as at
+    least that many classes) and ``exclusive`` (``True``: the model scores exclusive classes, a
+    softmax or a categorical loss; ``False``: independent labels, sigmoids with binary
+    cross-entropy).  Rows with exactly one 1, or rows of probabilities summing to 1, are
+    exclusive classes unless ``exclusive`` is ``False`` (a multilabel batch can look like that);
+    rows with several 1s are always multilabel.  ``None`` for labels that are none of these
+    (``s.kind == "other"``); negative ids are ignore markers and count for nothing here."""
+    if s.kind == "ids":
+        if num_classes is not None:
+            return LabelReading("multiclass", "sparse", num_classes)
+        k = max(s.classes or 0, outputs or 0)
+        if outputs is None and (s.distinct or 0) < 2:
+            return LabelReading("multiclass", "sparse", None)  # one class seen: how many are there?
+        if k <= 2:
+            return LabelReading("binary", "binary", 2)
+        return LabelReading("multiclass", "sparse", k)
+    if s.kind == "multi_hot" or s.kind == "one_hot" and exclusive is False:
+        return LabelReading("multilabel", "multi_hot", s.width)
+    if s.kind == "one_hot":
+        return LabelReading("multiclass", "one_hot", s.width)
+    if s.kind == "probability_rows":
+        return LabelReading("multilabel" if exclusive is False else "multiclass", "probabilities", s.width)
+    if s.kind == "probabilities":
+        if s.width is None:
+            return LabelReading("binary", "probabilities", 2)
+        return LabelReading("multilabel", "probabilities", s.width)
+    return None
 
 
 def head_from_labels(y: Any, num_classes: int | None = None, **options: Any) -> ClassificationHead:
@@ -139,14 +200,10 @@ def head_from_labels(y: Any, num_classes: int | None = None, **options: Any) -> 
             f"ClassificationHead.multilabel(K) (0/1 rows) and label_format='probabilities' (values in [0, 1])."
         )
     else:
-        desc, extra = s.describe(), []
-        k = s.width
-        fits = {
-            "one_hot": [_Fit("multiclass", "one_hot", k)],
-            "multi_hot": [_Fit("multilabel", "multi_hot", k)],
-            "probability_rows": [_Fit("multiclass", "probabilities", k)],
-            "probabilities": [_Fit("multilabel", "probabilities", k) if k else _Fit("binary", "probabilities", 2)],
-        }[s.kind]
+        desc, k = s.describe(), s.width
+        natural = read_labels(s)  # the one reading of rows (diagnose reads labels with it too)
+        assert natural is not None and natural.num_classes is not None
+        fits = [_Fit(natural.task, natural.label_format, natural.num_classes)]
         extra = {  # the same values read another way: only when task/label_format ask for it
             "one_hot": [_Fit("multiclass", "probabilities", k), _Fit("multilabel", "multi_hot", k),
                         _Fit("multilabel", "probabilities", k)],
