@@ -14,7 +14,7 @@ import pytest
 
 import unihead
 from unihead import ClassificationHead as H
-from unihead import HeadFileError, HeadSpecError
+from unihead import HeadFileError, HeadSpecError, PortCheckError
 
 from .conftest import require
 
@@ -225,6 +225,64 @@ def test_bad_head_files_are_refused_with_a_clear_error(tmp_path):
         unihead.load(tmp_path / "junk.safetensors")
     with pytest.raises(ValueError, match=r"kernel must have shape \(in_features, 3\)"):
         unihead.save(tmp_path / "x.safetensors", head, {"kernel": np.zeros((2, 4)), "bias": np.zeros(3)})
+
+
+# ------------------------------------------------------------------------------ a failed check
+BASIS_SCALES = (-2.0, -1.0, -0.5, 0.5, 1.0, 2.0)
+
+
+def every_basis_feature(d):
+    """Every feature the check uses when 6 * d <= 512: s * e_i for each i and scale s, and x = 0."""
+    x = np.zeros((6 * d + 1, d), np.float32)
+    for i in range(d):
+        for j, s in enumerate(BASIS_SCALES):
+            x[6 * i + j, i] = s
+    return x
+
+
+def corrupt_one_weight(monkeypatch, row=2, col=1, factor=1.001):
+    """Change one kernel entry of the ported layer between reading the source and checking it."""
+    from unihead import _port
+
+    real = _port._convert_units
+
+    def corrupted(head, weights, units):
+        head, weights = real(head, weights, units)
+        weights = {k: v.copy() for k, v in weights.items()}
+        weights["kernel"][row, col] = weights["kernel"][row, col] * np.float32(factor)
+        return head, weights
+
+    monkeypatch.setattr(_port, "_convert_units", corrupted)
+
+
+def test_a_failed_port_check_raises_port_check_error_with_the_figures(monkeypatch):
+    torch = require("torch")
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(6, 4)
+    kernel, bias = lin.weight.detach().numpy().T.copy(), lin.bias.detach().numpy().copy()
+    corrupt_one_weight(monkeypatch)
+    with pytest.raises(PortCheckError) as info:
+        unihead.port(lin, to="numpy", loss=torch.nn.CrossEntropyLoss())
+    err, c = info.value, info.value.check
+    assert isinstance(err, ValueError) and not isinstance(err, AssertionError)
+    # independent expectation: float64 probabilities of the float32 logits, source vs corrupted weights
+    bad = kernel.copy()
+    bad[2, 1] = bad[2, 1] * np.float32(1.001)
+    x = every_basis_feature(6)
+    head = H.multiclass(4)
+    p_src, p_bad = exact_p1(head, float32_logits(kernel, bias, x)), exact_p1(head, float32_logits(bad, bias, x))
+    spacing = np.spacing(np.abs(p_src).astype(np.float32)).astype(np.float64)
+    expected_ulp = float(np.max(np.abs(p_bad - p_src) / spacing))
+    assert expected_ulp > 100  # a real mismatch, far beyond the tolerance
+    # both sides' float32 probabilities are within 4 ulp of the float64 ones
+    assert abs(c.worst_ulp - expected_ulp) <= 8, (c.worst_ulp, expected_ulp)
+    assert 0 < c.worst_abs <= np.max(np.abs(p_bad - p_src)) * 1.01
+    assert c.n_features == len(x) and not c.passed and not c.logits_identical
+    message = str(err)
+    for words in ("port torch -> numpy failed its check", "probabilities", f"{c.worst_ulp:.4g} float32 ulp",
+                  f"{c.worst_abs:.3g} absolute", "the tolerance is 4 ulp", "e_2:", "the torch source's",
+                  "NOT bit-identical"):
+        assert words in message, (words, message)
 
 
 # ------------------------------------------------------------------------------ command line
