@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -14,7 +15,8 @@ import pytest
 
 import unihead
 from unihead import ClassificationHead as H
-from unihead import HeadFileError, HeadSpecError
+from unihead import HeadFileError, HeadSpecError, PortCheckError
+from unihead.cli import main
 
 from .conftest import require
 
@@ -227,7 +229,212 @@ def test_bad_head_files_are_refused_with_a_clear_error(tmp_path):
         unihead.save(tmp_path / "x.safetensors", head, {"kernel": np.zeros((2, 4)), "bias": np.zeros(3)})
 
 
-# ------------------------------------------------------------------------------ command line
+# ------------------------------------------------------------------------------ a failed check
+BASIS_SCALES = (-2.0, -1.0, -0.5, 0.5, 1.0, 2.0)
+
+
+def every_basis_feature(d):
+    """Every feature the check uses when 6 * d <= 512: s * e_i for each i and scale s, and x = 0."""
+    x = np.zeros((6 * d + 1, d), np.float32)
+    for i in range(d):
+        for j, s in enumerate(BASIS_SCALES):
+            x[6 * i + j, i] = s
+    return x
+
+
+def corrupt_one_weight(monkeypatch, row=2, col=1, factor=1.001):
+    """Change one kernel entry of the ported layer between reading the source and checking it."""
+    from unihead import _port
+
+    real = _port._convert_units
+
+    def corrupted(head, weights, units):
+        head, weights = real(head, weights, units)
+        weights = {k: v.copy() for k, v in weights.items()}
+        weights["kernel"][row, col] = weights["kernel"][row, col] * np.float32(factor)
+        return head, weights
+
+    monkeypatch.setattr(_port, "_convert_units", corrupted)
+
+
+def test_a_failed_port_check_raises_port_check_error_with_the_figures(monkeypatch):
+    torch = require("torch")
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(6, 4)
+    kernel, bias = lin.weight.detach().numpy().T.copy(), lin.bias.detach().numpy().copy()
+    corrupt_one_weight(monkeypatch)
+    with pytest.raises(PortCheckError) as info:
+        unihead.port(lin, to="numpy", loss=torch.nn.CrossEntropyLoss())
+    err, c = info.value, info.value.check
+    assert isinstance(err, ValueError) and not isinstance(err, AssertionError)
+    # independent expectation: float64 probabilities of the float32 logits, source vs corrupted weights
+    bad = kernel.copy()
+    bad[2, 1] = bad[2, 1] * np.float32(1.001)
+    x = every_basis_feature(6)
+    head = H.multiclass(4)
+    p_src, p_bad = exact_p1(head, float32_logits(kernel, bias, x)), exact_p1(head, float32_logits(bad, bias, x))
+    spacing = np.spacing(np.abs(p_src).astype(np.float32)).astype(np.float64)
+    expected_ulp = float(np.max(np.abs(p_bad - p_src) / spacing))
+    assert expected_ulp > 100  # a real mismatch, far beyond the tolerance
+    # both sides' float32 probabilities are within 4 ulp of the float64 ones
+    assert abs(c.worst_ulp - expected_ulp) <= 8, (c.worst_ulp, expected_ulp)
+    assert 0 < c.worst_abs <= np.max(np.abs(p_bad - p_src)) * 1.01
+    assert c.n_features == len(x) and not c.passed and not c.logits_identical
+    message = str(err)
+    for words in ("port torch -> numpy failed its check", "probabilities", f"{c.worst_ulp:.4g} float32 ulp",
+                  f"{c.worst_abs:.3g} absolute", "the tolerance is 4 ulp", "e_2:", "the torch source's",
+                  "NOT bit-identical"):
+        assert words in message, (words, message)
+
+
+def test_the_cli_reports_a_failed_port_check(monkeypatch, tmp_path, capsys):
+    torch = require("torch")
+    torch.save(torch.nn.Linear(6, 4).state_dict(), tmp_path / "sd.pt")
+    corrupt_one_weight(monkeypatch)
+    code = main(["port", str(tmp_path / "sd.pt"), "--to", "torch", "--out", str(tmp_path / "h.safetensors")])
+    err = capsys.readouterr().err
+    assert code == 1 and "PortCheckError: port torch -> torch failed its check" in err and "Traceback" not in err
+    assert not (tmp_path / "h.safetensors").exists()
+
+
+# ------------------------------------------------------------------------------ command line: the snippets run
+def snippet_of(stdout):
+    """The Python 'unihead port --to' printed (everything after its intro line)."""
+    m = re.search(r"^(Load it in \w+:|Port it in Python \(.*\):)\n\n", stdout, re.M)
+    assert m, stdout
+    return stdout[m.end():]
+
+
+def run_snippet(code):
+    """Run the printed code as it is, in a namespace of its own; return what it defined."""
+    namespace: dict = {}
+    exec(compile(code, "<printed by unihead port>", "exec"), namespace)
+    return namespace
+
+
+def logits_in(to, ns, x):
+    layer = ns["layer"]
+    if to == "torch":
+        import torch
+
+        return layer(torch.as_tensor(x)).detach().numpy()
+    if to == "jax":
+        return np.asarray(layer.apply(ns["params"], x))
+    if to == "keras":
+        return np.asarray(require("keras").ops.convert_to_numpy(layer(x)))
+    return np.asarray(layer(x))
+
+
+def keras_source(tmp_path):
+    model = keras_head_model(4, None, require("keras").losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.save(tmp_path / "m.keras")
+    dense = model.layers[-1]
+    return "m.keras", np.asarray(dense.kernel), np.asarray(dense.bias)
+
+
+def torch_source(tmp_path, name, out, tail=(), whole=False, checkpoint=False):
+    torch = require("torch")
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(24, out)
+    with torch.no_grad():
+        lin.weight.mul_(30)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 24), torch.nn.ReLU(), lin, *tail)
+    if whole:
+        torch.save(model, tmp_path / name)
+    elif checkpoint:
+        torch.save({"epoch": 7, "state_dict": model.state_dict()}, tmp_path / name)
+    else:
+        torch.save(model.state_dict(), tmp_path / name)
+    return name, lin.weight.detach().numpy().T.copy(), lin.bias.detach().numpy().copy()
+
+
+def unihead_layer_source(tmp_path, head):
+    torch = require("torch")
+    rng = np.random.default_rng(4)
+    w = {"kernel": rng.normal(0, 5, (24, head.num_outputs)).astype(np.float32),
+         "bias": rng.normal(0, 1, head.num_outputs).astype(np.float32)}
+    layer = unihead.compile(head, "torch").layer(24, weights=w)
+    torch.save(torch.nn.Sequential(torch.nn.Linear(12, 24), layer).state_dict(), tmp_path / "uni.pt")
+    return "uni.pt", w["kernel"], w["bias"]
+
+
+def head_file_source(tmp_path, head):
+    rng = np.random.default_rng(5)
+    w = {"kernel": rng.normal(0, 5, (24, head.num_outputs)).astype(np.float32),
+         "bias": rng.normal(0, 1, head.num_outputs).astype(np.float32)}
+    unihead.save(tmp_path / "given.safetensors", head, w)
+    return "given.safetensors", w["kernel"], w["bias"]
+
+
+def two_units(kernel, bias):
+    return np.concatenate([np.zeros_like(kernel), kernel], 1), np.concatenate([np.zeros_like(bias), bias])
+
+
+def _nn():
+    return require("torch").nn
+
+
+SNIPPET_CASES = {  # name: (make the source, extra arguments, target, expected head, to 2 units)
+    "keras file -> torch, ported in Python": (keras_source, [], "torch", H.multiclass(4), False),
+    "keras file -> jax, head file": (keras_source, ["--out", "h.safetensors"], "jax", H.multiclass(4), False),
+    "state_dict + log_softmax + NLLLoss(weight=) -> keras": (
+        lambda t: torch_source(t, "sd.pt", 3), ["--activation", "log_softmax", "--loss",
+                                                 "nn.NLLLoss(weight=torch.tensor([1.0, 2.0, 0.5]))"],
+        "keras", H.multiclass(3, class_weights=(1.0, 2.0, 0.5)), False),
+    "module saved whole -> numpy": (
+        lambda t: torch_source(t, "whole.pt", 5, tail=(_nn().Softmax(-1),), whole=True),
+        ["--trust-pickle"], "numpy", H.multiclass(5), False),
+    "binary state_dict to 2 units -> torch": (
+        lambda t: torch_source(t, "bin.pt", 1), ["--loss", "nn.BCEWithLogitsLoss(pos_weight=torch.tensor([2.0]))",
+                                                  "--binary-units", "2"],
+        "torch", H.binary(binary_units=2, pos_weight=2.0), True),
+    "checkpoint -> numpy, head file": (
+        lambda t: torch_source(t, "ckpt.pt", 4, checkpoint=True),
+        ["--loss", "BCEWithLogitsLoss", "--out", "ml.safetensors"], "numpy", H.multilabel(4), False),
+    "unihead layer's state_dict -> jax": (
+        lambda t: unihead_layer_source(t, H.multiclass(3, label_smoothing=0.05)), [], "jax",
+        H.multiclass(3, label_smoothing=0.05), False),
+    "head file -> torch": (
+        lambda t: head_file_source(t, H.multilabel(3, pos_weight=(1.0, 2.0, 3.0))), [], "torch",
+        H.multilabel(3, pos_weight=(1.0, 2.0, 3.0)), False),
+}
+
+
+@pytest.mark.parametrize("name", list(SNIPPET_CASES))
+def test_the_snippet_port_prints_runs_and_gives_the_ported_layer(name, tmp_path, monkeypatch, capsys):
+    """Every snippet is run as printed (relative paths, from the directory the command ran in) and
+    must give the head with the source's weights: bit-identical logits and probabilities within 4
+    ulp of float64 ones computed here from the source's weights."""
+    make, extra, to, head, to_two = SNIPPET_CASES[name]
+    if to != "numpy":
+        require(to)
+    monkeypatch.chdir(tmp_path)
+    path, kernel, bias = make(tmp_path)
+    files = sorted(tmp_path.iterdir())
+    code = main(["port", path, "--to", to, *extra])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    snippet = snippet_of(out.out)
+    if "--out" in extra or path.endswith(".safetensors"):  # load the head file
+        assert "unihead.load(" in snippet and "unihead.port(" not in snippet
+    else:  # nothing written: port from the model file
+        assert "unihead.port(" in snippet and "unihead.load(" not in snippet
+        assert sorted(tmp_path.iterdir()) == files
+    ns = run_snippet(snippet)
+    assert ns["compiled"].head == head
+    if to_two:
+        kernel, bias = two_units(kernel, bias)
+    x = basis_features(kernel.shape[0])
+    z = logits_in(to, ns, x)
+    np.testing.assert_array_equal(z, float32_logits(kernel, bias, x))
+    p = np.asarray(require("keras").ops.convert_to_numpy(ns["compiled"].probabilities(z)) if to == "keras"
+                   else ns["compiled"].probabilities(z))
+    p = p[..., 1:] if head.task == "binary" and head.binary_units == 2 else p
+    assert ulp32(p, exact_p1(head, z)) <= 4
+    if to == "torch":  # the criterion line runs too
+        assert type(ns["criterion"]).__name__ == "HeadLoss" and ns["criterion"].head == head
+
+
 def cli(*args, cwd=None):
     env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3")
     return subprocess.run([sys.executable, "-m", "unihead", *args], capture_output=True, text=True,
@@ -236,6 +443,7 @@ def cli(*args, cwd=None):
 
 @pytest.mark.slow
 def test_cli_diagnose_and_port(tmp_path):
+    """The installed command end to end, in fresh processes; the printed snippet in another one."""
     keras = require("keras")
     require("torch")
     bad = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3, activation="sigmoid")])
@@ -251,6 +459,7 @@ def test_cli_diagnose_and_port(tmp_path):
     assert out.returncode == 1 and "sigmoid_categorical_loss" in out.stdout, out.stderr[-2000:]
     out = cli("diagnose", str(tmp_path / "good.keras"), "--labels", str(tmp_path / "y.npy"))
     assert out.returncode == 0 and ": OK" in out.stdout and "multiclass(4)" in out.stdout, out.stderr[-2000:]
+    assert "NOT CHECKED" not in out.stdout  # the loss is in the file
     out = cli("diagnose", str(tmp_path / "good.keras"), "--labels", str(tmp_path / "y5.npy"))
     assert out.returncode == 1 and "width_mismatch" in out.stdout
 
@@ -259,28 +468,21 @@ def test_cli_diagnose_and_port(tmp_path):
     assert out.returncode == 0 and head_file.exists(), out.stderr[-2000:]
     assert unihead.load(head_file).head == H.multiclass(4)
     np.testing.assert_array_equal(unihead.load(head_file).weights["kernel"], np.asarray(good.layers[-1].kernel))
-    out = cli("port", str(head_file), "--to", "torch")
+    out = cli("port", "head.safetensors", "--to", "torch", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "port numpy -> torch" in out.stdout and 'unihead.load("' in out.stdout
+    assert "port numpy -> torch" in out.stdout and 'unihead.load("head.safetensors")' in out.stdout
     assert "compiled.layer(6, weights=weights)" in out.stdout
-    # the printed snippet runs
-    snippet = out.stdout.split("Load it in torch:")[1]
-    code = "import torch\nx = torch.ones(2, 6)\n" + snippet + "\nprint(tuple(probabilities.shape))\n"
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0 and run.stdout.strip() == "(2, 4)", run.stderr[-2000:]
+    # without --out: nothing is written, and the printed Python ports from the model file
+    out = cli("port", "good.keras", "--to", "torch", cwd=tmp_path)
+    assert out.returncode == 0 and sorted(p.name for p in tmp_path.iterdir()) == [
+        "good.keras", "head.safetensors", "seed003.keras", "y.npy", "y5.npy"], out.stderr[-2000:]
+    snippet = snippet_of(out.stdout)
+    assert 'keras.saving.load_model("good.keras")' in snippet and 'unihead.port(model, to="torch")' in snippet
+    code = "import torch\n" + snippet + "\nprint(tuple(layer.weight.shape), tuple(compiled.probabilities(layer(torch.ones(2, 6))).shape))\n"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                         env=dict(os.environ, KERAS_BACKEND="torch", TF_CPP_MIN_LOG_LEVEL="3"))
+    assert run.returncode == 0 and run.stdout.strip() == "(4, 6) (2, 4)", run.stderr[-2000:]
 
     out = cli("port", str(tmp_path / "seed003.keras"), "--out", str(tmp_path / "no.safetensors"))
-    assert out.returncode != 0 and "sigmoid_categorical_loss" in out.stderr
+    assert out.returncode == 1 and "sigmoid_categorical_loss" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "no.safetensors").exists()
-
-
-@pytest.mark.slow
-def test_cli_reads_whole_pytorch_modules(tmp_path):
-    torch = require("torch")
-    model = torch.nn.Sequential(torch.nn.Linear(5, 3), torch.nn.Softmax(dim=-1))
-    torch.save(model, tmp_path / "m.pt")
-    out = cli("diagnose", str(tmp_path / "m.pt"), "--loss", "nn.CrossEntropyLoss()")
-    assert out.returncode == 1 and "double_activation" in out.stdout, out.stderr[-2000:]
-    torch.save(model.state_dict(), tmp_path / "sd.pt")
-    out = cli("diagnose", str(tmp_path / "sd.pt"))
-    assert out.returncode != 0 and "state_dict has no layers" in out.stderr

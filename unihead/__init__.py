@@ -11,7 +11,7 @@ from ._registry import available_backends, compile
 from ._version import __version__
 from .compiled import CompiledHead
 from ._diagnose import Diagnosis, Finding, diagnose, infer
-from .errors import BackendNotAvailableError, HeadFileError, HeadSpecError
+from .errors import BackendNotAvailableError, HeadFileError, HeadSpecError, PortCheckError
 from .headfile import load, save
 from ._port import Ported, port
 from .spec import ClassificationHead
@@ -41,4 +41,5 @@ __all__ = [
     "HeadSpecError",
     "HeadFileError",
     "BackendNotAvailableError",
+    "PortCheckError",
 ]

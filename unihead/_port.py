@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from .compiled import canonical_weights, host_weights
-from .errors import HeadSpecError
+from .errors import HeadSpecError, PortCheckError
 from .spec import ClassificationHead
 
 __all__ = ["port", "Ported", "PortCheck", "TOLERANCE_ULP"]
@@ -62,10 +62,23 @@ class PortCheck:
     logits_identical: bool  # basis-vector logits bit-identical in source and target
     n_features: int
     tolerance: float = TOLERANCE_ULP
+    worst_abs: float = 0.0  # |ported - reference| where worst_ulp is measured
+    worst_where: str = ""  # that point in words: output, feature, the two values
 
     @property
     def passed(self) -> bool:
         return self.worst_ulp <= self.tolerance
+
+    def failure(self) -> str:
+        """Why the check failed, with its figures (the message of :class:`~unihead.PortCheckError`)."""
+        logits = ("bit-identical: the difference is in the probabilities the target computes from them"
+                  if self.logits_identical else
+                  "NOT bit-identical: the ported layer does not compute the source's x @ kernel + bias "
+                  "(its weights or their layout changed on the way)")
+        return (f"port {self.source} -> {self.target} failed its check: the ported probabilities are "
+                f"{self.worst_ulp:.4g} float32 ulp ({self.worst_abs:.3g} absolute) from the reference "
+                f"on {self.n_features} basis-vector features; the tolerance is {self.tolerance:g} ulp. "
+                f"Worst: {self.worst_where}. The logits are {logits}.")
 
     def __str__(self) -> str:
         native = "" if self.source_native_ulp is None else \
@@ -210,6 +223,20 @@ def _ulp(value: Any, ref: Any) -> float:
     return float(np.max(ulp32_errors(value, ref, _FLT_MIN), initial=0.0))
 
 
+def _worst(value: np.ndarray, ref: np.ndarray, x: np.ndarray, reference: str) -> tuple[float, str]:
+    """``|value - ref|`` where the ulp error is largest, and that point in words (``x`` is the
+    basis-vector feature of each row, ``reference`` names ``ref``)."""
+    r = np.asarray(ref, np.float64)
+    v = np.asarray(value, np.float64).reshape(r.shape)
+    e = ulp32_errors(v, r, _FLT_MIN).reshape(len(x), -1)
+    row, col = np.unravel_index(int(np.argmax(e)), e.shape)
+    nz = np.flatnonzero(x[row])
+    feature = f"x = {x[row, nz[0]]:g} * e_{nz[0]}" if nz.size else "x = 0 (the bias alone)"
+    a, b = v.reshape(len(x), -1)[row, col], r.reshape(len(x), -1)[row, col]
+    output = "P(class 1)" if r.ndim == 1 else f"output {col}"
+    return float(abs(a - b)), f"{output} at {feature}: {a!r} ported vs {b!r} ({reference})"
+
+
 def _p1(p: np.ndarray, head: ClassificationHead) -> np.ndarray:
     """P(class 1) of a binary head whatever its units; other heads unchanged."""
     if head.task == "binary":
@@ -234,8 +261,9 @@ def port(source: Any, to: str, loss: Any = None, *, binary_units: int | None = N
     ``source``: a Keras model/``Dense``, a PyTorch module/``nn.Linear`` (with its criterion as
     ``loss``), a head-file path, or ``(head, weights)``.  ``binary_units`` converts a binary head
     between 1 and 2 units.  With ``check=True`` (the default) the ported probabilities are
-    compared with the source's (see the module docstring) and a failure raises ``AssertionError``
-    with the measurement; ``ported.check`` holds it."""
+    compared with the source's (see the module docstring) and a failure raises
+    :class:`~unihead.PortCheckError` with the figures (its ``check`` is the measurement);
+    ``ported.check`` holds it."""
     from ._registry import compile
 
     head, weights, src_fw, src_layer = _resolve(source, loss)
@@ -252,7 +280,7 @@ def port(source: Any, to: str, loss: Any = None, *, binary_units: int | None = N
     if check:
         out.check = _check(head, weights, src_fw, src_layer, out, to, seed)
         if not out.check.passed:
-            raise AssertionError(f"port check failed: {out.check}")
+            raise PortCheckError(out.check.failure(), out.check)
     return out
 
 
@@ -296,4 +324,8 @@ def _check(head: ClassificationHead, weights: dict[str, np.ndarray], src_fw: str
     worst = exact_ulp if converted_down else source_ulp
     if not math.isfinite(worst):
         worst = math.inf
-    return PortCheck(src_fw, to, worst, exact_ulp, source_ulp, native_ulp, dense_ulp, identical, len(x))
+    worst_abs, where = (_worst(p_tgt, p_exact_tgt, x, "float64 probabilities of the converted weights")
+                        if converted_down else
+                        _worst(_p1(p_tgt, out.head), _p1(p_src, head), x, f"the {src_fw} source's"))
+    return PortCheck(src_fw, to, worst, exact_ulp, source_ulp, native_ulp, dense_ulp, identical, len(x),
+                     worst_abs=worst_abs, worst_where=where)

@@ -176,6 +176,11 @@ def _half_torch() -> tuple:
     return (torch.float16, torch.bfloat16)
 
 
+#: The PyTorch criteria read here (their subclasses too), by class name: with the Keras names above,
+#: what ``unihead diagnose/port --loss`` accepts.
+TORCH_CRITERIA = ("CrossEntropyLoss", "NLLLoss", "BCEWithLogitsLoss", "BCELoss")
+
+
 def _torch_loss(loss: Any) -> LossReading:
     from torch import nn
 

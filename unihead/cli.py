@@ -40,12 +40,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command; returns its exit status: 0, 1 (the head has an error, or the model could
+    not be read or ported: unihead's message on stderr) or 2 (a usage error: the message says
+    what to write instead)."""
+    from ._cli_heads import UsageError
+    from .errors import BackendNotAvailableError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as e:
+        print(f"unihead {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError, OSError, BackendNotAvailableError) as e:
+        # unihead's own errors (HeadSpecError, HeadFileError, PortCheckError are ValueErrors) and
+        # the readers' ("No nn.Linear found ..."): their messages say what is wrong and the fix
+        print(f"unihead {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

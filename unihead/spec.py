@@ -356,7 +356,7 @@ class ClassificationHead:
         if not isinstance(red, str) or red not in REDUCTIONS:
             alias = {"sum_over_batch_size": "mean", "mean_with_sample_weight": "mean", "auto": "mean"}
             hint = (
-                f" unihead's 'mean' is the weighted mean sum(w*l)/sum(w)."
+                " unihead's 'mean' is the weighted mean sum(w*l)/sum(w)."
                 if isinstance(red, str) and red in alias
                 else (_suggest(red, REDUCTIONS) if isinstance(red, str) else "")
             )
