@@ -258,8 +258,8 @@ def test_diagnose_of_a_whole_module_without_loss_says_what_was_not_checked(tmp_p
     code, out, err = run(capsys, "diagnose", tmp_path / "whole.pt", "--trust-pickle")
     assert code == 0, err
     # what the structure alone shows: a softmax output, which PyTorch's categorical criteria do not take
-    assert "nn.Linear(5, 3) + nn.Softmax() (no loss given): OK, 1 warning" in out
-    assert "WARNING [softmax_output]" in out and "nn.Linear(5, 3)  # logits, no activation" in out
+    assert "nn.Linear(5, 3) + nn.Softmax() (no loss given): OK as far as checked (the loss was not), 1 warning" in out
+    assert "WARNING [probabilities_output]" in out and "nn.Linear(5, 3)  # logits, no activation" in out
     # what could not be checked, and how to check it
     assert "NOT CHECKED: the loss. A PyTorch file holds no criterion" in out
     assert "what nn.Linear(5, 3) + nn.Softmax() outputs (probabilities)" in out
@@ -270,7 +270,7 @@ def test_diagnose_of_a_whole_module_without_loss_says_what_was_not_checked(tmp_p
     assert code == 1 and "ERROR [double_activation]" in out and "NOT CHECKED" not in out
     # the same finding through the Python API
     d = unihead.diagnose(torch_files(tmp_path))
-    assert d.ok and d.codes == ("softmax_output",)
+    assert d.ok and d.codes == ("probabilities_output", "loss_not_checked")
 
 
 def test_diagnose_of_a_state_dict(tmp_path, capsys):
@@ -286,7 +286,7 @@ def test_diagnose_of_a_state_dict(tmp_path, capsys):
     assert code == 1 and "ERROR [double_activation] nn.Linear(5, 3) + nn.Softmax()" in out
     assert "head: ClassificationHead.multiclass(3, label_smoothing=0.1)" in out and "NOT CHECKED" not in out
     code, out, _ = run(capsys, "diagnose", tmp_path / "sd.pt", "--activation", "softmax")
-    assert "OK, 1 warning" in out and "WARNING [softmax_output]" in out
+    assert "1 warning" in out and "WARNING [probabilities_output]" in out
     # a checkpoint holding a state_dict, and a unihead layer's state_dict (its spec travels in it)
     torch.save({"epoch": 3, "state_dict": model.state_dict()}, tmp_path / "ckpt.pt")
     code, out, _ = run(capsys, "diagnose", tmp_path / "ckpt.pt", "--loss", "nn.CrossEntropyLoss()")

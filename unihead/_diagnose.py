@@ -277,13 +277,6 @@ def _rules(c: _Ctx) -> None:
               "softmax normalises across the units of a row: with one unit it is exp(z)/exp(z) = 1 for every "
               "input, so the model predicts the same thing for every example and its gradient is zero. "
               "For two classes use one unit with a sigmoid (binary cross-entropy), or two units with a softmax.")
-    # ---- no loss: what the structure alone shows (a PyTorch model never holds its criterion)
-    if L is None and c.fw == "torch" and act == "softmax" and u >= 2:
-        c.add("softmax_output", "warning",
-              f"{r.where} outputs softmax probabilities, and PyTorch's categorical criteria do not take "
-              "probabilities (nn.CrossEntropyLoss takes logits, nn.NLLLoss log-probabilities).",
-              "trained through this softmax with nn.CrossEntropyLoss, the softmax is applied twice: the loss "
-              "sees squashed values and training stalls. Apply the softmax to the logits for predictions only.")
     # ---- activation vs what the loss expects
     if L is not None and kind != "other":
         expects = ("log-probabilities" if kind == "nll" else "logits" if L.from_logits else "probabilities")
