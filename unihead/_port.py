@@ -234,7 +234,7 @@ def _worst(value: np.ndarray, ref: np.ndarray, x: np.ndarray, reference: str) ->
     feature = f"x = {x[row, nz[0]]:g} * e_{nz[0]}" if nz.size else "x = 0 (the bias alone)"
     a, b = v.reshape(len(x), -1)[row, col], r.reshape(len(x), -1)[row, col]
     output = "P(class 1)" if r.ndim == 1 else f"output {col}"
-    return float(abs(a - b)), f"{output} at {feature}: {a!r} ported vs {b!r} ({reference})"
+    return float(abs(a - b)), f"{output} at {feature}: {float(a)!r} ported vs {float(b)!r} ({reference})"
 
 
 def _p1(p: np.ndarray, head: ClassificationHead) -> np.ndarray:
