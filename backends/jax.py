@@ -48,17 +48,14 @@ from jax.experimental import checkify
 from unihead._ops import Ops
 from unihead.compiled import CompiledHead, canonical_weights, check_choice
 from unihead.spec import ClassificationHead
-from unihead._validation import logits_dtype_error
 
 __all__ = ["compile_head", "JaxHead", "JaxOps", "Dense"]
-
-_HALF = (jnp.float16, jnp.bfloat16)
-
 
 class JaxOps(Ops):
     name = "jax"
     poly_exp = True  # XLA fuses the polynomial exponential into one loop (see Ops.poly_exp)
     flushes_subnormals = True  # XLA on CPU
+    half_dtypes = (jnp.float16, jnp.bfloat16)
 
     def __init__(self) -> None:
         super().__init__(jnp)
@@ -108,11 +105,6 @@ class JaxOps(Ops):
         # checkify.check would make jit refuse to trace the loss); XLA drops its operands then
         checkify.debug_check(ok, message, **values)
 
-    def to_numpy(self, x: Any) -> Any:
-        if x.dtype in _HALF:
-            x = x.astype(jnp.float32)
-        return np.asarray(x)
-
 
 _OPS = JaxOps()
 
@@ -133,17 +125,6 @@ class JaxHead(CompiledHead):
 
     def options(self) -> dict[str, Any]:
         return {"validate": self.validate, "keep": self.keep}
-
-    def _logits(self, logits: Any) -> Any:
-        z = jnp.asarray(logits)
-        if not jnp.issubdtype(z.dtype, jnp.floating):
-            raise logits_dtype_error(z.dtype)
-        if z.dtype in _HALF:
-            z = z.astype(jnp.float32)
-        return self._check(z)
-
-    def _as_array(self, x: Any, like: Any) -> Any:
-        return jnp.asarray(x)
 
     def _make_loss(self) -> Any:
         engine = self._engine()
