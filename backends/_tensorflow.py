@@ -156,9 +156,6 @@ class TFOps(Ops):
     def device(self, x: Any) -> Any:
         return None
 
-    def scalar(self, value: float, like: Any) -> Any:
-        return tf.constant(value, dtype=like.dtype)
-
     def index_dtype(self) -> Any:
         return tf.int64
 

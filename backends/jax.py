@@ -63,14 +63,6 @@ class JaxOps(Ops):
     def device(self, x: Any) -> Any:
         return None  # JAX places results like their inputs (and on the default device otherwise)
 
-    def scalar(self, value: float, like: Any) -> Any:
-        return jnp.asarray(value, dtype=like.dtype)
-
-    def asarray(self, x: Any, like: Any = None, dtype: Any = None) -> Any:
-        if like is not None:
-            return jnp.asarray(x, dtype=dtype if dtype is not None else like.dtype)
-        return jnp.asarray(x, dtype=dtype)
-
     def accumulate64(self, x: Any) -> bool:
         return bool(jax.config.jax_enable_x64)  # without it there is no float64 under jit
 
