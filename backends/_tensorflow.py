@@ -16,7 +16,6 @@ import tensorflow as tf
 from unihead._ops import Ops
 from unihead.compiled import CompiledHead
 from unihead.spec import ClassificationHead
-from unihead._validation import logits_dtype_error
 
 __all__ = ["TFHead", "TFOps", "TFNamespace"]
 
@@ -146,6 +145,7 @@ class TFNamespace:
 class TFOps(Ops):
     name = "tensorflow"
     flushes_subnormals = True  # TensorFlow on CPU
+    half_dtypes = (tf.float16, tf.bfloat16)
 
     def __init__(self) -> None:
         super().__init__(TFNamespace)
@@ -155,9 +155,6 @@ class TFOps(Ops):
 
     def device(self, x: Any) -> Any:
         return None
-
-    def scalar(self, value: float, like: Any) -> Any:
-        return tf.constant(value, dtype=like.dtype)
 
     def index_dtype(self) -> Any:
         return tf.int64
@@ -178,14 +175,8 @@ class TFOps(Ops):
     def is_concrete(self, x: Any) -> bool:
         return tf.executing_eagerly() and hasattr(x, "numpy")
 
-    def to_numpy(self, x: Any) -> Any:
-        if x.dtype in (tf.bfloat16, tf.float16):
-            x = tf.cast(x, tf.float32)
-        return x.numpy()
-
 
 _OPS = TFOps()
-_HALF = (tf.float16, tf.bfloat16)
 
 
 class TFHead(CompiledHead):
@@ -193,17 +184,6 @@ class TFHead(CompiledHead):
 
     backend = "tensorflow"
     ops = _OPS
-
-    def _logits(self, logits: Any) -> Any:
-        z = tf.convert_to_tensor(logits)
-        if not z.dtype.is_floating:
-            raise logits_dtype_error(z.dtype.name)
-        if z.dtype in _HALF:
-            z = tf.cast(z, tf.float32)  # differentiable: the gradient comes back in half precision
-        return self._check(z)
-
-    def _as_array(self, x: Any, like: Any) -> Any:
-        return tf.convert_to_tensor(x)
 
     def loss(self, logits: Any, labels: Any, sample_weight: Any = None) -> Any:
         z = self._logits(logits)

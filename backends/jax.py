@@ -48,31 +48,20 @@ from jax.experimental import checkify
 from unihead._ops import Ops
 from unihead.compiled import CompiledHead, canonical_weights, check_choice
 from unihead.spec import ClassificationHead
-from unihead._validation import logits_dtype_error
 
 __all__ = ["compile_head", "JaxHead", "JaxOps", "Dense"]
-
-_HALF = (jnp.float16, jnp.bfloat16)
-
 
 class JaxOps(Ops):
     name = "jax"
     poly_exp = True  # XLA fuses the polynomial exponential into one loop (see Ops.poly_exp)
     flushes_subnormals = True  # XLA on CPU
+    half_dtypes = (jnp.float16, jnp.bfloat16)
 
     def __init__(self) -> None:
         super().__init__(jnp)
 
     def device(self, x: Any) -> Any:
         return None  # JAX places results like their inputs (and on the default device otherwise)
-
-    def scalar(self, value: float, like: Any) -> Any:
-        return jnp.asarray(value, dtype=like.dtype)
-
-    def asarray(self, x: Any, like: Any = None, dtype: Any = None) -> Any:
-        if like is not None:
-            return jnp.asarray(x, dtype=dtype if dtype is not None else like.dtype)
-        return jnp.asarray(x, dtype=dtype)
 
     def accumulate64(self, x: Any) -> bool:
         return bool(jax.config.jax_enable_x64)  # without it there is no float64 under jit
@@ -108,11 +97,6 @@ class JaxOps(Ops):
         # checkify.check would make jit refuse to trace the loss); XLA drops its operands then
         checkify.debug_check(ok, message, **values)
 
-    def to_numpy(self, x: Any) -> Any:
-        if x.dtype in _HALF:
-            x = x.astype(jnp.float32)
-        return np.asarray(x)
-
 
 _OPS = JaxOps()
 
@@ -133,17 +117,6 @@ class JaxHead(CompiledHead):
 
     def options(self) -> dict[str, Any]:
         return {"validate": self.validate, "keep": self.keep}
-
-    def _logits(self, logits: Any) -> Any:
-        z = jnp.asarray(logits)
-        if not jnp.issubdtype(z.dtype, jnp.floating):
-            raise logits_dtype_error(z.dtype)
-        if z.dtype in _HALF:
-            z = z.astype(jnp.float32)
-        return self._check(z)
-
-    def _as_array(self, x: Any, like: Any) -> Any:
-        return jnp.asarray(x)
 
     def _make_loss(self) -> Any:
         engine = self._engine()

@@ -17,7 +17,6 @@ import numpy as np
 from unihead._ops import Ops
 from unihead.compiled import CompiledHead, canonical_weights, glorot_uniform
 from unihead.spec import ClassificationHead
-from unihead._validation import logits_dtype_error
 
 __all__ = ["compile_head", "NumpyHead", "NumpyOps", "Dense"]
 
@@ -65,19 +64,15 @@ class NumpyOps(Ops):
     def index_dtype(self) -> Any:
         return np.int64
 
-    def to_numpy(self, x: Any) -> Any:
+    def convert(self, x: Any, like: Any = None) -> Any:
         return np.asarray(x)
+
+    def is_half(self, x: Any) -> bool:
+        # bfloat16 is ml_dtypes', when installed: known by name, without importing it
+        return x.dtype == np.float16 or x.dtype.name == "bfloat16"
 
 
 _OPS = NumpyOps()
-
-
-def _compute_dtype(dtype: np.dtype) -> np.dtype:
-    if dtype in (np.float32, np.float64):
-        return dtype
-    if dtype == np.float16 or dtype.name == "bfloat16":
-        return np.dtype(np.float32)
-    raise logits_dtype_error(dtype)
 
 
 class Dense:
@@ -143,16 +138,6 @@ class NumpyHead(CompiledHead):
     probabilities = _quiet(CompiledHead.probabilities)
     log_probabilities = _quiet(CompiledHead.log_probabilities)
     predict = _quiet(CompiledHead.predict)
-
-    def _logits(self, logits: Any) -> np.ndarray:
-        z = np.asarray(logits)
-        if not np.issubdtype(z.dtype, np.floating) and z.dtype.name != "bfloat16":
-            raise logits_dtype_error(z.dtype)
-        z = z.astype(_compute_dtype(z.dtype), copy=False)
-        return self._check(z)
-
-    def _as_array(self, x: Any, like: Any) -> np.ndarray:
-        return np.asarray(x)
 
     @_quiet
     def loss(self, logits: Any, labels: Any, sample_weight: Any = None) -> np.ndarray:

@@ -41,7 +41,7 @@ from unihead._engine import Engine, broadcast_prefix
 from unihead._ops import Ops
 from unihead.compiled import CompiledHead, canonical_weights, check_choice, compiled_head, weights_mismatch
 from unihead.spec import ClassificationHead
-from unihead._validation import label_kinds, logits_dtype_error, validation_enabled
+from unihead._validation import label_kinds, validation_enabled
 
 __all__ = ["compile_head", "TorchHead", "TorchOps", "HeadLinear", "HeadLoss"]
 
@@ -72,7 +72,6 @@ def _inplace_ok(x: Any) -> bool:
     """Whether a formula may write into the tensor it just created: not while Dynamo traces
     (functional graphs) or under ``torch.func`` transforms (no batching rule for ``scatter_``)."""
     return not (torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(x))
-_HALF = (torch.float16, torch.bfloat16)
 _SMALL_INTS = (torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
@@ -180,11 +179,16 @@ class TorchOps(Ops):
             return False
         return not (x.is_meta or isinstance(x, torch._subclasses.FakeTensor))
 
-    def to_numpy(self, x: Any) -> Any:
-        x = x.detach()
-        if x.dtype in _HALF:
-            x = x.float()
-        return x.cpu().numpy()
+    half_dtypes = (torch.float16, torch.bfloat16)
+
+    def convert(self, x: Any, like: Any = None) -> Any:
+        device = None if like is None else like.device
+        if isinstance(x, torch.Tensor):
+            return x.to(device) if device is not None and x.device != device else x
+        return torch.as_tensor(np.asarray(x), device=device)
+
+    def host(self, x: Any) -> Any:
+        return x.detach().cpu().numpy()
 
 
 _OPS = TorchOps()
@@ -447,19 +451,6 @@ class TorchHead(CompiledHead):
     backend = "torch"
     ops = _OPS
 
-    def _logits(self, logits: Any) -> Any:
-        z = logits if isinstance(logits, torch.Tensor) else torch.as_tensor(np.asarray(logits))
-        if not z.dtype.is_floating_point:
-            raise logits_dtype_error(z.dtype)
-        if z.dtype in _HALF:
-            z = z.float()
-        return self._check(z)
-
-    def _as_array(self, x: Any, like: Any) -> Any:
-        if isinstance(x, torch.Tensor):
-            return x.to(like.device) if x.device != like.device else x
-        return torch.as_tensor(np.asarray(x), device=like.device)
-
     def __init__(self, head: ClassificationHead, *, validate: bool = True, fused: Any = "auto"):
         super().__init__(head, validate=validate)
         check_choice("fused", fused, ("auto", True, False))
@@ -544,7 +535,7 @@ class TorchHead(CompiledHead):
         y, sw = self._inputs(z, labels, sample_weight)  # one reduction and one read for the values
         if mode == "wide" and counted:
             mode = "wide:counted"
-        if z0 is not None and z0.dtype in _HALF and z0.requires_grad:
+        if z0 is not None and z0.requires_grad and _OPS.is_half(z0):
             z = z0.float()  # keep the graph to the half-precision logits
         args = (self._kernels, mode, z, y, sw)
         try:

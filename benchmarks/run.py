@@ -48,7 +48,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from unihead._port import ulp32_errors  # imports no framework
+from unihead._ulp import ulp_errors  # imports no framework
 
 ROOT = Path(__file__).resolve().parents[1]
 PATHS = ("torch", "torch-compile", "jax", "keras-jax", "keras-torch", "keras-tensorflow")
@@ -473,8 +473,8 @@ def worker(path: str, quick: bool, sections: set[str]) -> list[dict[str, Any]]:
                 ref = reference_none(head, z, y)
                 ours, nat = a.per_example(head, z, y)
                 floor = z.shape[-1] * FLT_MIN if ftz else 0.0
-                errs_u.append(ulp32_errors(ours, ref, floor).ravel())
-                errs_n.append(ulp32_errors(nat, ref, floor).ravel())
+                errs_u.append(ulp_errors(ours, ref, floor=floor).ravel())
+                errs_n.append(ulp_errors(nat, ref, floor=floor).ravel())
             eu, en = np.concatenate(errs_u), np.concatenate(errs_n)
             rows.append({"kind": "accuracy", "path": path, "task": task, "regime": regime, "ftz": ftz,
                          "unihead_worst": float(eu.max()), "unihead_median": float(np.median(eu)),

@@ -69,7 +69,20 @@ class Adapter:
         return z.astype(dtype)
 
     def to_numpy(self, x: Any) -> np.ndarray:
-        return np.asarray(x)
+        """An output on the host as NumPy, half precision as float32 (NumPy has no bfloat16 of its
+        own): the backend's own reading (:meth:`unihead._ops.Ops.to_numpy`) where its compiled
+        heads have unihead's primitives, else ``np.asarray``."""
+        ops = self.__dict__.get("_ops", False)
+        if ops is False:
+            from unihead._ops import Ops
+            from unihead.spec import ClassificationHead
+
+            ops = getattr(self.compiled(ClassificationHead.binary()), "ops", None)
+            ops = self._ops = ops if isinstance(ops, Ops) else None
+        if ops is not None:
+            return np.asarray(ops.to_numpy(x))
+        x = np.asarray(x)
+        return x.astype(np.float32) if x.dtype.name in ("bfloat16", "float16") else x
 
     def value_and_grad(self, compiled: Any, z: Any, y: Any, sw: Any) -> tuple[Any, Any]:
         raise NotImplementedError  # pragma: no cover
@@ -125,16 +138,6 @@ class TorchAdapter(Adapter):
         t = torch.as_tensor(np.asarray(z, np.float64 if dtype == "float64" else np.float32))
         return t.to({"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}[dtype])
 
-    def to_numpy(self, x: Any) -> np.ndarray:
-        import torch
-
-        if isinstance(x, torch.Tensor):
-            x = x.detach()
-            if x.dtype in (torch.bfloat16, torch.float16):
-                x = x.float()
-            return x.cpu().numpy()
-        return np.asarray(x)
-
     def value_and_grad(self, compiled: Any, z: Any, y: Any, sw: Any) -> tuple[Any, Any]:
         z = z.detach().requires_grad_()
         loss = compiled.loss(z, y, sw)
@@ -154,14 +157,6 @@ class JaxAdapter(Adapter):
         import jax.numpy as jnp
 
         return jnp.asarray(np.asarray(z, np.float32 if dtype != "float64" else np.float64), dtype=getattr(jnp, dtype))
-
-    def to_numpy(self, x: Any) -> np.ndarray:
-        import jax.numpy as jnp
-
-        x = jnp.asarray(x)
-        if x.dtype in (jnp.bfloat16, jnp.float16):
-            x = x.astype(jnp.float32)
-        return np.asarray(x)
 
     def value_and_grad(self, compiled: Any, z: Any, y: Any, sw: Any) -> tuple[Any, Any]:
         import jax
@@ -217,14 +212,6 @@ class KerasAdapter(Adapter):
         from keras import ops
 
         return ops.cast(ops.convert_to_tensor(np.asarray(z, np.float64 if dtype == "float64" else np.float32)), dtype)
-
-    def to_numpy(self, x: Any) -> np.ndarray:
-        from keras import ops
-
-        x = ops.convert_to_tensor(x)
-        if "float16" in str(x.dtype):
-            x = ops.cast(x, "float32")
-        return np.asarray(ops.convert_to_numpy(x))
 
     def value_and_grad(self, compiled: Any, z: Any, y: Any, sw: Any) -> tuple[Any, Any]:
         if self.backend == "jax":
@@ -286,10 +273,6 @@ class ThirdPartyAdapter(Adapter):
 
     def logits(self, z: np.ndarray, dtype: str) -> Any:
         return _bf16_numpy(z) if dtype == "bfloat16" else z.astype(dtype)
-
-    def to_numpy(self, x: Any) -> np.ndarray:
-        x = np.asarray(x)
-        return x.astype(np.float32) if x.dtype.name == "bfloat16" else x
 
     def value_and_grad(self, compiled: Any, z: Any, y: Any, sw: Any) -> tuple[Any, Any]:
         if hasattr(compiled, "loss_and_gradient"):

@@ -1,7 +1,8 @@
 """The independent reference: docs/semantics.md evaluated with plain formulas in mpmath.
 
 This module shares no code with ``unihead.formulas`` or the backends: it is the second, plain
-implementation that catches the first one's bugs.  It uses the textbook definitions
+implementation that catches the first one's bugs.  (It measures in the library's unit, the ulp
+of :mod:`unihead._ulp`: a unit of measure, not a formula.)  It uses the textbook definitions
 (``p = exp(z) / sum exp(z)``, ``log p = z - log sum exp(z)``, ``p = 1 / (1 + exp(-z))``, the
 derivative written out by hand) and gets accuracy from precision instead of from formula tricks:
 every value is computed with :data:`DIGITS` significant decimal digits, enough that any result
@@ -22,6 +23,7 @@ from typing import Any
 import mpmath
 import numpy as np
 
+from unihead import _ulp
 from unihead.spec import ClassificationHead
 
 __all__ = ["DIGITS", "FLT_MIN", "DBL_MIN", "MPReference", "ulp32", "ulp64", "ulp_error"]
@@ -43,18 +45,14 @@ def _isnan(x: Any) -> bool:
 
 
 def ulp32(ref: Any) -> float:
-    """Spacing of float32 at the magnitude of ``ref`` (subnormal spacing near 0)."""
-    r = abs(float(ref))
-    if math.isinf(r) or math.isnan(r):
-        return math.nan
-    return float(np.spacing(np.float32(min(r, float(np.finfo(np.float32).max)))))
+    """Spacing of float32 at the magnitude of ``ref`` (subnormal spacing near 0): the float32
+    ulp of :func:`unihead._ulp.spacing`."""
+    return float(_ulp.spacing(float(ref), "float32"))
 
 
 def ulp64(ref: Any) -> float:
-    r = abs(float(ref))
-    if math.isinf(r) or math.isnan(r):
-        return math.nan
-    return float(np.spacing(np.float64(r)))
+    """Spacing of float64 at the magnitude of ``ref``: the float64 ulp of :func:`unihead._ulp.spacing`."""
+    return float(_ulp.spacing(float(ref), "float64"))
 
 
 #: Smallest normal float32 and float64: backends that flush subnormal numbers to zero (XLA on
@@ -63,18 +61,16 @@ FLT_MIN = 2.0**-126
 DBL_MIN = 2.0**-1022
 
 
-def ulp_error(value: Any, ref: Any, ulp: Any = ulp32, scale: Any = None, floor: float = 0.0) -> float:
-    """``|value - ref|`` in units of ``ulp(scale)`` (``scale`` defaults to ``|ref|``), after
-    subtracting an absolute allowance ``floor`` (the flush-to-zero allowance; 0 by default).
-    NaN and infinities compare explicitly: equal non-finite values give 0, a mismatch gives ``inf``."""
-    v = mpmath.mpf(float(value)) if not isinstance(value, mpmath.mpf) else value
-    r = ref
-    if _isnan(v) or _isnan(r):
-        return 0.0 if (_isnan(v) and _isnan(r)) else math.inf
-    if mpmath.isinf(v) or mpmath.isinf(r):
-        return 0.0 if v == r else math.inf
-    s = abs(r) if scale is None or _isnan(scale) else max(abs(r), abs(scale))
-    return max(0.0, float(abs(v - r)) - floor) / ulp(s)
+def ulp_error(value: Any, ref: Any, dtype: str = "float32", scale: Any = None, floor: float = 0.0) -> float:
+    """The largest ``|value - ref|`` in ulp of ``dtype`` (:func:`unihead._ulp.ulp_errors`: at
+    ``max(|ref|, |scale|)``, after subtracting an absolute allowance ``floor``, the flush-to-zero
+    allowance; non-finite values compare exactly), each difference taken exactly: ``ref`` is
+    this reference's (mpf numbers), ``value`` floats or mpf, scalars or arrays alike."""
+    v = [x if isinstance(x, mpmath.mpf) else _mp(x) for x in np.ravel(np.asarray(value, dtype=object))]
+    r = np.ravel(np.asarray(ref, dtype=object))
+    s = None if scale is None else [math.nan if x is None else float(x) for x in np.ravel(np.asarray(scale, dtype=object))]
+    diff = [float(abs(a - b)) for a, b in zip(v, r)]  # rounded once, to float64's 53 bits
+    return _ulp.ulp_error([float(a) for a in v], [float(b) for b in r], dtype, scale=s, floor=floor, difference=diff)
 
 
 class MPReference:

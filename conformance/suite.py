@@ -28,6 +28,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from unihead import _ulp
 from unihead.spec import ClassificationHead
 
 from .adapters import BUILTIN, KERAS_BACKENDS, make_adapter, missing
@@ -65,38 +66,14 @@ def references(cases: list[Case]) -> list[dict[str, Any]]:
 
 # ----------------------------------------------------------------------------- comparison
 def _errors(value: np.ndarray, ref: np.ndarray, dtype: str, scale: Any = None, floor: float = 0.0) -> float:
-    """Worst ulp error of ``value`` against ``ref`` (see the module docstring)."""
+    """Worst ulp error of ``value`` against ``ref`` (see the module docstring; the unit is
+    :mod:`unihead._ulp`'s)."""
     value = np.asarray(value)
     if value.shape != np.shape(ref):
         return math.inf
     if np.asarray(ref).dtype == object:  # mpmath reference: exact differences
-        from .reference import ulp32, ulp64
-
-        ulp = ulp64 if dtype == "float64" else ulp32
-        scales = np.ravel(scale) if scale is not None else [None] * value.size
-        errs = [ulp_error(v, r, ulp=ulp, scale=s, floor=floor) for v, r, s in zip(value.ravel(), np.ravel(ref), scales)]
-        return max(errs, default=0.0)
-    v = value.astype(np.float64).ravel()
-    r = np.asarray(ref, np.float64).ravel()
-    with np.errstate(all="ignore"):
-        s = np.abs(r) if scale is None else np.maximum(np.abs(r), np.abs(np.asarray(scale, np.float64).ravel()))
-        if dtype == "float64":
-            spacing = np.spacing(s)
-        elif dtype == "bfloat16":
-            import ml_dtypes
-
-            bf = np.minimum(s, 3e38).astype(ml_dtypes.bfloat16)
-            spacing = (np.nextafter(bf, np.asarray(np.inf, ml_dtypes.bfloat16)).astype(np.float64)
-                       - bf.astype(np.float64))
-        else:
-            spacing = np.spacing(np.minimum(s, np.finfo(np.float32).max).astype(np.float32)).astype(np.float64)
-        e = np.maximum(0.0, np.abs(v - r) - floor) / spacing
-        nan_v, nan_r = np.isnan(v), np.isnan(r)
-        inf_any = np.isinf(v) | np.isinf(r)
-        e = np.where(nan_v & nan_r, 0.0, e)
-        e = np.where(nan_v ^ nan_r, np.inf, e)
-        e = np.where(inf_any & ~(nan_v | nan_r), np.where(v == r, 0.0, np.inf), e)
-    return float(np.max(e, initial=0.0))
+        return ulp_error(value, ref, dtype, scale=scale, floor=floor)
+    return _ulp.ulp_error(value, ref, dtype, scale=scale, floor=floor)
 
 
 def _is_bf16_valued(x: np.ndarray) -> bool:

@@ -16,6 +16,7 @@ import pytest
 import unihead
 from unihead import ClassificationHead as H
 from unihead import HeadFileError, HeadSpecError, PortCheckError
+from unihead._ulp import ulp_error
 from unihead.cli import main
 
 from .conftest import require
@@ -41,9 +42,9 @@ def exact_p1(head, z):
 
 
 def ulp32(value, ref):
-    v, r = np.asarray(value, np.float64), np.asarray(ref, np.float64)
-    spacing = np.spacing(np.abs(r).astype(np.float32)).astype(np.float64)
-    return float(np.max(np.maximum(0.0, np.abs(v - r) - 2.0**-126) / spacing))
+    """Float32 ulp of ``ref`` (the unit tests/test_ulp.py checks), below the smallest normal
+    float32 nothing (the port check's allowance)."""
+    return ulp_error(value, ref, "float32", floor=2.0**-126)
 
 
 def basis_features(d, n=64, seed=3):
@@ -273,8 +274,7 @@ def test_a_failed_port_check_raises_port_check_error_with_the_figures(monkeypatc
     x = every_basis_feature(6)
     head = H.multiclass(4)
     p_src, p_bad = exact_p1(head, float32_logits(kernel, bias, x)), exact_p1(head, float32_logits(bad, bias, x))
-    spacing = np.spacing(np.abs(p_src).astype(np.float32)).astype(np.float64)
-    expected_ulp = float(np.max(np.abs(p_bad - p_src) / spacing))
+    expected_ulp = ulp_error(p_bad, p_src, "float32")
     assert expected_ulp > 100  # a real mismatch, far beyond the tolerance
     # both sides' float32 probabilities are within 4 ulp of the float64 ones
     assert abs(c.worst_ulp - expected_ulp) <= 8, (c.worst_ulp, expected_ulp)

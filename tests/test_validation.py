@@ -234,6 +234,8 @@ REFUSED = [
     (H.binary(), Z1, np.array([[0], [1], [3], [1], [0]], np.float32), None),
     (H.binary(), Z1, np.array([[0], [1], [0.5], [1], [0]], np.float32), None),
     (H.multiclass(4), Z4, np.zeros(5, np.int32), np.array([1, 1, np.nan, 1, 1], np.float32)),
+    # half precision is read as float32 on every backend (Ops.to_numpy): one message
+    (H.multiclass(4), Z4, np.zeros(5, np.int32), np.array([1, 1, -0.1, 1, 1], np.float16)),
     (H.multiclass(4, label_format="one_hot"), Z4,
      np.array([[1, 0, 0, 0], [0, 1, 1, 0], [0, 0, 1, 0], [0, 0, 0, 1], [1, 0, 0, 0]], np.int32), None),
     (H.multiclass(4, label_format="probabilities"), Z4, np.full((5, 4), 0.3, np.float32), None),
@@ -387,3 +389,23 @@ def test_jax_without_checkify_the_checks_cost_nothing_and_validate_false_emits_n
     err, out = checkify.checkify(jax.jit(unihead.compile(head, "jax").loss))(z, good, w.at[3].set(2.0))
     assert err.get() is None
     assert float(out) == float(unihead.compile(head, "jax").loss(z, good, w.at[3].set(2.0)))
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch", "jax"])
+def test_logits_of_a_dtype_no_backend_computes_in_get_the_same_error(backend):
+    """Floating dtypes other than float16, bfloat16, float32 and float64 (float8, NumPy's long
+    double) are refused up front with unihead's TypeError, not a crash inside the formulas."""
+    require(backend)
+    z = np.zeros((5, 4), np.float32)
+    if backend == "numpy":
+        z, name = z.astype(np.longdouble), np.dtype(np.longdouble).name
+    elif backend == "torch":
+        torch = require("torch")
+        z, name = torch.as_tensor(z).to(torch.float8_e4m3fn), "float8_e4m3fn"
+    else:
+        jnp = require("jax.numpy")
+        z, name = jnp.asarray(z, jnp.float8_e4m3fn), "float8_e4m3fn"
+    c = unihead.compile(H.multiclass(4), backend)
+    for call in (c.probabilities, c.predict, lambda z: c.loss(z, np.zeros(5, np.int32))):
+        with pytest.raises(TypeError, match=rf"float16, bfloat16, float32 or float64 .*got dtype {name}\."):
+            call(z)

@@ -125,6 +125,40 @@ class Ops:
     def index_dtype(self) -> Any:
         return self.xp.int64
 
+    # -- arrays in and out -------------------------------------------------------------------
+    def convert(self, x: Any, like: Any = None) -> Any:
+        """``x`` (this library's array, another library's, or nested sequences) as this library's
+        array, in the dtype it has (no copy where it already is one); on ``like``'s device where
+        the library places arrays on devices (labels and weights follow the logits)."""
+        return self.xp.asarray(x)
+
+    #: The floating dtypes computed in float32 (half precision: results are float32, gradients
+    #: come back in the logits' own dtype); compared with ``==``, so a backend lists its
+    #: library's dtype objects.  A backend whose half dtypes cannot be listed overrides
+    #: :meth:`is_half`.
+    half_dtypes: tuple = ()
+
+    def is_half(self, x: Any) -> bool:
+        """Whether ``x`` is half precision (float16, bfloat16): computed in float32."""
+        return x.dtype in self.half_dtypes
+
+    def widen_half(self, x: Any) -> Any:
+        """``x`` in float32 if it is half precision (:meth:`is_half`), else ``x`` itself: the one
+        rule for logits, and for values read on the host (:meth:`to_numpy`).  The conversion is
+        differentiable where the library differentiates."""
+        return self.xp.astype(x, self.xp.float32) if self.is_half(x) else x
+
+    def host(self, x: Any) -> Any:
+        """``x`` as a NumPy array on the host, in its own dtype (the library's own transfer)."""
+        import numpy as np
+
+        return np.asarray(x)
+
+    def to_numpy(self, x: Any) -> Any:
+        """``x`` as a NumPy array on the host, half precision as float32 (NumPy has no bfloat16
+        of its own): how validation reads values for its messages, and layers their weights."""
+        return self.host(self.widen_half(x))
+
     # -- elementwise -----------------------------------------------------------------------
     def mul_add(self, x: Any, y: Any, z: Any) -> Any:
         """``x + y * z`` (a fused kernel where the backend has one)."""
@@ -331,8 +365,3 @@ class Ops:
         """A value check inside a traced computation: ``ok`` a 0-d boolean array, ``message`` a
         ``str.format`` template of the error and ``values`` its fields (arrays of the trace)."""
         raise NotImplementedError  # pragma: no cover - only called where traced_checks
-
-    def to_numpy(self, x: Any) -> Any:
-        import numpy as np
-
-        return np.asarray(x)

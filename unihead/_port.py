@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from ._ulp import ulp_error, ulp_errors
 from .compiled import canonical_weights, host_weights
 from .errors import HeadSpecError, PortCheckError
 from .spec import ClassificationHead
@@ -208,19 +209,8 @@ def _native_activation(framework: str, head: ClassificationHead, logits: Any) ->
     return None
 
 
-def ulp32_errors(value: Any, ref: Any, floor: float = 0.0) -> np.ndarray:
-    """Elementwise ``|value - ref|`` in float32 ulp of ``ref`` (the subnormal spacing near 0),
-    after an absolute allowance ``floor``; a NaN on one side only counts as infinitely wrong."""
-    r = np.asarray(ref, np.float64)
-    v = np.asarray(value, np.float64).reshape(r.shape)
-    s = np.spacing(np.abs(r).astype(np.float32)).astype(np.float64)
-    with np.errstate(all="ignore"):
-        e = np.maximum(0.0, np.abs(v - r) - floor) / s
-    return np.where(np.isnan(v) != np.isnan(r), np.inf, np.nan_to_num(e, nan=0.0))
-
-
 def _ulp(value: Any, ref: Any) -> float:
-    return float(np.max(ulp32_errors(value, ref, _FLT_MIN), initial=0.0))
+    return ulp_error(value, ref, "float32", floor=_FLT_MIN)
 
 
 def _worst(value: np.ndarray, ref: np.ndarray, x: np.ndarray, reference: str) -> tuple[float, str]:
@@ -228,7 +218,7 @@ def _worst(value: np.ndarray, ref: np.ndarray, x: np.ndarray, reference: str) ->
     basis-vector feature of each row, ``reference`` names ``ref``)."""
     r = np.asarray(ref, np.float64)
     v = np.asarray(value, np.float64).reshape(r.shape)
-    e = ulp32_errors(v, r, _FLT_MIN).reshape(len(x), -1)
+    e = ulp_errors(v, r, "float32", floor=_FLT_MIN).reshape(len(x), -1)
     row, col = np.unravel_index(int(np.argmax(e)), e.shape)
     nz = np.flatnonzero(x[row])
     feature = f"x = {x[row, nz[0]]:g} * e_{nz[0]}" if nz.size else "x = 0 (the bias alone)"

@@ -93,16 +93,18 @@ def _dtype_name(x: Any) -> str:
 
 
 def logits_dtype_error(dtype: Any) -> TypeError:
-    """The error for non-floating logits (one message for every backend)."""
+    """The error for logits of a dtype no backend computes in (one message for every backend)."""
     return TypeError(
-        f"logits must be a floating-point array (the output layer's values before any "
-        f"activation); got dtype {_dtype_str(dtype)}."
+        f"logits must be a floating-point array of float16, bfloat16, float32 or float64 (the "
+        f"output layer's values before any activation); got dtype {_dtype_str(dtype)}."
     )
 
 
 def check_logits(ops: Ops, head: ClassificationHead, z: Any) -> None:
-    """Logits must be floating with shape ``(..., num_outputs)``."""
-    if not ops.is_floating(z):
+    """Logits (half precision already widened, :meth:`Ops.widen_half`) must be float32 or
+    float64 with shape ``(..., num_outputs)``."""
+    xp = ops.xp
+    if not (z.dtype == xp.float32 or z.dtype == xp.float64):
         raise logits_dtype_error(z.dtype)
     k = head.num_outputs
     shape = tuple(z.shape)
@@ -505,8 +507,7 @@ def _emit_checks(ops: Ops, rule: _Rule) -> None:
     i = tuple(reversed(i))
     shows, variants = rule.says()
     # half-precision values as float32, as the host path reads them (Ops.to_numpy)
-    wide = {key: (xp.astype(a, xp.float32) if _dtype_name(a) in ("float16", "bfloat16") else a)
-            for key, a in shows.items()}
+    wide = {key: ops.widen_half(a) for key, a in shows.items()}
     values = _located(wide, lambda arr: arr[i] if i else arr)
     values.update({f"i{d}": c for d, c in enumerate(i)})
     broken = xp.any(bad)

@@ -50,18 +50,20 @@ class CompiledHead:
         self.head = head
         self.validate = bool(validate)
 
-    # -- hooks a backend provides -----------------------------------------------------------
+    # -- what a backend provides: its primitives (conversion, dtypes, the formulas' kernels) ----
     ops: Ops
 
+    # -- shared implementation ---------------------------------------------------------------
     def _logits(self, logits: Any) -> Any:
-        """Convert to the backend's array type and the compute dtype, and check the shape."""
-        raise NotImplementedError  # pragma: no cover - every backend implements it
+        """The logits as the backend's array in the compute dtype (half precision in float32,
+        :meth:`Ops.widen_half`), their dtype and shape checked."""
+        ops = self.ops
+        return self._check(ops.widen_half(ops.convert(logits)))
 
     def _as_array(self, x: Any, like: Any) -> Any:
-        """Convert labels/weights to the backend's array type on ``like``'s device."""
-        raise NotImplementedError  # pragma: no cover
+        """Labels or weights as the backend's array, on the logits' (``like``'s) device."""
+        return self.ops.convert(x, like)
 
-    # -- shared implementation ---------------------------------------------------------------
     def _engine(self) -> Engine:
         """This head's engine, built once (it keeps what it derives from the spec)."""
         engine = self.__dict__.get("_engine_built")
