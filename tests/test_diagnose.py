@@ -324,3 +324,17 @@ def test_from_labels_options_and_num_classes():
 def test_from_labels_ambiguous_input_says_what_to_choose(labels, match):
     with pytest.raises(HeadSpecError, match=match):
         H.from_labels(labels)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_infer_reads_half_precision_pytorch_weights_as_float32(dtype):
+    """Half-precision weights are read by the backend's one rule (as float32), the bias too (a
+    bfloat16 tensor has no NumPy dtype of its own)."""
+    torch = require("torch")
+    lin = torch.nn.Linear(4, 3).to(getattr(torch, dtype))
+    head, w = unihead.infer(torch.nn.Sequential(lin), torch.nn.CrossEntropyLoss())
+    assert head == H.multiclass(3)
+    kernel, bias = (w["kernel"], w["bias"]) if isinstance(w, dict) else w
+    assert kernel.dtype == bias.dtype == np.float32
+    np.testing.assert_array_equal(kernel, lin.weight.detach().float().numpy().T)
+    np.testing.assert_array_equal(bias, lin.bias.detach().float().numpy())

@@ -162,18 +162,14 @@ def _torch_reading(model: Any, loss: Any) -> Reading:
             act, where = "log_softmax", where + " + nn.LogSoftmax()"
         elif isinstance(later, nn.Sigmoid):
             act, where = "sigmoid", where + " + nn.Sigmoid()"
-    w = lin.weight.detach().float().cpu().numpy() if lin.weight.dtype in _half_torch() else lin.weight.detach().cpu().numpy()
-    kernel = np.ascontiguousarray(w.T)
-    bias = lin.bias.detach().cpu().numpy() if lin.bias is not None else np.zeros(lin.out_features, kernel.dtype)
+    from unihead.backends.torch import TorchHead
+
+    to_numpy = TorchHead.ops.to_numpy  # the backend's one rule: half precision read as float32
+    kernel = np.ascontiguousarray(to_numpy(lin.weight.detach()).T)
+    bias = to_numpy(lin.bias.detach()) if lin.bias is not None else np.zeros(lin.out_features, kernel.dtype)
     head = getattr(lin, "head", None)
     return Reading("torch", int(lin.out_features), int(lin.in_features), kernel, bias, act,
                    where, read_loss(loss) if loss is not None else None, head, lin)
-
-
-def _half_torch() -> tuple:
-    import torch
-
-    return (torch.float16, torch.bfloat16)
 
 
 #: The PyTorch criteria read here (their subclasses too), by class name: with the Keras names above,
