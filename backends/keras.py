@@ -127,8 +127,8 @@ class KerasHead(CompiledHead):
     def loss_terms(self, logits: Any, labels: Any, sample_weight: Any = None) -> tuple[Any, Any]:
         return self.native.loss_terms(logits, labels, sample_weight)
 
-    def loss_weight(self, labels: Any, sample_weight: Any = None) -> Any:
-        return self.native.loss_weight(labels, sample_weight)
+    def loss_weight(self, labels: Any, sample_weight: Any = None, *, dtype: Any = None) -> Any:
+        return self.native.loss_weight(labels, sample_weight, dtype=dtype)
 
     def layer(self, in_features: int | None = None, weights: Any = None, **kwargs: Any) -> "HeadDense":
         """A :class:`HeadDense` producing logits; ``weights`` in the canonical layout

@@ -472,6 +472,9 @@ class TorchHead(CompiledHead):
             aot = KernelCache(head, fused)
         self._kernels = _Kernels(self._engine(), aot)
         self._in_graph = _in_graph(self._kernels)
+        # loss_terms and normalizer= compute with this head's reduction="sum" twin: built now,
+        # not on a first call inside torch.compile (Dynamo cannot construct a head)
+        self._summed()
 
     def options(self) -> dict[str, Any]:
         return {"validate": self.validate, "fused": self.fused}

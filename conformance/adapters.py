@@ -5,6 +5,17 @@ per-example losses), ``loss`` (the head's reduction), ``predict`` and ``grad`` (
 loss, or of the sum of per-example losses, with respect to the logits, by the framework's *own*
 autodiff).  Logits are passed in the case's dtype (bfloat16 as the framework's bfloat16).
 
+The "split" dimension (:func:`~unihead.conformance.cases.split_pieces`): the case's batch is also
+evaluated in uneven pieces, combined the way the contract of docs/semantics.md §7 says a training
+step does: ``W`` = the sum of the pieces' ``loss_weight``, each piece's
+``loss(piece, normalizer=W)`` (a ``reduction="mean"`` head; a ``"sum"`` head adds its pieces'
+losses, a ``"none"`` head's per-example values are the pieces' values put back in place), the
+pieces' losses added up in the framework, and each piece's gradient by the framework's autodiff
+(NumPy: its analytic gradient of the total, over ``W``), put back in place.  Beside it the
+pieces' ``loss_terms`` are added up: ``split_terms`` (sum of totals over the sum of weights; the
+total for ``"sum"`` and ``"none"``) and ``split_weight`` (the sum of their weights, which must be
+``split_W``, the sum of ``loss_weight``).
+
 Third-party implementations plug in with ``--backend package.module:compile_head`` or an entry
 point in the ``unihead.backends`` group: the object is called as ``compile_head(head)`` and must
 return an object with the :class:`unihead.CompiledHead` methods; the gradient is read from its
@@ -18,7 +29,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .cases import Case
+from .cases import Case, split_pieces
 
 __all__ = ["BUILTIN", "Adapter", "make_adapter", "KERAS_BACKENDS"]
 
@@ -84,8 +95,68 @@ class Adapter:
         x = np.asarray(x)
         return x.astype(np.float32) if x.dtype.name in ("bfloat16", "float16") else x
 
-    def value_and_grad(self, compiled: Any, z: Any, y: Any, sw: Any) -> tuple[Any, Any]:
+    def value_and_grad(self, compiled: Any, z: Any, y: Any, sw: Any, normalizer: Any = None) -> tuple[Any, Any]:
+        """The loss (``normalizer`` passed on) and its gradient with respect to ``z`` (of the sum
+        of the per-example values for ``reduction="none"``)."""
         raise NotImplementedError  # pragma: no cover
+
+    def splits(self, compiled: Any) -> bool:
+        """Whether this backend's heads have the contract the split dimension runs through."""
+        return hasattr(compiled, "loss_weight") and hasattr(compiled, "loss_terms")
+
+    def split(self, c: Any, zs: list, ys: list, sws: list, dtype: str) -> dict[str, Any]:
+        """The pieces combined through the contract, as the backend's arrays (see the module
+        docstring); ``dtype``: the case's compute dtype, ``loss_weight``'s."""
+        wdtype = "float64" if dtype == "float64" else "float32"
+        big_w = _added([self.piece_weight(c, y, sw, wdtype) for y, sw in zip(ys, sws)])
+        pieces = [self.piece(c, z, y, sw, big_w) for z, y, sw in zip(zs, ys, sws)]
+        losses = [p[0] for p in pieces]
+        return {
+            "W": big_w, "terms_total": _added([p[2] for p in pieces]), "terms_weight": _added([p[3] for p in pieces]),
+            "loss": losses if c.head.reduction == "none" else _added(losses), "grads": [p[1] for p in pieces],
+        }
+
+    def piece_weight(self, c: Any, y: Any, sw: Any, dtype: str) -> Any:
+        """One piece's ``loss_weight``."""
+        return c.loss_weight(y, sw, dtype=dtype)
+
+    def piece(self, c: Any, z: Any, y: Any, sw: Any, big_w: Any) -> tuple[Any, Any, Any, Any]:
+        """One piece: its loss (``normalizer=W`` for a mean), the gradient, and its
+        ``loss_terms``."""
+        loss, grad = self.value_and_grad(c, z, y, sw, big_w if c.head.reduction == "mean" else None)
+        total, weight = c.loss_terms(z, y, sw)
+        return loss, grad, total, weight
+
+    def split_outputs(self, case: Case, c: Any) -> dict[str, Any]:
+        """:meth:`split` of :func:`split_pieces` of ``case`` (on the host, NumPy)."""
+        pieces = split_pieces(case)
+        sw = case.sample_weight
+        res = self.split(c, [self.logits(case.logits[i], case.dtype) for i in pieces],
+                         [case.labels[i] for i in pieces], [None if sw is None else sw[i] for i in pieces], case.dtype)
+        return self.assemble(case, pieces, res)
+
+    def assemble(self, case: Case, pieces: list[np.ndarray], res: dict[str, Any]) -> dict[str, np.ndarray]:
+        """The pieces' results in the whole batch's places (host copies: no arithmetic)."""
+        order = np.concatenate(pieces).astype(np.int64)
+        out = {"split_W": self.to_numpy(res["W"]), "split_weight": self.to_numpy(res["terms_weight"])}
+        total, weight = (np.float64(self.to_numpy(res[k])) for k in ("terms_total", "terms_weight"))
+        if case.head.reduction == "mean":  # the mean the terms give, 0 for a weight of 0
+            out["split_terms"] = np.asarray(total / weight if weight > 0 else 0.0)
+        else:
+            out["split_terms"] = np.asarray(total)
+        if case.head.reduction == "none":
+            values = [self.to_numpy(v) for v in res["loss"]]
+            full = np.zeros(case.logits.shape[:-1], values[0].dtype)
+            full[order] = np.concatenate(values)
+            out["split_loss"] = full
+        else:
+            out["split_loss"] = self.to_numpy(res["loss"])
+        if all(g is not None for g in res["grads"]):
+            grads = [self.to_numpy(g) for g in res["grads"]]
+            full = np.zeros(case.logits.shape, grads[0].dtype)
+            full[order] = np.concatenate(grads)
+            out["split_grad"] = full
+        return out
 
     def run(self, case: Case) -> dict[str, np.ndarray]:
         c = self.compiled(case.head)
@@ -100,7 +171,19 @@ class Adapter:
         }
         loss, grad = self.value_and_grad(c, self.logits(case.logits, case.dtype), y, sw)
         out["loss"], out["grad"] = loss, grad
-        return {k: self.to_numpy(v) for k, v in out.items() if v is not None}
+        out = {k: self.to_numpy(v) for k, v in out.items() if v is not None}
+        if self.splits(c):
+            out.update(self.split_outputs(case, c))
+        return out
+
+
+def _added(values: list) -> Any:
+    """The values added up in order, by the framework's own ``+`` (how a training loop adds a
+    step's micro-batches)."""
+    total = values[0]
+    for v in values[1:]:
+        total = total + v
+    return total
 
 
 def _bf16_numpy(z: np.ndarray) -> np.ndarray:
@@ -120,8 +203,20 @@ class NumpyAdapter(Adapter):
     def logits(self, z: np.ndarray, dtype: str) -> Any:
         return _bf16_numpy(z) if dtype == "bfloat16" else z.astype(dtype)
 
-    def value_and_grad(self, compiled: Any, z: Any, y: Any, sw: Any) -> tuple[Any, Any]:
+    def value_and_grad(self, compiled: Any, z: Any, y: Any, sw: Any, normalizer: Any = None) -> tuple[Any, Any]:
+        return _analytic(self, compiled, z, y, sw, normalizer)
+
+
+def _analytic(adapter: Adapter, compiled: Any, z: Any, y: Any, sw: Any, normalizer: Any) -> tuple[Any, Any]:
+    """``loss_and_gradient`` (NumPy-style, analytic); with ``normalizer``, the loss of
+    ``loss(..., normalizer=W)`` and the gradient of that quotient by the chain rule: the
+    gradient of the total (the head with ``reduction="sum"``) over ``W`` (0 where ``W`` is 0)."""
+    if normalizer is None:
         return compiled.loss_and_gradient(z, y, sw)
+    loss = compiled.loss(z, y, sw, normalizer=normalizer)
+    _, g = adapter.compiled(compiled.head.replace(reduction="sum")).loss_and_gradient(z, y, sw)
+    w = np.asarray(normalizer).astype(g.dtype)
+    return loss, (g / w if w > 0 else np.zeros_like(g))
 
 
 class TorchAdapter(Adapter):
@@ -138,11 +233,11 @@ class TorchAdapter(Adapter):
         t = torch.as_tensor(np.asarray(z, np.float64 if dtype == "float64" else np.float32))
         return t.to({"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}[dtype])
 
-    def value_and_grad(self, compiled: Any, z: Any, y: Any, sw: Any) -> tuple[Any, Any]:
+    def value_and_grad(self, compiled: Any, z: Any, y: Any, sw: Any, normalizer: Any = None) -> tuple[Any, Any]:
         z = z.detach().requires_grad_()
-        loss = compiled.loss(z, y, sw)
+        loss = compiled.loss(z, y, sw) if normalizer is None else compiled.loss(z, y, sw, normalizer=normalizer)
         loss.sum().backward()
-        return loss, z.grad
+        return loss.detach(), z.grad
 
 
 class JaxAdapter(Adapter):
@@ -158,12 +253,13 @@ class JaxAdapter(Adapter):
 
         return jnp.asarray(np.asarray(z, np.float32 if dtype != "float64" else np.float64), dtype=getattr(jnp, dtype))
 
-    def value_and_grad(self, compiled: Any, z: Any, y: Any, sw: Any) -> tuple[Any, Any]:
+    def value_and_grad(self, compiled: Any, z: Any, y: Any, sw: Any, normalizer: Any = None) -> tuple[Any, Any]:
         import jax
 
-        loss = compiled.loss(z, y, sw)
-        grad = jax.grad(lambda t: compiled.loss(t, y, sw).sum())(z)
-        return loss, grad
+        def loss(t: Any) -> Any:
+            return compiled.loss(t, y, sw) if normalizer is None else compiled.loss(t, y, sw, normalizer=normalizer)
+
+        return loss(z), jax.grad(lambda t: loss(t).sum())(z)
 
     def jitted(self, head: Any) -> Any:
         """All outputs of one head as one ``jax.jit`` program (how JAX training runs a loss; one
@@ -182,12 +278,37 @@ class JaxAdapter(Adapter):
             self._cache[key] = jax.jit(outputs)
         return self._cache[key]
 
+    def piece_jitted(self, head: Any) -> tuple[Any, Any]:
+        """The split's two programs for one head (``jax.jit``; ``W`` traced), compiled once per
+        piece shape: a piece's weight, and a piece's loss, gradient and terms."""
+        key = ("piece", head)
+        if key not in self._cache:
+            import jax
+
+            c = self.compiled(head)
+
+            def weight(y: Any, sw: Any) -> Any:
+                return c.loss_weight(y, sw, dtype="float64" if jax.config.jax_enable_x64 else "float32")
+
+            self._cache[key] = (jax.jit(weight), jax.jit(lambda z, y, sw, w: Adapter.piece(self, c, z, y, sw, w)))
+        return self._cache[key]
+
+    def piece_weight(self, c: Any, y: Any, sw: Any, dtype: str) -> Any:
+        return self.piece_jitted(c.head)[0](y, sw)
+
+    def piece(self, c: Any, z: Any, y: Any, sw: Any, big_w: Any) -> tuple[Any, Any, Any, Any]:
+        return self.piece_jitted(c.head)[1](z, y, sw, big_w)
+
     def run(self, case: Case) -> dict[str, np.ndarray]:
         import jax
 
         with jax.enable_x64(case.dtype == "float64"):
             out = self.jitted(case.head)(self.logits(case.logits, case.dtype), case.labels, case.sample_weight)
-            return {k: self.to_numpy(v) for k, v in out.items()}
+            out = {k: self.to_numpy(v) for k, v in out.items()}
+            c = self.compiled(case.head)
+            if self.splits(c):
+                out.update(self.split_outputs(case, c))
+            return out
 
 
 class KerasAdapter(Adapter):
@@ -213,16 +334,16 @@ class KerasAdapter(Adapter):
 
         return ops.cast(ops.convert_to_tensor(np.asarray(z, np.float64 if dtype == "float64" else np.float32)), dtype)
 
-    def value_and_grad(self, compiled: Any, z: Any, y: Any, sw: Any) -> tuple[Any, Any]:
+    def value_and_grad(self, compiled: Any, z: Any, y: Any, sw: Any, normalizer: Any = None) -> tuple[Any, Any]:
         if self.backend == "jax":
-            return JaxAdapter.value_and_grad(self, compiled, z, y, sw)
+            return JaxAdapter.value_and_grad(self, compiled, z, y, sw, normalizer)
         if self.backend == "torch":
-            return TorchAdapter.value_and_grad(self, compiled, z, y, sw)
+            return TorchAdapter.value_and_grad(self, compiled, z, y, sw, normalizer)
         import tensorflow as tf
 
         v = tf.Variable(z)
         with tf.GradientTape() as tape:
-            loss = compiled.loss(v, y, sw)
+            loss = compiled.loss(v, y, sw) if normalizer is None else compiled.loss(v, y, sw, normalizer=normalizer)
             total = tf.reduce_sum(loss)
         return loss, tape.gradient(total, v)
 
@@ -234,6 +355,17 @@ class KerasAdapter(Adapter):
         return super().run(case)
 
     jitted = JaxAdapter.jitted
+    piece_jitted = JaxAdapter.piece_jitted
+
+    def piece_weight(self, c: Any, y: Any, sw: Any, dtype: str) -> Any:
+        if self.backend == "jax":
+            return JaxAdapter.piece_weight(self, c, y, sw, dtype)
+        return super().piece_weight(c, y, sw, dtype)
+
+    def piece(self, c: Any, z: Any, y: Any, sw: Any, big_w: Any) -> tuple[Any, Any, Any, Any]:
+        if self.backend == "jax":
+            return JaxAdapter.piece(self, c, z, y, sw, big_w)
+        return super().piece(c, z, y, sw, big_w)
 
     def _run_xla(self, case: Case) -> dict[str, np.ndarray]:
         import tensorflow as tf
@@ -253,7 +385,9 @@ class KerasAdapter(Adapter):
                     "grad": tape.gradient(total, z)}
 
         out = outputs(self.logits(case.logits, case.dtype))
-        return {k: self.to_numpy(v) for k, v in out.items()}
+        out = {k: self.to_numpy(v) for k, v in out.items()}
+        out.update(self.split_outputs(case, c))  # eager, as a loop over micro-batches runs
+        return out
 
 
 class ThirdPartyAdapter(Adapter):
@@ -274,10 +408,12 @@ class ThirdPartyAdapter(Adapter):
     def logits(self, z: np.ndarray, dtype: str) -> Any:
         return _bf16_numpy(z) if dtype == "bfloat16" else z.astype(dtype)
 
-    def value_and_grad(self, compiled: Any, z: Any, y: Any, sw: Any) -> tuple[Any, Any]:
+    def value_and_grad(self, compiled: Any, z: Any, y: Any, sw: Any, normalizer: Any = None) -> tuple[Any, Any]:
         if hasattr(compiled, "loss_and_gradient"):
-            return compiled.loss_and_gradient(z, y, sw)
-        return compiled.loss(z, y, sw), None
+            return _analytic(self, compiled, z, y, sw, normalizer)
+        if normalizer is None:
+            return compiled.loss(z, y, sw), None
+        return compiled.loss(z, y, sw, normalizer=normalizer), None
 
 
 def make_adapter(name: str) -> Adapter:

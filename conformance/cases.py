@@ -19,8 +19,10 @@ import numpy as np
 
 from unihead.spec import ClassificationHead
 
-__all__ = ["Case", "generate", "REGIMES", "DTYPES"]
+__all__ = ["Case", "generate", "split_pieces", "REGIMES", "DTYPES", "SPLITS"]
 
+#: The numbers of pieces a case's batch is split into (the "split" dimension: one per case)
+SPLITS = (2, 3, 7)
 REGIMES = ("ordinary", "large30", "large1e4", "confident", "ties", "masked", "leading", "huge")
 DTYPES = ("float32", "float64", "bfloat16")
 
@@ -45,8 +47,10 @@ class Case:
 
     def tolerance_of(self, column: str) -> float:
         """The tolerance of one output (docs/semantics.md §11): gradients get 2 ulp more than
-        values (a gradient entry is a probability times w / sum(w) and the upstream gradient)."""
-        return self.tolerance + (2.0 if column == "grad" else 0.0)
+        values (a gradient entry is a probability times w / sum(w) and the upstream gradient).
+        The split dimension is held to the same: ``split_loss`` as ``loss``, ``split_grad`` as
+        ``grad``."""
+        return self.tolerance + (2.0 if column in ("grad", "split_grad") else 0.0)
 
 
 def _round_to(x: np.ndarray, dtype: str) -> np.ndarray:
@@ -245,3 +249,51 @@ def generate(seed: int = 0, quick: bool = False, tasks: tuple[str, ...] | None =
     if tasks:
         cases = [c for c in cases if c.head.task in tasks]
     return cases
+
+
+def _dead_rows(case: Case) -> np.ndarray:
+    """Which examples along the first axis weigh nothing at all: every label ignored, or every
+    sample weight 0."""
+    n = case.logits.shape[0]
+    dead = np.zeros(n, bool)
+    head = case.head
+    if head.ignore_index is not None:  # sparse or binary labels: one per example
+        dead |= (case.labels == head.ignore_index).reshape(n, -1).all(-1)
+    if case.sample_weight is not None:
+        dead |= (case.sample_weight == 0).reshape(n, -1).all(-1)
+    return dead
+
+
+def split_pieces(case: Case) -> list[np.ndarray]:
+    """The uneven pieces (micro-batches) a case is also evaluated in: index arrays along the
+    first axis that together cover every example once.
+
+    Deterministic, from the case.  The number of pieces (2, 3 or 7, at most the number of
+    examples for 2 and 3) and their sizes depend only on the head, dtype and shape (a JIT
+    compiles one program per head and input signature; the split keeps it so); 7 pieces of a
+    batch of 6 include empty ones (a worker or micro-batch with no example).  Where the case can
+    weigh an example 0 (an ignore_index, a sample weight), the first piece has one example: an
+    example weighing nothing when the batch has one (a piece of weight 0).  Pieces hold
+    consecutive examples, that one moved first."""
+    n = case.logits.shape[0]
+    key = zlib.crc32(f"{case.head!r}/{case.dtype}/{case.logits.shape}".encode())
+    rng = np.random.default_rng(key)
+    p = SPLITS[key % len(SPLITS)]
+    single = case.head.ignore_index is not None or case.sample_weight is not None
+    rest = n - 1 if single else n
+    parts = p - 1 if single else p
+    if p < 7:  # every piece holds an example
+        parts = max(1, min(parts, rest))
+        cuts = np.sort(rng.choice(np.arange(1, rest), parts - 1, replace=False)) if parts > 1 else np.array([], int)
+    else:  # pieces may be empty
+        cuts = np.sort(rng.integers(0, rest + 1, parts - 1))
+    sizes = np.diff(np.concatenate([[0], cuts, [rest]])).astype(int)
+    if len(sizes) > 1 and len(set(sizes.tolist())) == 1 and sizes[-1] > 1:  # uneven
+        sizes[0], sizes[-1] = sizes[0] + 1, sizes[-1] - 1
+    sizes = ([1] if single else []) + sizes.tolist()
+    order = np.arange(n)
+    dead = np.flatnonzero(_dead_rows(case))
+    if single and dead.size:
+        order = np.concatenate([[dead[0]], np.delete(order, dead[0])])
+    bounds = np.cumsum([0] + sizes)
+    return [order[a:b] for a, b in zip(bounds[:-1], bounds[1:])]

@@ -8,6 +8,12 @@
   backends found to flush subnormals to zero, after an absolute allowance of K times the
   smallest normal number (docs/semantics.md §11).  Predictions must be identical (rows with
   NaN logits excepted: unspecified).
+* The split dimension (``split_loss``, ``split_grad``): the case in uneven pieces combined
+  through ``loss_weight`` and ``loss(..., normalizer=W)`` (:mod:`~unihead.conformance.adapters`),
+  against the same reference (the whole batch's loss and gradient) with the same tolerances as
+  ``loss`` and ``grad``.  ``split_loss`` is the worst of the combined loss, of the pieces'
+  ``loss_terms`` added up (total over weight) against the reference, and of their weights against
+  the sum of ``loss_weight``.
 * Keras backends run in child processes (one per ``KERAS_BACKEND``), reading the cases in the
   export format.
 """
@@ -37,12 +43,21 @@ from .reference import DBL_MIN, FLT_MIN, F64Reference, MPReference, ulp_error
 
 __all__ = ["COLUMNS", "Results", "references", "compare", "run", "write_cases", "read_cases"]
 
-COLUMNS = ("probabilities", "log_probabilities", "none", "loss", "predict", "grad")
+COLUMNS = ("probabilities", "log_probabilities", "none", "loss", "predict", "grad", "split_loss", "split_grad")
 TITLES = {
     "probabilities": "probabilities", "log_probabilities": "log-probs", "none": "per-example",
-    "loss": "loss", "predict": "predictions", "grad": "gradient",
+    "loss": "loss", "predict": "predictions", "grad": "gradient", "split_loss": "split loss",
+    "split_grad": "split grad",
 }
 
+#: What the split columns are (the command's footnote, the JSON report's "split")
+SPLIT_NOTE = (
+    "split loss/grad: each case's batch in 2, 3 or 7 uneven pieces (a piece weighing 0 where the case can "
+    "weigh an example 0; empty pieces among 7), W = sum of the pieces' loss_weight, loss = sum of "
+    "loss(piece, normalizer=W) (reduction='sum': of the pieces' sums; 'none': the pieces' values in place), "
+    "gradient = the pieces' gradients in place; against the whole batch's reference, same tolerances; "
+    "split loss includes the pieces' loss_terms added up (total / weight) and their weights against W"
+)
 
 # ----------------------------------------------------------------------------- references
 def reference(case: Case) -> dict[str, Any]:
@@ -100,6 +115,7 @@ def compare(case: Case, out: dict[str, np.ndarray], ref: dict[str, Any], ftz: bo
         errs["grad"] = _errors(out["grad"], ref["grad"], gdtype, scale=ref["grad_scale"], floor=floor)
     else:
         errs["grad"] = None
+    errs.update(_split_errors(case, out, ref, floor))
     got, want = np.asarray(out["predict"]), np.asarray(ref["predict"])
     if got.shape != want.shape:
         errs["predict"] = math.inf
@@ -108,6 +124,28 @@ def compare(case: Case, out: dict[str, np.ndarray], ref: dict[str, Any], ftz: bo
         if case.head.task == "multilabel":
             nan_rows = np.broadcast_to(nan_rows[..., None], want.shape)
         errs["predict"] = float(np.sum((got != want) & ~nan_rows))
+    return errs
+
+
+def _split_errors(case: Case, out: dict[str, np.ndarray], ref: dict[str, Any], floor: float) -> dict[str, float | None]:
+    """The split dimension's errors (module docstring); ``None`` where the backend gave none."""
+    if "split_loss" not in out:
+        return {"split_loss": None, "split_grad": None}
+    dtype = case.dtype
+    loss = _errors(out["split_loss"], ref["loss"], dtype, floor=floor)
+    if case.head.reduction == "none":  # the terms' total is the sum of the per-example values
+        total = np.asarray(ref["none"])
+        terms_ref = np.asarray(sum(total.ravel().tolist(), total.ravel()[0] * 0) if total.dtype == object
+                               else np.sum(total, dtype=np.float64), dtype=total.dtype)
+    else:
+        terms_ref = ref["loss"]
+    terms = _errors(out["split_terms"], terms_ref, dtype, floor=floor)
+    # the weights loss_terms gives, added up, are the sum of loss_weight
+    weights = _errors(out["split_weight"], np.asarray(out["split_W"], np.float64), dtype)
+    errs: dict[str, float | None] = {"split_loss": max(loss, terms, weights), "split_grad": None}
+    if "split_grad" in out:
+        gdtype = "bfloat16" if dtype == "bfloat16" and _is_bf16_valued(out["split_grad"]) else dtype
+        errs["split_grad"] = _errors(out["split_grad"], ref["grad"], gdtype, scale=ref["grad_scale"], floor=floor)
     return errs
 
 
@@ -218,6 +256,7 @@ class Results:
         return {
             "seed": self.seed, "quick": self.quick, "cases": len(self.cases),
             "tolerance": "values 4 ulp, gradients 6 ulp at the scale of their terms (focal: +2 gamma); predictions exact",
+            "split": SPLIT_NOTE,
             "backends": {
                 name: {
                     "status": b.status, "detail": b.detail, "flushes_subnormals": b.ftz, "seconds": round(b.seconds, 2),
@@ -413,7 +452,7 @@ def matrix(results: Results) -> str:
         for col in COLUMNS:
             w = results.worst(n, col)
             bad = any(not passes(c, {col: e.get(col)}) for c, e in zip(results.cases, b.errors) if e)
-            if col == "grad" and not b.has_grad:
+            if col in ("grad", "split_grad") and not b.has_grad:
                 cells.append("n/a")
             elif col == "predict":
                 cells.append("exact" if not bad else f"{int(w)} wrong")

@@ -96,11 +96,40 @@ def test_nan_is_compared_explicitly():
     case = QUICK[0]
     ref = reference(case)
     out = {k: np.asarray(v, np.float64) for k, v in ref.items() if k != "grad_scale"}
+    assert case.head.reduction == "mean"
+    out.update(split_loss=out["loss"], split_grad=out["grad"], split_terms=out["loss"],
+               split_weight=np.asarray(3.0), split_W=np.asarray(3.0))
     assert all(e in (0, 0.0) for e in compare(case, out, ref, ftz=False).values())
     bad = dict(out, probabilities=np.full_like(out["probabilities"], np.nan))
     assert compare(case, bad, ref, ftz=False)["probabilities"] == np.inf
     bad = dict(out, loss=np.asarray(np.inf))
     assert compare(case, bad, ref, ftz=False)["loss"] == np.inf
+    # the split: its loss, its terms and its weights each count; no split output: not measured
+    for key, value in (("split_loss", np.nan), ("split_terms", np.inf), ("split_weight", 3.5)):
+        assert compare(case, dict(out, **{key: np.asarray(value)}), ref, ftz=False)["split_loss"] > 1e3, key
+    assert compare(case, dict(out, split_grad=-out["grad"]), ref, ftz=False)["split_grad"] > 1
+    plain = {k: v for k, v in out.items() if not k.startswith("split")}
+    assert compare(case, plain, ref, ftz=False)["split_loss"] is None
+
+
+def test_split_pieces_cover_each_case_unevenly_with_a_weightless_piece():
+    from unihead.conformance.cases import _dead_rows, split_pieces
+
+    full = generate(0)
+    counts, weightless = set(), 0
+    for case in full:
+        pieces = split_pieces(case)
+        n = case.logits.shape[0]
+        assert sorted(np.concatenate(pieces).tolist()) == list(range(n)), case.id  # each example once
+        sizes = [len(p) for p in pieces]
+        counts.add(len(pieces))
+        assert len(set(sizes)) > 1 or n < len(pieces) + 1, case.id  # uneven
+        dead = _dead_rows(case)
+        if dead.any():  # the case can weigh an example 0, and does: a piece of weight 0
+            assert dead[pieces[0]].all() and len(pieces[0]) == 1, case.id
+            weightless += 1
+        assert split_pieces(case)[0].tolist() == pieces[0].tolist()  # deterministic
+    assert counts == {2, 3, 7} and weightless > 100
 
 
 def test_export_round_trip(tmp_path):

@@ -133,11 +133,15 @@ class CompiledHead:
         y, sw = self._inputs(z, labels, sample_weight, validate=False)  # checked by the loss
         return total, self.ops.stop_gradient(self._engine().loss_weight(y, sw, z))
 
-    def loss_weight(self, labels: Any, sample_weight: Any = None) -> Any:
+    def loss_weight(self, labels: Any, sample_weight: Any = None, *, dtype: Any = None) -> Any:
         """What ``reduction="mean"`` divides the total loss of these labels by, from the labels
         alone (no logits): the number of examples, ignored labels counting 0, each example
         counting its sample weight times its class weight (a multilabel example: the mean of
-        its labels' weights).  A 0-d array (float32; float64 for a float64 sample weight).
+        its labels' weights).  A 0-d array of ``dtype``: the dtype the loss is computed in
+        (float32 for half precision); by default float64 when the sample weight or floating
+        labels are float64, else float32.  A float64 model with class weights and integer
+        labels passes ``dtype`` (its logits' dtype): class weights summed in float32 are not
+        the float64 mean's denominator.
 
         Add it up over the micro-batches of a step (and over workers) and pass the sum as
         ``loss(..., normalizer=...)`` to each piece: the pieces' gradients then add up to the
@@ -146,7 +150,7 @@ class CompiledHead:
         with ops.eager():
             y = ops.convert(labels)
             sw = None if sample_weight is None else ops.convert(sample_weight, y)
-            dtype = xp.float64 if sw is not None and sw.dtype == xp.float64 else xp.float32
+            dtype = self._weight_dtype(dtype, y, sw)
             shape = tuple(y.shape)
             lead = shape[:-1] if has_class_axis(head) or (len(shape) >= 2 and shape[-1] == 1) else shape
             like = _LogitsLike(lead + (head.num_outputs,), dtype, ops.device(y))
@@ -154,6 +158,29 @@ class CompiledHead:
         base = y if head.task == "multilabel" or not has_class_axis(head) else y[..., 0]
         weight = self._engine().loss_weight(y, sw, like, ones=lambda: ops.astype(xp.ones_like(base), like))
         return ops.stop_gradient(weight)
+
+    def _weight_dtype(self, dtype: Any, labels: Any, sample_weight: Any) -> Any:
+        """:meth:`loss_weight`'s dtype (the backend's float32 or float64) for ``dtype`` (a name,
+        a NumPy dtype or the framework's own; half precision computes in float32), or by default
+        from the floating inputs."""
+        xp = self.ops.xp
+        if dtype is None:
+            wide = any(x is not None and x.dtype == xp.float64 for x in (labels, sample_weight))
+            return xp.float64 if wide else xp.float32
+        name = getattr(dtype, "name", None)
+        if not isinstance(name, str):
+            try:
+                name = np.dtype(dtype).name
+            except TypeError:
+                name = str(dtype).rsplit(".", 1)[-1]  # torch.float64
+        if name in ("float16", "bfloat16", "float32"):
+            return xp.float32
+        if name == "float64":
+            return xp.float64
+        raise ValueError(
+            f"dtype must be the floating dtype the loss is computed in (float32, float64, or "
+            f"float16/bfloat16, computed in float32); got {dtype!r}."
+        )
 
     def _normalized(self, logits: Any, labels: Any, sample_weight: Any, normalizer: Any) -> Any:
         """``loss(..., normalizer=W)``: the total over the examples over ``W``, 0 where ``W`` is 0."""
@@ -179,12 +206,24 @@ class CompiledHead:
         if isinstance(normalizer, (int, float)):
             n = ops.scalar(float(normalizer), total)
         else:
-            n = ops.convert(normalizer, total)
+            with ops.eager():
+                n = ops.convert(normalizer, total)
             if len(n.shape) != 0:
                 raise ValueError(
                     f"normalizer must be a scalar (the whole batch's loss_weight); got shape "
                     f"{tuple(n.shape)}."
                 )
+            if not (ops.is_floating(n) or ops.is_integer(n)) or ops.is_bool(n):
+                raise TypeError(
+                    f"normalizer must be a number or a 0-d array of numbers (the whole batch's "
+                    f"loss_weight); got an array of {n.dtype}."
+                )
+            if self.validate and ops.is_concrete(n):
+                value = float(ops.to_numpy(n))
+                if not (math.isfinite(value) and value >= 0):
+                    raise ValueError(
+                        f"normalizer must be finite and >= 0 (a sum of weights); got {value!r}."
+                    )
             n = ops.stop_gradient(ops.astype(n, total))
         safe = xp.where(n > 0, n, ops.scalar(1.0, n))
         return ops.where0(n > 0, total / safe)
