@@ -30,18 +30,22 @@ mean independently).  The measures, all float32:
   ``|g_split - g_full| <= (2 gamma_{n-1} + 8u) A`` (8u: the roundings of the scale and of each
   product, on either side; u = 2^-24), and after ``p -= lr * g``:
   ``|p_split - p_full| <= lr (2 gamma_{n-1} + 8u) A + ulp(p)`` (the update's own rounding).
-  Reported also as the worst error in ulp of ``A`` (the size of the terms).
+  Reported also as the worst error in ulp of ``A`` (the size of the terms).  The reference runs
+  the model's forward pass on the same pieces (:func:`full_batch`): a matrix product's rows
+  differ by an ulp between batch sizes (the BLAS kernel's blocking), an error of the model's
+  forward pass, not of the loss; the distance to the plain one-call forward pass is reported.
+* **The loss rank 0 logs** (``global_loss``): at most ``world + 3`` ulp of the full batch's
+  (each rank's value <= 2u of itself, the all-reduce's world - 1 additions, the division).
 
 Beside each, what the usual code gives (the "What each framework's default does" table of
-docs/scaling-out.md prints these numbers): the mean of the pieces' means (each micro-batch's or
-rank's ``reduction="mean"`` loss; DDP averages it over the ranks), and under DDP
-``F.cross_entropy(weight=, ignore_index=)``'s default mean on each rank.
+docs/scaling-out.md has the numbers these tests print with ``pytest -s``): the mean of the
+pieces' means (each micro-batch's or rank's ``reduction="mean"`` loss; DDP averages it over the
+ranks), and under DDP ``F.cross_entropy(weight=, ignore_index=)``'s default mean on each rank.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import pickle
 import socket
 import time
@@ -333,53 +337,97 @@ def _variants(case: Case) -> tuple[str, ...]:
     return ("unihead", "unihead_terms", "naive") + (("torch",) if torch_default else ())
 
 
-def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
-    """One rank: every case and variant, one DDP step each; rank 0 pickles what it saw."""
-    import torch.distributed as dist
+def _ddp_steps(rank: int, world: int) -> dict[str, Any]:
+    """Every case and variant, one DDP step each, on this rank's shard: what rank 0 saw."""
     from torch.nn.parallel import DistributedDataParallel as DDP
+
+    results: dict[str, Any] = {}
+    shard = pieces(SHARDS[world])[rank]
+    for case in DDP_CASES:
+        x, y, sw = case.data()
+        x, y = x[shard], y[shard]
+        sw = None if sw is None else sw[shard]
+        c = case.compiled()
+        criterion = c.loss_fn()
+        for variant in _variants(case):
+            model = DDP(case.model())
+            opt = torch.optim.SGD(model.parameters(), lr=LR)
+            z = model(x)
+            if variant == "unihead":  # what docs/scaling-out.md tells a user to write
+                loss = criterion(z, y, sw, normalizer=global_normalizer(c.loss_weight(y, sw)))
+            elif variant == "unihead_terms":  # Megatron's (loss_sum, num_tokens)
+                total, weight = c.loss_terms(z, y, sw)
+                loss = total / global_normalizer(weight)
+            else:
+                loss = c.loss(z, y, sw) if variant == "naive" else _default_torch_loss(case, z, y)
+            logged = global_loss(loss)  # naive, torch: the mean over the ranks of their means
+            opt.zero_grad()
+            loss.backward()
+            grads = [p.grad.clone() for p in model.module.parameters()]
+            opt.step()
+            if rank == 0:
+                results[f"{case.name}/{variant}"] = {
+                    "params": [p.detach().numpy().copy() for p in model.module.parameters()],
+                    "grads": [g.numpy() for g in grads],
+                    "rank0_loss": float(loss.detach()),
+                    "logged": float(logged),
+                }
+    return results
+
+
+def _collectives(rank: int, world: int) -> dict[str, Any]:
+    """``global_normalizer`` and ``global_loss`` themselves on this rank: what they returned and
+    raised (every rank's goes to rank 0)."""
+    import torch.distributed as dist
+
+    seen: dict[str, Any] = {}
+    w = torch.tensor(float(rank + 1))
+    seen["averaged"] = float(global_normalizer(w))
+    seen["summed"] = float(global_normalizer(w, average_gradients=False))
+    seen["argument after"] = float(w)
+    seen["int64"] = str(global_normalizer(torch.tensor(rank + 1)).dtype)
+    seen["number"] = float(global_normalizer(rank + 1))
+    seen["loss"] = float(global_loss(torch.tensor(float(rank))))
+    seen["loss summed"] = float(global_loss(torch.tensor(float(rank)), average_gradients=False))
+    pair = dist.new_group([0, 1])  # every rank creates every group
+    try:
+        seen["pair"] = float(global_normalizer(w, pair))
+    except ValueError as exc:
+        seen["pair"] = str(exc)
+    try:  # one rank's weight is NaN: every rank raises, none waits for the others
+        global_normalizer(float("nan") if rank == world - 1 else 1.0)
+        seen["nan"] = "returned"
+    except ValueError as exc:
+        seen["nan"] = str(exc)
+    return seen
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    """One rank of the gloo group; rank 0 pickles what it saw."""
+    import gc
+
+    import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
     try:
-        results: dict[str, Any] = {}
-        shard = pieces(SHARDS[world])[rank]
-        for case in DDP_CASES:
-            x, y, sw = case.data()
-            x, y = x[shard], y[shard]
-            sw = None if sw is None else sw[shard]
-            c = case.compiled()
-            criterion = c.loss_fn()
-            for variant in _variants(case):
-                model = DDP(case.model())
-                opt = torch.optim.SGD(model.parameters(), lr=LR)
-                z = model(x)
-                if variant == "unihead":  # what docs/scaling-out.md tells a user to write
-                    loss = criterion(z, y, sw, normalizer=global_normalizer(c.loss_weight(y, sw)))
-                    logged = global_loss(loss)
-                elif variant == "unihead_terms":  # Megatron's (loss_sum, num_tokens)
-                    total, weight = c.loss_terms(z, y, sw)
-                    loss = total / global_normalizer(weight)
-                    logged = global_loss(loss)
-                else:
-                    loss = c.loss(z, y, sw) if variant == "naive" else _default_torch_loss(case, z, y)
-                    logged = global_loss(loss)  # the mean over the ranks of their means
-                opt.zero_grad()
-                loss.backward()
-                grads = [p.grad.clone() for p in model.module.parameters()]
-                opt.step()
-                if rank == 0:
-                    results[f"{case.name}/{variant}"] = {
-                        "params": [p.detach().numpy().copy() for p in model.module.parameters()],
-                        "grads": [g.numpy() for g in grads],
-                        "rank0_loss": float(loss.detach()),
-                        "logged": float(logged),
-                    }
+        results = _ddp_steps(rank, world)
+        seen: list[Any] = [None] * world
+        dist.all_gather_object(seen, _collectives(rank, world))
+        results["collectives"] = seen
         if rank == 0:
             with open(out, "wb") as f:
                 pickle.dump(results, f)
+        # the DDP modules (and their reducers) gone, and every rank done, before the group goes:
+        # gloo can hang or abort at exit otherwise
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+DDP_TIMEOUT = 240  # seconds; the workers take about 10 (2 shared cores)
 
 
 def _free_port() -> int:
@@ -394,7 +442,12 @@ def ddp_run(request, tmp_path_factory) -> tuple[int, dict]:
     world = request.param
     out = str(tmp_path_factory.mktemp("ddp") / "rank0.pkl")
     start = time.perf_counter()
-    torch.multiprocessing.spawn(_ddp_worker, args=(world, _free_port(), out), nprocs=world, join=True)
+    ctx = torch.multiprocessing.spawn(_ddp_worker, args=(world, _free_port(), out), nprocs=world, join=False)
+    while not ctx.join(timeout=5):  # raises what a worker raised
+        if time.perf_counter() - start > DDP_TIMEOUT:  # a hang fails this test, not the whole run
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"the {world} DDP workers did not finish in {DDP_TIMEOUT} s")
     print(f"\n[ddp] {world} processes: spawned, all cases run, in {time.perf_counter() - start:.1f} s")
     with open(out, "rb") as f:
         return world, pickle.load(f)
@@ -439,6 +492,22 @@ def test_ddp_step_equals_the_full_batch_step(ddp_run, case: Case):
         report.append(f"{variant}: parameters {p['ulp']:.3g} ulp off, gradient {g['relative']:.1%} off, "
                       f"logged loss {logged}")
     print(f"\n[ddp {world} processes] {case.name}:\n  " + "\n  ".join(report))
+
+
+def test_global_normalizer_over_a_process_group(ddp_run):
+    """Rank r's weight is r + 1: the sum is world (world + 1) / 2 on every rank."""
+    world, results = ddp_run
+    total = world * (world + 1) / 2
+    for rank, seen in enumerate(results["collectives"]):
+        assert seen["averaged"] == total / world and seen["summed"] == total and seen["number"] == total / world
+        assert seen["argument after"] == rank + 1  # reduced in a copy
+        assert seen["int64"] == "torch.float32"
+        assert seen["loss"] == sum(range(world)) / world and seen["loss summed"] == sum(range(world))
+        if rank < 2:
+            assert seen["pair"] == (1 + 2) / 2  # the group's own size
+        else:
+            assert "not a member" in seen["pair"]
+        assert "finite and >= 0" in seen["nan"] and f"over the {world} process" in seen["nan"]
 
 
 # ----------------------------------------------------------------------------- global_normalizer itself
