@@ -753,10 +753,15 @@ def _scalar(x: Any, name: str, example: str, hint: str) -> torch.Tensor:
     half precision and integers become float32 (a half-precision sum overflows at 65504)."""
     if isinstance(x, torch.Tensor):
         t = x.detach()
+    elif isinstance(x, np.ndarray) and x.dtype.kind in "biufc":
+        t = torch.from_numpy(np.array(x))  # dtype and shape checked below
     elif isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, float, np.integer, np.floating)):
         raise TypeError(f"{name} takes a 0-d tensor or a real number ({example}); got {type(x).__name__}.")
     else:
-        t = torch.tensor(float(x), dtype=torch.float32)
+        try:
+            t = torch.tensor(float(x), dtype=torch.float32)
+        except OverflowError:
+            raise ValueError(f"{name} takes a finite real number ({example}); got {x!r:.40}.") from None
     if t.dim() != 0:
         raise ValueError(
             f"{name} takes a scalar ({example}); got a tensor of shape {tuple(t.shape)}. {hint}"

@@ -10,7 +10,9 @@ Two ways a step's batch is split, each checked on PyTorch's own machinery:
   (``torch.multiprocessing.spawn``, once per world size; every check runs inside the same
   workers), uneven shards with uneven numbers of ignored labels (in one case a whole shard
   ignored), zero sample weights, class weights: the loss with
-  ``normalizer=global_normalizer(compiled.loss_weight(...))`` in a DDP-wrapped model, one SGD step.
+  ``normalizer=global_normalizer(compiled.loss_weight(...))`` in a DDP-wrapped model, one SGD step
+  (also through ``loss_terms``, and with two micro-batches per rank, the first under
+  ``no_sync()``: ``W`` the step's weight over both and every rank).
 
 Against the full batch in one process (unihead's ``reduction="mean"`` loss, one backward pass,
 one SGD step; for the sparse multiclass heads that loss is itself checked against
@@ -334,7 +336,16 @@ def _default_torch_loss(case: Case, z: Any, y: Any) -> Any:
 
 def _variants(case: Case) -> tuple[str, ...]:
     torch_default = case.head.task == "multiclass" and case.head.label_format == "sparse"
-    return ("unihead", "unihead_terms", "naive") + (("torch",) if torch_default else ())
+    return ("unihead", "unihead_terms", "unihead_accum", "naive") + (("torch",) if torch_default else ())
+
+
+UNIHEAD_VARIANTS = ("unihead", "unihead_terms", "unihead_accum")
+
+
+def micro_batches(world: int) -> list[tuple[int, int]]:
+    """Variant "unihead_accum": each rank's shard in two micro-batches, a third and the rest
+    (one example on rank 0 of four), as ``(size of the first, size of the second)`` per rank."""
+    return [(n // 3, n - n // 3) for n in SHARDS[world]]
 
 
 def _ddp_steps(rank: int, world: int) -> dict[str, Any]:
@@ -352,17 +363,29 @@ def _ddp_steps(rank: int, world: int) -> dict[str, Any]:
         for variant in _variants(case):
             model = DDP(case.model())
             opt = torch.optim.SGD(model.parameters(), lr=LR)
-            z = model(x)
-            if variant == "unihead":  # what docs/scaling-out.md tells a user to write
-                loss = criterion(z, y, sw, normalizer=global_normalizer(c.loss_weight(y, sw)))
-            elif variant == "unihead_terms":  # Megatron's (loss_sum, num_tokens)
-                total, weight = c.loss_terms(z, y, sw)
-                loss = total / global_normalizer(weight)
-            else:
-                loss = c.loss(z, y, sw) if variant == "naive" else _default_torch_loss(case, z, y)
-            logged = global_loss(loss)  # naive, torch: the mean over the ranks of their means
             opt.zero_grad()
-            loss.backward()
+            if variant == "unihead_accum":  # two micro-batches, the first without DDP's sync
+                first = micro_batches(world)[rank][0]
+                parts = [slice(0, first), slice(first, len(y))]
+                sub = lambda t, m: None if t is None else t[m]  # noqa: E731
+                w = global_normalizer(sum(c.loss_weight(y[m], sub(sw, m)) for m in parts))
+                with model.no_sync():
+                    loss = criterion(model(x[parts[0]]), y[parts[0]], sub(sw, parts[0]), normalizer=w)
+                    loss.backward()
+                last = criterion(model(x[parts[1]]), y[parts[1]], sub(sw, parts[1]), normalizer=w)
+                last.backward()
+                loss = loss.detach() + last.detach()
+            else:
+                z = model(x)
+                if variant == "unihead":  # what docs/scaling-out.md tells a user to write
+                    loss = criterion(z, y, sw, normalizer=global_normalizer(c.loss_weight(y, sw)))
+                elif variant == "unihead_terms":  # Megatron's (loss_sum, num_tokens)
+                    total, weight = c.loss_terms(z, y, sw)
+                    loss = total / global_normalizer(weight)
+                else:
+                    loss = c.loss(z, y, sw) if variant == "naive" else _default_torch_loss(case, z, y)
+                loss.backward()
+            logged = global_loss(loss)  # naive, torch: the mean over the ranks of their means
             grads = [p.grad.clone() for p in model.module.parameters()]
             opt.step()
             if rank == 0:
@@ -463,20 +486,23 @@ def test_ddp_step_equals_the_full_batch_step(ddp_run, case: Case):
         z = case.model()(x).detach()
         assert ulp_error(float(_default_torch_loss(case, z, y)), ref["loss"]) <= 2
     report = []
-    for variant in ("unihead", "unihead_terms"):
+    accumulated = full_batch(case, tuple(n for pair in micro_batches(world) for n in pair))
+    for variant in UNIHEAD_VARIANTS:
         r = results[f"{case.name}/{variant}"]
-        p = param_errors(r["params"], ref)
-        g = grad_errors(r["grads"], ref)
+        this = accumulated if variant == "unihead_accum" else ref
+        p = param_errors(r["params"], this)
+        g = grad_errors(r["grads"], this)
         assert p["of_bound"] <= 1.0, (variant, p)
         assert g["ulp_of_terms"] <= grad_bound_ulp(N), (variant, g)
-        logged_ulp = ulp_error(r["logged"], ref["loss"])
-        assert logged_ulp <= world + 3, (variant, r["logged"], ref["loss"])  # the loss rank 0 logs
+        logged_ulp = ulp_error(r["logged"], this["loss"])
+        # the loss rank 0 logs (with accumulation, a rank's value is a sum of two: one more u)
+        assert logged_ulp <= world + 3 + (variant == "unihead_accum"), (variant, r["logged"], this["loss"])
         report.append(f"{variant}: parameters {p['ulp']:.0f} ulp ({p['of_bound']:.2f} of the bound; "
                       f"{param_errors(r['params'], plain)['ulp']:.0f} ulp from the plain full batch), gradient "
                       f"{g['ulp_of_terms']:.1f} ulp of its terms, logged loss {logged_ulp:.0f} ulp")
     # what rank 0 sees as its loss: world * (its weighted sum) / W, not the global mean
     assert results[f"{case.name}/unihead"]["rank0_loss"] != pytest.approx(ref["loss"], rel=1e-3)
-    for variant in _variants(case)[2:]:
+    for variant in _variants(case)[len(UNIHEAD_VARIANTS):]:
         r = results[f"{case.name}/{variant}"]
         p = param_errors(r["params"], ref)
         g = grad_errors(r["grads"], ref)
@@ -521,6 +547,7 @@ def test_global_normalizer_without_distributed_is_the_weight():
     assert global_normalizer(torch.tensor(3.0, dtype=torch.float64)).dtype == torch.float64
     assert global_normalizer(torch.tensor(3, dtype=torch.int64)).dtype == torch.float32
     assert float(global_normalizer(np.float32(2.5), average_gradients=False)) == 2.5
+    assert float(global_normalizer(np.array(4.0))) == 4.0  # a NumPy backend's loss_weight
     assert float(global_loss(torch.tensor(0.25))) == 0.25
 
 
@@ -535,6 +562,9 @@ def test_global_normalizer_without_distributed_is_the_weight():
     (float("nan"), ValueError, "finite and >= 0"),
     (float("inf"), ValueError, "finite and >= 0"),
     (-1.0, ValueError, "finite and >= 0"),
+    (10**400, ValueError, "finite real number"),
+    (np.ones(2), ValueError, "shape (2,)"),
+    (np.array(["1"]), TypeError, "got ndarray"),
 ])
 def test_global_normalizer_refuses_what_is_not_a_weight(bad, error, says):
     with pytest.raises(error, match=None) as info:
