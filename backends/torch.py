@@ -14,6 +14,9 @@ the Array API; this module adds what is PyTorch-specific:
   the options of the compiled head they came from;
 * weights in and out in unihead's canonical layout (``kernel (in, out)``, ``bias (out,)``),
   transposing PyTorch's ``(out, in)``;
+* data parallelism (``torch.distributed``: DDP, FSDP): :func:`global_normalizer`, the weight
+  of a step all-reduced over the workers with the gradient averaging compensated, and
+  :func:`global_loss`, the step's global loss for logging (docs/scaling-out.md);
 * speed: float32 logits on the CPU are evaluated in float64 and rounded once (the wide formulas,
   a dozen native kernels), and a head called often gets the same function compiled into one
   kernel in the background (:mod:`._torch_aot`); large inputs run fused float32 kernels
@@ -43,7 +46,7 @@ from unihead.compiled import CompiledHead, canonical_weights, check_choice, comp
 from unihead.spec import ClassificationHead
 from unihead._validation import has_class_axis, label_kinds, validation_enabled
 
-__all__ = ["compile_head", "TorchHead", "TorchOps", "HeadLinear", "HeadLoss"]
+__all__ = ["compile_head", "TorchHead", "TorchOps", "HeadLinear", "HeadLoss", "global_normalizer", "global_loss"]
 
 
 def _namespace() -> Any:
@@ -744,3 +747,112 @@ def compile_head(head: ClassificationHead, *, validate: bool = True, fused: Any 
     * ``False``: nothing is compiled (also: environment variable ``UNIHEAD_TORCH_FUSED=0``); the
       same numbers, slower."""
     return TorchHead(head, validate=validate, fused=fused)
+
+
+# ----------------------------------------------------------------------------- data parallelism
+def _scalar(x: Any, name: str, example: str, hint: str) -> torch.Tensor:
+    """``x`` (a 0-d real tensor or a Python/NumPy real number) as a detached 0-d floating tensor
+    of its own (the collectives write in place): float32 and float64 tensors keep their dtype,
+    half precision and integers become float32 (a half-precision sum overflows at 65504)."""
+    if isinstance(x, torch.Tensor):
+        t = x.detach()
+    elif isinstance(x, np.ndarray) and x.dtype.kind in "biufc":
+        t = torch.from_numpy(np.array(x))  # dtype and shape checked below
+    elif isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} takes a 0-d tensor or a real number ({example}); got {type(x).__name__}.")
+    else:
+        try:
+            t = torch.tensor(float(x), dtype=torch.float32)
+        except OverflowError:
+            raise ValueError(f"{name} takes a finite real number ({example}); got {x!r:.40}.") from None
+    if t.dim() != 0:
+        raise ValueError(
+            f"{name} takes a scalar ({example}); got a tensor of shape {tuple(t.shape)}. {hint}"
+        )
+    if t.dtype == torch.bool or t.is_complex():
+        raise TypeError(f"{name} takes a real number ({example}); got a {t.dtype} tensor.")
+    if t.dtype not in (torch.float32, torch.float64):
+        return t.to(torch.float32)
+    return t.clone()
+
+
+def _all_reduce_sum(t: torch.Tensor, group: Any, name: str) -> tuple[torch.Tensor, int]:
+    """``t`` summed over the processes of ``group`` (in place) and the group's size; ``t`` and 1
+    without ``torch.distributed`` (not initialised: one process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        if group is not None:
+            raise ValueError(
+                f"{name}: a process group was given but torch.distributed is not initialised; call "
+                f"torch.distributed.init_process_group(...) first (or pass group=None in a single process)."
+            )
+        return t, 1
+    if dist.get_rank(group) < 0:
+        raise ValueError(
+            f"{name}: this process is not a member of the process group it was given; call it on "
+            f"the group's members only (the ones whose gradients the group reduces)."
+        )
+    world = dist.get_world_size(group)
+    if world == 1:
+        return t, 1
+    if t.device.type == "cpu" and dist.get_backend(group) == "nccl":
+        t = t.to(torch.device("cuda", torch.cuda.current_device()))  # NCCL reduces CUDA tensors only
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return t, world
+
+
+def _concrete(t: torch.Tensor) -> bool:
+    return _OPS.is_concrete(t) and not torch._C._are_functorch_transforms_active()
+
+
+def global_normalizer(weight: Any, group: Any = None, *, average_gradients: bool = True) -> torch.Tensor:
+    """The normalizer of a data-parallel step: this process's loss weight summed over the
+    processes of ``group`` (``torch.distributed``, the default group when None), divided by
+    their number when ``average_gradients`` (DistributedDataParallel and FSDP average the
+    gradients over the processes; pass False for a reduction that sums them).
+
+    ``compiled.loss(logits, labels, sample_weight, normalizer=global_normalizer(
+    compiled.loss_weight(labels, sample_weight)))`` then gives, after DDP's gradient
+    averaging, exactly the gradient of the weighted mean over the whole global batch, however
+    the examples, ignored labels and weights are spread over the processes (each process's own
+    mean would average means: docs/scaling-out.md).  The value each process sees is
+    ``world * total_local / W``, not the global loss: :func:`global_loss` gives that.
+
+    ``weight``: a 0-d tensor (the local weight, e.g. from ``compiled.loss_weight``, summed over
+    the micro-batches of the step with gradient accumulation) or a number.  It is detached and
+    copied (the argument is not modified); float16/bfloat16 and integers are summed in float32.
+    Every process of the group must call this (it is a collective: one ``all_reduce`` of one
+    number).  Without ``torch.distributed`` initialised, or in a group of one, it is the weight.
+    Validation (on by default, :func:`unihead.set_validation`) checks that the summed weight is
+    finite and not negative, after the reduction, so that every process raises alike."""
+    check_choice("average_gradients", average_gradients, (True, False))
+    example = "the local weight, compiled.loss_weight(labels, sample_weight)"
+    hint = "Per-example weights are summed first: compiled.loss_weight(labels, sample_weight) does it."
+    w, world = _all_reduce_sum(_scalar(weight, "global_normalizer", example, hint), group, "global_normalizer")
+    if validation_enabled() and _concrete(w):
+        value = float(w)
+        if not (value >= 0.0 and value != float("inf")):
+            raise ValueError(
+                f"global_normalizer: the weight summed over the {world} process(es) is {value}; it must be "
+                f"finite and >= 0 (a sum of loss weights). Pass each process's compiled.loss_weight(...)."
+            )
+    return w / world if average_gradients and world > 1 else w
+
+
+def global_loss(loss: Any, group: Any = None, *, average_gradients: bool = True) -> torch.Tensor:
+    """The loss of the whole global batch, for logging, from each process's ``loss`` computed
+    with ``normalizer=global_normalizer(weight, group, average_gradients=...)`` (pass the same
+    ``group`` and ``average_gradients``).
+
+    Each process's value is ``world * total_local / W`` (with ``average_gradients``): the mean of
+    them over the processes is ``sum(total) / W``, the global weighted mean; without
+    ``average_gradients`` each is ``total_local / W`` and the global loss is their sum.  The
+    result is detached (a collective: every process of the group calls it, and all get the same
+    value).  ``torch.distributed``'s ``ReduceOp.AVG`` would do the averaging, but gloo (CPU) does
+    not have it.  With gradient accumulation, pass the sum of the micro-batches' losses."""
+    check_choice("average_gradients", average_gradients, (True, False))
+    example = "the value of compiled.loss(..., normalizer=global_normalizer(weight))"
+    hint = 'A per-example loss (reduction="none") has no global counterpart: log the 0-d loss of reduction="mean".'
+    total, world = _all_reduce_sum(_scalar(loss, "global_loss", example, hint), group, "global_loss")
+    return total / world if average_gradients and world > 1 else total

@@ -145,6 +145,7 @@ def documented_callables(b: dict) -> list[tuple[str, object]]:
         ("dense.set_weights", bn.Dense.set_weights), ("dense.compiled", bn.Dense.compiled),
         ("HeadLinear", bt.HeadLinear), ("HeadLoss", bt.HeadLoss),
         ("criterion.forward", bt.HeadLoss.forward),
+        ("global_normalizer", bt.global_normalizer), ("global_loss", bt.global_loss),
         ("Dense", bj.Dense), ("dense.init", bj.Dense.init), ("dense.apply", bj.Dense.apply),
         ("Dense.get_weights", _unbound(bj.Dense, "get_weights")),
         ("dense.set_weights", bj.Dense.set_weights), ("dense.compiled", bj.Dense.compiled),

@@ -1,8 +1,10 @@
 """Every code block in README.md and docs/*.md runs as written.
 
-* ```python blocks are self-contained (a reader copies one block and runs it): each runs in a
-  fresh interpreter, in a scratch folder shared by the blocks of its file, in order (a block may
-  write a file that a later ``console`` block of the same file reads).
+* ```python blocks are self-contained (a reader copies one block into a file and runs it): each
+  runs from a file of its own (``_block_<line>.py``: ``torch.multiprocessing.spawn`` re-imports
+  the main module from its file, which ``python -c`` has not) in a fresh interpreter, in a
+  scratch folder shared by the blocks of its file, in order (a block may write a file that a
+  later ``console`` block of the same file reads).
 * ```console blocks are shell sessions: each ``$ command`` line runs (``unihead`` and ``python``
   are this interpreter's), and the lines after it are its expected output. An expected line
   ``...`` stands for any number of lines; a line ending in ``...`` for any line it begins.
@@ -109,7 +111,9 @@ def environment(block: Block) -> dict[str, str]:
 
 
 def run_python(block: Block, cwd: Path) -> None:
-    out = subprocess.run([sys.executable, "-c", block.code], cwd=cwd, env=environment(block),
+    script = cwd / f"_block_{block.line}.py"
+    script.write_text(block.code, encoding="utf-8")
+    out = subprocess.run([sys.executable, script.name], cwd=cwd, env=environment(block),
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == block.status, f"{block.id} exited {out.returncode}:\n{out.stderr[-3000:]}"
 
