@@ -38,6 +38,7 @@ Without ``checkify``, values inside ``jit`` are unchecked; ``validate=False`` (o
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import jax
@@ -49,7 +50,7 @@ from unihead._ops import Ops
 from unihead.compiled import CompiledHead, canonical_weights, check_choice
 from unihead.spec import ClassificationHead
 
-__all__ = ["compile_head", "JaxHead", "JaxOps", "Dense"]
+__all__ = ["compile_head", "JaxHead", "JaxOps", "Dense", "global_normalizer"]
 
 class JaxOps(Ops):
     name = "jax"
@@ -85,6 +86,12 @@ class JaxOps(Ops):
         )
 
     def eager(self) -> Any:
+        if jax.sharding.get_abstract_mesh().manual_axes:
+            # inside `shard_map`, JAX evaluates at once the implicit `pvary` that makes such a
+            # constant per-device where it meets a per-device array (in `!=`, `%`, indexing),
+            # and refuses to ("pvary should be called under jax.shard_map"); there, constants
+            # are traced like the rest (their values checked by checkify, as traced values are)
+            return contextlib.nullcontext()
         return jax.ensure_compile_time_eval()
 
     def is_concrete(self, x: Any) -> bool:
@@ -277,6 +284,78 @@ def _like(value: np.ndarray, old: Any) -> Any:
     if isinstance(old, jax.Array) and not isinstance(old, jax.core.Tracer):
         new = jax.device_put(new, old.sharding)
     return new
+
+
+def global_normalizer(weight: Any, axis_name: Any, *, average_gradients: bool = True) -> Any:
+    """The normalizer that makes a data-parallel step's loss the global weighted mean: this
+    device's ``weight`` summed over the devices of ``axis_name`` (``lax.psum``), divided by their
+    number when ``average_gradients``; a 0-d float array, not differentiated.
+
+    Call it inside the function mapped over the devices (``jax.shard_map`` with a mesh axis
+    ``axis_name``, or ``jax.pmap(..., axis_name=...)``), with the weight of this device's shard
+    (``compiled.loss_weight(labels, sample_weight)``, or the ``weight`` of ``loss_terms``)::
+
+        w = global_normalizer(compiled.loss_weight(y, sw), "batch")
+        loss = compiled.loss(logits, y, sw, normalizer=w)  # this shard's sum / the global weight
+
+    Each device's loss is then its share of the global mean, counted in the global weight: an
+    all-ignored shard contributes 0, a shard with more weight more.  ``average_gradients`` says
+    how the step combines the devices:
+
+    * ``True`` (default): it averages them, ``lax.pmean`` of the loss or of the gradients (the
+      ``pmap`` step, JAX's own data-parallel ``shard_map`` example); the normalizer is then the
+      global weight / the number of devices, which the average multiplies back;
+    * ``False``: it sums them, ``lax.psum`` of the loss, or gradients taken inside ``shard_map``
+      with respect to replicated parameters, which JAX already sums over the axis (the
+      transpose of their implicit broadcast, under ``shard_map``'s default ``check_vma=True``).
+
+    Under a plain ``jax.jit`` over batch-sharded arrays (``NamedSharding`` on a ``Mesh``) no
+    normalizer is needed: ``compiled.loss(logits, labels)`` is the global mean already, since
+    the program is the single-device one that XLA partitions."""
+    if not isinstance(average_gradients, bool):
+        raise TypeError(
+            f"global_normalizer: average_gradients must be True or False; got {average_gradients!r}. "
+            "True when the step averages over the devices (lax.pmean of the loss or gradients), "
+            "False when it sums them (lax.psum, or gradients inside shard_map)."
+        )
+    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    if not names or any(n is None or not _hashable(n) for n in names):
+        raise TypeError(
+            "global_normalizer: axis_name is the name of the mesh axis the batch is split over "
+            f"(a string such as 'batch', or a tuple of names); got {axis_name!r}."
+        )
+    w = jnp.asarray(weight)
+    if w.ndim != 0:
+        raise ValueError(
+            f"global_normalizer: weight must be this device's total weight, a number or 0-d array "
+            f"(compiled.loss_weight(labels, sample_weight), or the weight of loss_terms); got shape "
+            f"{tuple(w.shape)}. Sum per-example weights first."
+        )
+    if not jnp.issubdtype(w.dtype, jnp.floating):  # a count: the float dtype computations use
+        w = w.astype(jnp.result_type(float))
+    try:  # the name first: psum of a per-device value over a name shard_map lacks fails an assert
+        size = jax.lax.axis_size(axis_name)
+    except NameError as e:
+        bound = jax.sharding.get_abstract_mesh().axis_names
+        here = f" (the mesh here has the axes {bound})" if bound else ""
+        raise ValueError(
+            f"global_normalizer(weight, {axis_name!r}): no axis {axis_name!r} is bound here{here}. Call it "
+            f"inside the function mapped over the devices: jax.shard_map(step, mesh=mesh, "
+            f"in_specs=..., out_specs=...) with mesh = jax.make_mesh((n,), ({axis_name!r},)), or "
+            f"jax.pmap(step, axis_name={axis_name!r}); the name must be the mesh's (or pmap's) axis "
+            f"name. Under a plain jax.jit over batch-sharded arrays, no normalizer is needed: "
+            f"compiled.loss(logits, labels) is the global mean already. (JAX: {e})"
+        ) from None
+    total = jax.lax.psum(w, axis_name)
+    return jax.lax.stop_gradient(total / size if average_gradients else total)
+
+
+def _hashable(x: Any) -> bool:
+    try:
+        hash(x)
+    except TypeError:
+        return False
+    return True
 
 
 def compile_head(head: ClassificationHead, *, validate: bool = True, keep: str = "inputs") -> JaxHead:
