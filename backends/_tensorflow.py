@@ -175,6 +175,9 @@ class TFOps(Ops):
     def is_concrete(self, x: Any) -> bool:
         return tf.executing_eagerly() and hasattr(x, "numpy")
 
+    def stop_gradient(self, x: Any) -> Any:
+        return tf.stop_gradient(x)
+
 
 _OPS = TFOps()
 
@@ -185,7 +188,9 @@ class TFHead(CompiledHead):
     backend = "tensorflow"
     ops = _OPS
 
-    def loss(self, logits: Any, labels: Any, sample_weight: Any = None) -> Any:
+    def loss(self, logits: Any, labels: Any, sample_weight: Any = None, *, normalizer: Any = None) -> Any:
+        if normalizer is not None:
+            return self._normalized(logits, labels, sample_weight, normalizer)
         z = self._logits(logits)
         labels, sample_weight = self._inputs(z, labels, sample_weight)
         engine = self._engine()

@@ -85,6 +85,9 @@ class JaxOps(Ops):
             x, idx[..., None], values[..., None].astype(x.dtype), axis=-1, inplace=False
         )
 
+    def stop_gradient(self, x: Any) -> Any:
+        return jax.lax.stop_gradient(x)
+
     def eager(self) -> Any:
         if jax.sharding.get_abstract_mesh().manual_axes:
             # inside `shard_map`, JAX evaluates at once the implicit `pvary` that makes such a
@@ -156,10 +159,13 @@ class JaxHead(CompiledHead):
             return lambda z, labels, sw: loss(jax.lax.optimization_barrier(z[..., 0]), labels, sw)
         return loss
 
-    def loss(self, logits: Any, labels: Any, sample_weight: Any = None) -> Any:
+    def loss(self, logits: Any, labels: Any, sample_weight: Any = None, *, normalizer: Any = None) -> Any:
         """The loss (0-d array, or ``(...)`` for ``reduction="none"``): a pure function of its
         arrays, differentiable with respect to ``logits`` (``jax.grad``); float32 for
-        half-precision logits, whose gradient comes back in their own dtype."""
+        half-precision logits, whose gradient comes back in their own dtype.  ``normalizer``:
+        see :meth:`unihead.CompiledHead.loss` (the total over ``normalizer``)."""
+        if normalizer is not None:
+            return self._normalized(logits, labels, sample_weight, normalizer)
         z = self._logits(logits)
         labels, sample_weight = self._inputs(z, labels, sample_weight)
         return self._loss_fn(z, labels, sample_weight)

@@ -119,9 +119,16 @@ class KerasHead(CompiledHead):
     def predict(self, logits: Any) -> Any:
         return self.native.predict(logits)
 
-    def loss(self, logits: Any, labels: Any, sample_weight: Any = None) -> Any:
-        """The loss on the current Keras backend's tensors (differentiable with its autodiff)."""
-        return self.native.loss(logits, labels, sample_weight)
+    def loss(self, logits: Any, labels: Any, sample_weight: Any = None, *, normalizer: Any = None) -> Any:
+        """The loss on the current Keras backend's tensors (differentiable with its autodiff);
+        ``normalizer``: see :meth:`unihead.CompiledHead.loss`."""
+        return self.native.loss(logits, labels, sample_weight, normalizer=normalizer)
+
+    def loss_terms(self, logits: Any, labels: Any, sample_weight: Any = None) -> tuple[Any, Any]:
+        return self.native.loss_terms(logits, labels, sample_weight)
+
+    def loss_weight(self, labels: Any, sample_weight: Any = None) -> Any:
+        return self.native.loss_weight(labels, sample_weight)
 
     def layer(self, in_features: int | None = None, weights: Any = None, **kwargs: Any) -> "HeadDense":
         """A :class:`HeadDense` producing logits; ``weights`` in the canonical layout

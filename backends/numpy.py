@@ -140,8 +140,11 @@ class NumpyHead(CompiledHead):
     predict = _quiet(CompiledHead.predict)
 
     @_quiet
-    def loss(self, logits: Any, labels: Any, sample_weight: Any = None) -> np.ndarray:
-        """The loss (0-d array, or ``(...)`` per example for ``reduction="none"``)."""
+    def loss(self, logits: Any, labels: Any, sample_weight: Any = None, *, normalizer: Any = None) -> np.ndarray:
+        """The loss (0-d array, or ``(...)`` per example for ``reduction="none"``); ``normalizer``:
+        see :meth:`unihead.CompiledHead.loss`."""
+        if normalizer is not None:
+            return np.asarray(self._normalized(logits, labels, sample_weight, normalizer))
         z = self._logits(logits)
         labels, sample_weight = self._inputs(z, labels, sample_weight)
         return np.asarray(self._engine().loss_and_grad(z, labels, sample_weight, grad=False)[0])

@@ -41,7 +41,7 @@ from unihead._engine import Engine, broadcast_prefix
 from unihead._ops import Ops
 from unihead.compiled import CompiledHead, canonical_weights, check_choice, compiled_head, weights_mismatch
 from unihead.spec import ClassificationHead
-from unihead._validation import label_kinds, validation_enabled
+from unihead._validation import has_class_axis, label_kinds, validation_enabled
 
 __all__ = ["compile_head", "TorchHead", "TorchOps", "HeadLinear", "HeadLoss"]
 
@@ -147,6 +147,9 @@ class TorchOps(Ops):
 
     def where0(self, cond: Any, x: Any) -> Any:
         return torch.where(cond, x, x.new_zeros(()))
+
+    def stop_gradient(self, x: Any) -> Any:
+        return x.detach()
 
     def mul_add(self, x: Any, y: Any, z: Any) -> Any:
         return torch.addcmul(x, y, z)
@@ -461,9 +464,7 @@ class TorchHead(CompiledHead):
         # the labels the compiled kernel takes as they are (validation's normal form)
         self._label_dtype = torch.int64 if head.label_format == "sparse" else torch.float32
         self._kernel_labels = _kernel_labels(head)
-        self._dense_labels = head.label_format in ("one_hot", "multi_hot") or (
-            head.label_format == "probabilities" and head.task != "binary"
-        )
+        self._dense_labels = has_class_axis(head)
         aot = None
         if fused is not False:
             from ._torch_aot import KernelCache
@@ -490,9 +491,12 @@ class TorchHead(CompiledHead):
             return "fused"
         return "eager" if _OPS.wide_dtype(z) is None else "wide"
 
-    def loss(self, logits: Any, labels: Any, sample_weight: Any = None) -> torch.Tensor:
+    def loss(self, logits: Any, labels: Any, sample_weight: Any = None, *, normalizer: Any = None) -> torch.Tensor:
         """The loss (0-d tensor, or ``(...)`` for ``reduction="none"``), differentiable with
-        respect to ``logits``; float32 for half-precision logits."""
+        respect to ``logits``; float32 for half-precision logits.  ``normalizer``: see
+        :meth:`unihead.CompiledHead.loss` (the total over ``normalizer``)."""
+        if normalizer is not None:
+            return self._normalized(logits, labels, sample_weight, normalizer)
         # The common call first, in as few Python steps as possible (in a training step the
         # interpreter's caches are cold, and every line costs): a (N, K) float32 CPU tensor, a
         # tensor of labels, no sample weight, the compiled kernel ready.  Anything else, and any
@@ -697,7 +701,8 @@ class HeadLinear(nn.Linear):
 
 
 class HeadLoss(nn.Module):
-    """``criterion(logits, target, sample_weight=None)`` for a :class:`ClassificationHead`.
+    """``criterion(logits, target, sample_weight=None, *, normalizer=None)`` for a
+    :class:`ClassificationHead` (``normalizer``: see :meth:`unihead.CompiledHead.loss`).
 
     ``head``: the spec, or a compiled :class:`TorchHead` (what ``compiled.loss_fn()`` passes),
     whose options and kernels the module uses; ``validate``/``fused`` override them."""
@@ -708,8 +713,10 @@ class HeadLoss(nn.Module):
         self._compiled = compiled_head(head, TorchHead, options)
         self.head = self._compiled.head
 
-    def forward(self, logits: torch.Tensor, target: Any, sample_weight: Any = None) -> torch.Tensor:
-        return self._compiled.loss(logits, target, sample_weight)
+    def forward(
+        self, logits: torch.Tensor, target: Any, sample_weight: Any = None, *, normalizer: Any = None
+    ) -> torch.Tensor:
+        return self._compiled.loss(logits, target, sample_weight, normalizer=normalizer)
 
     def compiled(self) -> "TorchHead":
         """The compiled head this module computes with."""

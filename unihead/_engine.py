@@ -172,34 +172,14 @@ class Engine:
             # the common case first, with nothing to multiply (every weight 1)
             y = labels if head.task == "multiclass" else xp.astype(labels, ops.index_dtype())
             return Prepared("sparse", y=y if y.dtype == ops.index_dtype() else xp.astype(y, ops.index_dtype()))
-        lead = tuple(z.shape[:-1])
         k = head.num_outputs
-        cw = None if head.class_weights is None else ops.asarray(head.class_weights, like=z)
-
+        w, q = self.example_weights(labels, sample_weight, z)
         if head.task == "multilabel":
-            q = labels
-            w_el = None
-            if sample_weight is not None:
-                w_el = broadcast_prefix(xp, sample_weight, lead + (k,)) * xp.ones_like(z)
-            if cw is not None:
-                w_el = cw * xp.ones_like(z) if w_el is None else w_el * cw
             a, b = self._binary_targets(q)
             if head.pos_weight is not None:
                 a = a * ops.asarray(head.pos_weight, like=z)
-            return Prepared("sigmoid", a=a, b=b, w=w_el)
-
-        w = None
-        if sample_weight is not None:  # times ones: to the leading shape (a batch size may be unknown while tracing)
-            w = broadcast_prefix(xp, sample_weight, lead) * xp.ones_like(z[..., 0])
+            return Prepared("sigmoid", a=a, b=b, w=w)
         if head.task == "binary":
-            q = labels
-            if head.ignore_index is not None:
-                valid = labels != head.ignore_index
-                w = xp.astype(valid, z.dtype) if w is None else ops.where0(valid, w)
-                q = ops.where0(valid, q)
-            if cw is not None:
-                cwq = cw[0] * (1 - q) + cw[1] * q
-                w = cwq if w is None else w * cwq
             if path == "sparse":
                 return Prepared("sparse", y=xp.astype(q, ops.index_dtype()), w=w)
             a, b = self._binary_targets(q)
@@ -208,28 +188,75 @@ class Engine:
             if path == "sigmoid":  # a 1-unit head: targets and weights of the leading shape
                 return Prepared("sigmoid", a=a, b=b, w=w)
             return Prepared("dense", tau=xp.stack([b, a], axis=-1), w=w)
-
-        # multiclass
-        if head.label_format == "sparse":
-            y = labels
-            if head.ignore_index is not None:
-                valid = y != head.ignore_index
-                w = xp.astype(valid, z.dtype) if w is None else ops.where0(valid, w)
-                y = xp.where(valid, y, xp.zeros_like(y))
-            if y.dtype != ops.index_dtype():
-                y = xp.astype(y, ops.index_dtype())
-            if cw is not None:
-                cwy = ops.lookup(cw, y)
-                w = cwy if w is None else w * cwy
+        if head.label_format == "sparse":  # multiclass
             if path == "sparse":
-                return Prepared("sparse", y=y, w=w)
-            t = xp.astype(xp.expand_dims(y, axis=-1) == xp.arange(k, device=ops.device(z)), z.dtype)
+                return Prepared("sparse", y=q, w=w)
+            t = xp.astype(xp.expand_dims(q, axis=-1) == xp.arange(k, device=ops.device(z)), z.dtype)
             return Prepared("dense", tau=self._smooth(t), w=w)
-        t = labels
+        return Prepared("dense", tau=self._smooth(q), w=w)
+
+    def example_weights(self, labels: Any, sample_weight: Any, z: Any, ones: Any = None) -> tuple[Any, Any]:
+        """The weight of each example (of each (example, label) of a multilabel head): sample
+        weight x class weight x 0 for an ignored label, or None where every weight is 1; and the
+        labels with ignored ones replaced by a valid value (class 0, negative), ids as
+        ``ops.index_dtype()``.
+
+        ``z``: the logits, or anything with their ``shape``, ``dtype`` and ``device``
+        (:meth:`loss_weight` has no logits); ``ones``: a function returning ones of the weights'
+        shape in ``z``'s dtype (default: from ``z``, whose batch size may be unknown while
+        tracing)."""
+        ops, xp, head = self.ops, self.ops.xp, self.head
+        multilabel = head.task == "multilabel"
+        if ones is None:
+            ones = (lambda: xp.ones_like(z)) if multilabel else (lambda: xp.ones_like(z[..., 0]))
+        shape = tuple(z.shape) if multilabel else tuple(z.shape[:-1])
+        cw = None if head.class_weights is None else ops.asarray(head.class_weights, like=z)
+        w = None
+        if sample_weight is not None:  # times ones: to the weights' shape
+            w = broadcast_prefix(xp, sample_weight, shape) * ones()
+        if multilabel:
+            if cw is not None:
+                w = cw * ones() if w is None else w * cw
+            return w, labels
+        q = labels
+        if head.ignore_index is not None:
+            valid = labels != head.ignore_index
+            w = xp.astype(valid, z.dtype) if w is None else ops.where0(valid, w)
+            q = ops.where0(valid, q) if head.task == "binary" else xp.where(valid, q, xp.zeros_like(q))
+        if head.task == "binary":
+            if cw is not None:
+                cwq = cw[0] * (1 - q) + cw[1] * q
+                w = cwq if w is None else w * cwq
+            return w, q
+        if head.label_format == "sparse":
+            if q.dtype != ops.index_dtype():
+                q = xp.astype(q, ops.index_dtype())
+            if cw is not None:
+                cwy = ops.lookup(cw, q)
+                w = cwy if w is None else w * cwy
+            return w, q
         if cw is not None:
-            cwt = xp.sum(t * cw, axis=-1)
+            cwt = xp.sum(q * cw, axis=-1)
             w = cwt if w is None else w * cwt
-        return Prepared("dense", tau=self._smooth(t), w=w)
+        return w, q
+
+    def loss_weight(self, labels: Any, sample_weight: Any, z: Any, ones: Any = None) -> Any:
+        """What ``reduction="mean"`` divides the total by (docs/semantics.md §7): the sum of the
+        example weights (:meth:`example_weights`; a multilabel example's weight is the mean of
+        its labels' weights), the number of examples where nothing is weighted; a 0-d array of
+        ``z``'s dtype.  The total over examples is what ``reduction="sum"`` gives, so a mean is
+        ``total / loss_weight`` (0 for a zero weight), whichever pieces the batch comes in."""
+        ops = self.ops
+        w, _ = self.example_weights(labels, sample_weight, z, ones)
+        per_label = self.head.task == "multilabel"
+        k = self.head.num_outputs if per_label else 1
+        if w is None:
+            n = _size(z)
+            if n is None or type(n) is not int:  # a dimension unknown while tracing
+                return ops.count(ones()) / k
+            return ops.scalar(float(n // self.head.num_outputs), z)
+        total = ops.total(w)
+        return total / k if k > 1 else total
 
     def _smooth(self, t: Any) -> Any:
         eps = self.eps

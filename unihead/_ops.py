@@ -168,6 +168,11 @@ class Ops:
         """``where(cond, x, 0)``."""
         return self.xp.where(cond, x, self.scalar(0.0, x))
 
+    def stop_gradient(self, x: Any) -> Any:
+        """``x`` as a constant of differentiation (a weight, a normaliser): the library's own
+        stop-gradient; NumPy has no autodiff."""
+        return x
+
     def count(self, x: Any) -> Any:
         """The number of elements of ``x`` as a 0-d array of its dtype (the divisor of an
         unweighted mean); counted on the device where a dimension is unknown while tracing."""

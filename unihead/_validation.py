@@ -27,6 +27,7 @@ from ._ops import Ops
 from .spec import ClassificationHead
 
 __all__ = [
+    "has_class_axis",
     "set_validation",
     "validation_enabled",
     "validation",
@@ -160,6 +161,13 @@ def check_inputs(
         elif kind == "real floating":  # ids as floats, checked: integer ids (as given otherwise)
             y = ops.xp.astype(y, ops.index_dtype())
         return y, (None if sw is None else ops.astype(sw, z))
+
+
+def has_class_axis(head: ClassificationHead) -> bool:
+    """Whether ``head``'s labels have the class axis of the logits (one-hot, multi-hot and
+    multiclass/multilabel probabilities); else one label per example (docs/semantics.md §2)."""
+    fmt = head.label_format
+    return fmt in ("one_hot", "multi_hot") or (fmt == "probabilities" and head.task != "binary")
 
 
 # ------------------------------------------------------------------------------- label dtypes

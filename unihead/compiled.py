@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any, Mapping
 
 import numpy as np
@@ -9,7 +11,7 @@ import numpy as np
 from ._engine import Engine
 from ._ops import Ops
 from .spec import ClassificationHead
-from ._validation import check_inputs, check_logits
+from ._validation import check_inputs, check_logits, has_class_axis
 
 __all__ = ["CompiledHead", "canonical_weights", "host_weights", "glorot_uniform", "compiled_head", "check_choice", "weights_mismatch"]
 
@@ -22,8 +24,16 @@ class CompiledHead:
     - ``probabilities(logits)`` -> ``(..., num_outputs)``: sigmoid or softmax of the logits;
     - ``log_probabilities(logits)``: their logarithm, computed directly (accurate where the
       probability rounds to 0 or 1);
-    - ``loss(logits, labels, sample_weight=None)`` -> scalar, or per example for
-      ``reduction="none"``; differentiable with respect to the logits in frameworks with autodiff;
+    - ``loss(logits, labels, sample_weight=None, *, normalizer=None)`` -> scalar, or per example
+      for ``reduction="none"``; differentiable with respect to the logits in frameworks with
+      autodiff.  ``normalizer=W``: the total over the examples divided by ``W`` (0 where ``W`` is
+      0) instead of by this batch's own weight: the exact mean of a batch split into
+      micro-batches or over workers, ``W`` being the whole batch's weight (docs/scaling-out.md);
+    - ``loss_terms(logits, labels, sample_weight=None)`` -> ``(total, weight)``: the sum of the
+      weighted per-example losses (differentiable) and the weight a mean divides it by (not
+      differentiated); ``reduction="mean"`` is ``total / weight``, 0 where ``weight`` is 0;
+    - ``loss_weight(labels, sample_weight=None)`` -> ``weight``, from the labels alone: what to add
+      up over a step's micro-batches before their forward passes;
     - ``predict(logits)`` -> class ids ``(...)`` (binary, multiclass) or 0/1 ``(..., K)``
       (multilabel);
     - ``loss_fn()`` -> the loss as the framework's own loss object: an ``nn.Module`` (PyTorch), a
@@ -96,8 +106,88 @@ class CompiledHead:
     def predict(self, logits: Any) -> Any:
         return self._engine().predict(self._logits(logits))
 
-    def loss(self, logits: Any, labels: Any, sample_weight: Any = None) -> Any:
+    def loss(self, logits: Any, labels: Any, sample_weight: Any = None, *, normalizer: Any = None) -> Any:
         raise NotImplementedError  # pragma: no cover
+
+    # -- the loss in pieces: micro-batches and workers (docs/scaling-out.md) -----------------------
+    def _summed(self) -> "CompiledHead":
+        """This head with ``reduction="sum"`` (same class and options), built once: the total
+        over the examples, with this backend's kernels and gradient."""
+        summed = self.__dict__.get("_summed_head")
+        if summed is None:
+            if self.head.reduction == "sum":
+                summed = self
+            else:
+                summed = type(self)(dataclasses.replace(self.head, reduction="sum"), **self.options())
+            self.__dict__["_summed_head"] = summed
+        return summed
+
+    def loss_terms(self, logits: Any, labels: Any, sample_weight: Any = None) -> tuple[Any, Any]:
+        """``(total, weight)``: the sum of the weighted per-example losses (what
+        ``reduction="sum"`` gives; differentiable with respect to ``logits``) and the sum of the
+        weights ``reduction="mean"`` divides it by (:meth:`loss_weight`; not differentiated).
+        Whatever this head's reduction, ``total / weight`` is its mean (0 where ``weight`` is 0),
+        and the totals and weights of a batch's pieces add up to the whole batch's."""
+        total = self._summed().loss(logits, labels, sample_weight)
+        z = self._logits(logits)
+        y, sw = self._inputs(z, labels, sample_weight, validate=False)  # checked by the loss
+        return total, self.ops.stop_gradient(self._engine().loss_weight(y, sw, z))
+
+    def loss_weight(self, labels: Any, sample_weight: Any = None) -> Any:
+        """What ``reduction="mean"`` divides the total loss of these labels by, from the labels
+        alone (no logits): the number of examples, ignored labels counting 0, each example
+        counting its sample weight times its class weight (a multilabel example: the mean of
+        its labels' weights).  A 0-d array (float32; float64 for a float64 sample weight).
+
+        Add it up over the micro-batches of a step (and over workers) and pass the sum as
+        ``loss(..., normalizer=...)`` to each piece: the pieces' gradients then add up to the
+        whole batch's mean gradient (docs/scaling-out.md)."""
+        ops, xp, head = self.ops, self.ops.xp, self.head
+        with ops.eager():
+            y = ops.convert(labels)
+            sw = None if sample_weight is None else ops.convert(sample_weight, y)
+            dtype = xp.float64 if sw is not None and sw.dtype == xp.float64 else xp.float32
+            shape = tuple(y.shape)
+            lead = shape[:-1] if has_class_axis(head) or (len(shape) >= 2 and shape[-1] == 1) else shape
+            like = _LogitsLike(lead + (head.num_outputs,), dtype, ops.device(y))
+            y, sw = check_inputs(ops, head, like, y, sw, validate=self.validate)
+        base = y if head.task == "multilabel" or not has_class_axis(head) else y[..., 0]
+        weight = self._engine().loss_weight(y, sw, like, ones=lambda: ops.astype(xp.ones_like(base), like))
+        return ops.stop_gradient(weight)
+
+    def _normalized(self, logits: Any, labels: Any, sample_weight: Any, normalizer: Any) -> Any:
+        """``loss(..., normalizer=W)``: the total over the examples over ``W``, 0 where ``W`` is 0."""
+        if self.head.reduction == "none":
+            raise ValueError(
+                "normalizer= divides the total loss, and this head has reduction='none' (a loss "
+                "per example): use a head with reduction='mean' (or 'sum'), or loss_terms(...) "
+                "for the total and the weight."
+            )
+        if isinstance(normalizer, bool) or not (
+            isinstance(normalizer, (int, float)) or hasattr(normalizer, "shape")
+        ):
+            raise TypeError(
+                f"normalizer must be a number or a 0-d array (the whole batch's loss_weight); got "
+                f"{type(normalizer).__name__}."
+            )
+        if isinstance(normalizer, (int, float)) and not (math.isfinite(normalizer) and normalizer >= 0):
+            raise ValueError(
+                f"normalizer must be finite and >= 0 (a sum of weights); got {normalizer!r}."
+            )
+        total = self._summed().loss(logits, labels, sample_weight)
+        ops, xp = self.ops, self.ops.xp
+        if isinstance(normalizer, (int, float)):
+            n = ops.scalar(float(normalizer), total)
+        else:
+            n = ops.convert(normalizer, total)
+            if len(n.shape) != 0:
+                raise ValueError(
+                    f"normalizer must be a scalar (the whole batch's loss_weight); got shape "
+                    f"{tuple(n.shape)}."
+                )
+            n = ops.stop_gradient(ops.astype(n, total))
+        safe = xp.where(n > 0, n, ops.scalar(1.0, n))
+        return ops.where0(n > 0, total / safe)
 
     def loss_fn(self) -> Any:
         """The loss as a plain function ``(logits, labels, sample_weight=None) -> loss`` (this
@@ -130,6 +220,16 @@ class CompiledHead:
 
     def __repr__(self) -> str:
         return f"<unihead {self.backend} head: {self.head!r}>"
+
+
+class _LogitsLike:
+    """What validation and :meth:`Engine.example_weights` read of logits that are not there
+    (:meth:`CompiledHead.loss_weight`): their shape, dtype and device."""
+
+    __slots__ = ("shape", "dtype", "device")
+
+    def __init__(self, shape: tuple, dtype: Any, device: Any):
+        self.shape, self.dtype, self.device = shape, dtype, device
 
 
 def _rebuild(cls: Any, head: ClassificationHead, options: dict[str, Any]) -> CompiledHead:
