@@ -78,12 +78,32 @@ class JaxOps(Ops):
     def index_dtype(self) -> Any:
         return jnp.int64 if jax.config.jax_enable_x64 else jnp.int32
 
+    # Under jax.jit over arrays sharded along a mesh's explicit axes (jax.make_mesh's default),
+    # the sharding is part of the arrays' types, and JAX refuses what it cannot place by type:
+    # the three methods below place their results (or avoid what JAX cannot place).
     def put_last(self, x: Any, idx: Any, values: Any) -> Any:
+        if _explicit_sharding(x) is not None:  # put_along_axis drops the indices' sharding
+            return super().put_last(x, idx, values)
         # a scatter, which XLA runs in place on a buffer nothing else reads; the portable
         # compare-with-iota select costs a full pass of index arithmetic over (..., K)
         return jnp.put_along_axis(
             x, idx[..., None], values[..., None].astype(x.dtype), axis=-1, inplace=False
         )
+
+    def unsharded(self, x: Any) -> Any:
+        # halves of the batch axis that do not split evenly over the devices: the per-example
+        # values (a number an example) are gathered, and the sum is the single-device one
+        sharding = _explicit_sharding(x)
+        if sharding is None:
+            return x
+        return jax.sharding.reshard(x, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
+
+    def lookup(self, table: Any, idx: Any) -> Any:
+        # table[idx] (class weights by label): the result is placed like the indices
+        sharding = _explicit_sharding(idx)
+        if sharding is None:
+            return super().lookup(table, idx)
+        return table.at[idx].get(out_sharding=sharding)
 
     def stop_gradient(self, x: Any) -> Any:
         return jax.lax.stop_gradient(x)
@@ -106,6 +126,14 @@ class JaxOps(Ops):
         # a no-op unless the caller functionalises the checks with checkify.checkify (a plain
         # checkify.check would make jit refuse to trace the loss); XLA drops its operands then
         checkify.debug_check(ok, message, **values)
+
+
+def _explicit_sharding(x: Any) -> Any:
+    """``x``'s sharding where its type has one that splits an axis (a ``NamedSharding`` over a
+    mesh's explicit axes), else None (one device, a mesh's automatic axes, inside ``shard_map``)."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    return None if spec is None or all(axis is None for axis in spec) else sharding
 
 
 _OPS = JaxOps()
