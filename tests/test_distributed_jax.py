@@ -247,6 +247,15 @@ def _child() -> dict:
                   "finite": bool(all(np.all(np.isfinite(v)) for v in r.values()))}
             for how, r in results.items()
         }
+    # the value checks under the sharded jit: checkify's message names the global index
+    from jax.experimental import checkify
+
+    c = unihead.compile(H.multiclass(5, class_weights=[1, 2, 3, 4, 5]), "jax")
+    y = np.zeros(N, np.int32)
+    y[45] = 9
+    err, _ = checkify.checkify(jax.jit(c.loss))(jax.device_put(np.zeros((N, 5), np.float32), batch),
+                                                 jax.device_put(y, batch))
+    report["checkify"] = err.get()
     report["seconds"] = time.perf_counter() - start
     return report
 
@@ -310,6 +319,12 @@ def test_mean_of_means_and_optax_default_are_biased(devices):
         rows = [r[how] for r in devices["cases"].values() if how in r]
         print(f"{how}: worst relative difference: loss {max(m['loss'] for m in rows):.3g}, "
               f"gradient {max(m['grad'] for m in rows):.3g}")
+
+
+def test_value_checks_run_under_the_sharded_jit(devices):
+    """checkify's checks of traced labels (docs/semantics.md §9) run on batch-sharded arrays too,
+    naming the bad label's index in the whole batch."""
+    assert devices["checkify"] and devices["checkify"].startswith("labels[45] = 9 is not a class id"), devices["checkify"]
 
 
 def test_the_child_is_quick(devices):
