@@ -147,6 +147,7 @@ def documented_callables(b: dict) -> list[tuple[str, object]]:
         ("criterion.forward", bt.HeadLoss.forward),
         ("Dense", bj.Dense), ("dense.init", bj.Dense.init), ("dense.apply", bj.Dense.apply),
         ("Dense.get_weights", _unbound(bj.Dense, "get_weights")),
+        ("global_normalizer", bj.global_normalizer),
         ("dense.set_weights", bj.Dense.set_weights), ("dense.compiled", bj.Dense.compiled),
         ("HeadDense", bk.HeadDense), ("HeadLoss", bk.HeadLoss), ("HeadAccuracy", bk.HeadAccuracy),
     ]
