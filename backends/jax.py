@@ -73,7 +73,7 @@ class JaxOps(Ops):
         # which is 0.0 at n = -127.  (A float-to-int conversion is five instructions in XLA: it
         # saturates and maps NaN.)
         bits = jax.lax.bitcast_convert_type(n + 12582912.0, jnp.int32)
-        return jax.lax.bitcast_convert_type(jax.lax.shift_left(bits, 23) + 0x3F800000, jnp.float32)
+        return jax.lax.bitcast_convert_type(jax.lax.shift_left(bits, np.int32(23)) + 0x3F800000, jnp.float32)
 
     def index_dtype(self) -> Any:
         return jnp.int64 if jax.config.jax_enable_x64 else jnp.int32
