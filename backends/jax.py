@@ -11,7 +11,11 @@ Pure functions over arrays and pytrees, the way JAX code is written:
   ``{"kernel": (in, out), "bias": (out,)}`` layout of ``flax.linen.Dense`` / ``flax.nnx.Linear``)
   and ``apply(params, x) -> logits``; ``get_weights(params)`` / ``set_weights(params, weights)
   -> params`` move canonical weights out of and into a params pytree (nothing is mutated);
-* bfloat16/float16 logits are computed in float32.
+* bfloat16/float16 logits are computed in float32;
+* at scale (docs/scaling-out.md): under ``jax.jit`` over batch-sharded arrays (a ``Mesh`` of
+  automatic or explicit axes) ``compiled.loss`` is the global batch's mean as it is; inside
+  ``jax.shard_map`` or ``jax.pmap``, :func:`global_normalizer` makes each device's loss its share
+  of the global mean (``normalizer=global_normalizer(compiled.loss_weight(y), "batch")``).
 
 The math is the shared formula code running on ``jax.numpy`` (an Array API namespace).  Under
 XLA the backward pass recomputes the softmax statistics from the logits instead of saving them:
@@ -21,7 +25,8 @@ exponentials of shifted logits use the shared polynomial exponential
 about the cost of its own ``exp(z - m)``; this module adds only ``2**n`` from exponent bits.
 
 Validation: shape and dtype checks always run (shapes are static).  Values are checked eagerly
-where they exist (eager calls; constants inside ``jit``).  Where labels or weights are traced
+where they exist (eager calls; constants inside ``jit``, but not inside ``shard_map``, where
+they are traced like the rest: see ``JaxOps.eager``).  Where labels or weights are traced
 (``jit``, ``vmap``, ``scan``) the loss emits the same checks, with the same messages, as
 ``jax.experimental.checkify`` checks (``checkify.debug_check``): they run when the caller wraps
 the function with ``checkify.checkify``, and are dropped otherwise (nothing of them is left in the

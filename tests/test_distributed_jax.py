@@ -28,11 +28,16 @@ ulp of ``S`` is at least ``u S``), and the normaliser, itself a sum of ``n`` wei
 the result as much again: the bound asserted is ``4 n`` ulp of ``S`` (256 for 64 examples); what
 is measured is reported.
 
-Micro-batches run in this process: 2, 3 and 7 uneven micro-batches (one all ignored or all
-zero-weighted) with ``loss(..., normalizer=W)``, ``W`` the sum of their ``loss_weight``: the
-accumulated loss and gradient are within 4 ulp of ``S`` of the whole batch's; beside them, the
-mean of the micro-batches' means and ``optax.MultiSteps`` (which averages micro-gradients
-uniformly) measurably are not, and ``MultiSteps`` fed ``normalizer=W / k`` is exact again.
+Micro-batches run in this process, for every task and label format (5 of the heads): 2, 3 and 7
+uneven micro-batches (one all ignored or all zero-weighted) with ``loss(..., normalizer=W)``,
+``W`` the sum of their ``loss_weight``: the accumulated loss and gradient are within 4 ulp of
+``S`` of the whole batch's (their sums are the whole batch's in another order: within "a few
+ulp", as the issue asks; measured: 2).  Beside them, the mean of the micro-batches' means and
+``optax.MultiSteps`` (which averages micro-gradients uniformly) are off by measured amounts, and
+``MultiSteps`` fed ``normalizer=W / k`` is the whole batch's again (its running mean rounds at the
+size of a micro-gradient, k times its share: within 2k ulp of ``S``).
+The differences from the whole batch are reported as ``|loss - ref| / |ref|`` and, for the
+gradients, ``max|g - ref| / max|ref|`` over each parameter (the worst parameter).
 """
 
 from __future__ import annotations
@@ -256,6 +261,11 @@ def _child() -> dict:
     err, _ = checkify.checkify(jax.jit(c.loss))(jax.device_put(np.zeros((N, 5), np.float32), batch),
                                                  jax.device_put(y, batch))
     report["checkify"] = err.get()
+    # labels that are constants inside shard_map (checked like traced ones there): each shard's
+    # zero logits give it log(5)
+    f = jax.shard_map(lambda z: lax.psum(c.loss(z, np.arange(PER) % 5), "batch"), mesh=mesh,
+                      in_specs=P("batch"), out_specs=P())
+    report["constant labels"] = float(jax.jit(f)(jax.device_put(np.zeros((N, 5), np.float32), batch)))
     report["seconds"] = time.perf_counter() - start
     return report
 
@@ -325,6 +335,10 @@ def test_value_checks_run_under_the_sharded_jit(devices):
     """checkify's checks of traced labels (docs/semantics.md §9) run on batch-sharded arrays too,
     naming the bad label's index in the whole batch."""
     assert devices["checkify"] and devices["checkify"].startswith("labels[45] = 9 is not a class id"), devices["checkify"]
+
+
+def test_constant_labels_inside_shard_map(devices):
+    assert devices["constant labels"] == pytest.approx(SHARDS * np.log(5), rel=1e-6)
 
 
 def test_the_child_is_quick(devices):
