@@ -11,7 +11,11 @@ Pure functions over arrays and pytrees, the way JAX code is written:
   ``{"kernel": (in, out), "bias": (out,)}`` layout of ``flax.linen.Dense`` / ``flax.nnx.Linear``)
   and ``apply(params, x) -> logits``; ``get_weights(params)`` / ``set_weights(params, weights)
   -> params`` move canonical weights out of and into a params pytree (nothing is mutated);
-* bfloat16/float16 logits are computed in float32.
+* bfloat16/float16 logits are computed in float32;
+* at scale (docs/scaling-out.md): under ``jax.jit`` over batch-sharded arrays (a ``Mesh`` of
+  automatic or explicit axes) ``compiled.loss`` is the global batch's mean as it is; inside
+  ``jax.shard_map`` or ``jax.pmap``, :func:`global_normalizer` makes each device's loss its share
+  of the global mean (``normalizer=global_normalizer(compiled.loss_weight(y), "batch")``).
 
 The math is the shared formula code running on ``jax.numpy`` (an Array API namespace).  Under
 XLA the backward pass recomputes the softmax statistics from the logits instead of saving them:
@@ -21,7 +25,8 @@ exponentials of shifted logits use the shared polynomial exponential
 about the cost of its own ``exp(z - m)``; this module adds only ``2**n`` from exponent bits.
 
 Validation: shape and dtype checks always run (shapes are static).  Values are checked eagerly
-where they exist (eager calls; constants inside ``jit``).  Where labels or weights are traced
+where they exist (eager calls; constants inside ``jit``, but not inside ``shard_map``, where
+they are traced like the rest: see ``JaxOps.eager``).  Where labels or weights are traced
 (``jit``, ``vmap``, ``scan``) the loss emits the same checks, with the same messages, as
 ``jax.experimental.checkify`` checks (``checkify.debug_check``): they run when the caller wraps
 the function with ``checkify.checkify``, and are dropped otherwise (nothing of them is left in the
@@ -38,6 +43,7 @@ Without ``checkify``, values inside ``jit`` are unchecked; ``validate=False`` (o
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import jax
@@ -49,7 +55,7 @@ from unihead._ops import Ops
 from unihead.compiled import CompiledHead, canonical_weights, check_choice
 from unihead.spec import ClassificationHead
 
-__all__ = ["compile_head", "JaxHead", "JaxOps", "Dense"]
+__all__ = ["compile_head", "JaxHead", "JaxOps", "Dense", "global_normalizer"]
 
 class JaxOps(Ops):
     name = "jax"
@@ -72,22 +78,48 @@ class JaxOps(Ops):
         # which is 0.0 at n = -127.  (A float-to-int conversion is five instructions in XLA: it
         # saturates and maps NaN.)
         bits = jax.lax.bitcast_convert_type(n + 12582912.0, jnp.int32)
-        return jax.lax.bitcast_convert_type(jax.lax.shift_left(bits, 23) + 0x3F800000, jnp.float32)
+        return jax.lax.bitcast_convert_type(jax.lax.shift_left(bits, np.int32(23)) + 0x3F800000, jnp.float32)
 
     def index_dtype(self) -> Any:
         return jnp.int64 if jax.config.jax_enable_x64 else jnp.int32
 
+    # Under jax.jit over arrays sharded along a mesh's explicit axes (jax.make_mesh's default),
+    # the sharding is part of the arrays' types, and JAX refuses what it cannot place by type:
+    # the three methods below place their results (or avoid what JAX cannot place).
     def put_last(self, x: Any, idx: Any, values: Any) -> Any:
+        if _explicit_sharding(x) is not None:  # put_along_axis drops the indices' sharding
+            return super().put_last(x, idx, values)
         # a scatter, which XLA runs in place on a buffer nothing else reads; the portable
         # compare-with-iota select costs a full pass of index arithmetic over (..., K)
         return jnp.put_along_axis(
             x, idx[..., None], values[..., None].astype(x.dtype), axis=-1, inplace=False
         )
 
+    def unsharded(self, x: Any) -> Any:
+        # halves of the batch axis that do not split evenly over the devices: the per-example
+        # values (a number an example) are gathered, and the sum is the single-device one
+        sharding = _explicit_sharding(x)
+        if sharding is None:
+            return x
+        return jax.sharding.reshard(x, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
+
+    def lookup(self, table: Any, idx: Any) -> Any:
+        # table[idx] (class weights by label): the result is placed like the indices
+        sharding = _explicit_sharding(idx)
+        if sharding is None:
+            return super().lookup(table, idx)
+        return table.at[idx].get(out_sharding=sharding)
+
     def stop_gradient(self, x: Any) -> Any:
         return jax.lax.stop_gradient(x)
 
     def eager(self) -> Any:
+        if jax.sharding.get_abstract_mesh().manual_axes:
+            # inside `shard_map`, JAX evaluates at once the implicit `pvary` that makes such a
+            # constant per-device where it meets a per-device array (in `!=`, `%`, indexing),
+            # and refuses to ("pvary should be called under jax.shard_map"); there, constants
+            # are traced like the rest (their values checked by checkify, as traced values are)
+            return contextlib.nullcontext()
         return jax.ensure_compile_time_eval()
 
     def is_concrete(self, x: Any) -> bool:
@@ -99,6 +131,14 @@ class JaxOps(Ops):
         # a no-op unless the caller functionalises the checks with checkify.checkify (a plain
         # checkify.check would make jit refuse to trace the loss); XLA drops its operands then
         checkify.debug_check(ok, message, **values)
+
+
+def _explicit_sharding(x: Any) -> Any:
+    """``x``'s sharding where its type has one that splits an axis (a ``NamedSharding`` over a
+    mesh's explicit axes), else None (one device, a mesh's automatic axes, inside ``shard_map``)."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    return None if spec is None or all(axis is None for axis in spec) else sharding
 
 
 _OPS = JaxOps()
@@ -283,6 +323,78 @@ def _like(value: np.ndarray, old: Any) -> Any:
     if isinstance(old, jax.Array) and not isinstance(old, jax.core.Tracer):
         new = jax.device_put(new, old.sharding)
     return new
+
+
+def global_normalizer(weight: Any, axis_name: Any, *, average_gradients: bool = True) -> Any:
+    """The normalizer that makes a data-parallel step's loss the global weighted mean: this
+    device's ``weight`` summed over the devices of ``axis_name`` (``lax.psum``), divided by their
+    number when ``average_gradients``; a 0-d float array, not differentiated.
+
+    Call it inside the function mapped over the devices (``jax.shard_map`` with a mesh axis
+    ``axis_name``, or ``jax.pmap(..., axis_name=...)``), with the weight of this device's shard
+    (``compiled.loss_weight(labels, sample_weight)``, or the ``weight`` of ``loss_terms``)::
+
+        w = global_normalizer(compiled.loss_weight(y, sw), "batch")
+        loss = compiled.loss(logits, y, sw, normalizer=w)  # this shard's sum / the global weight
+
+    Each device's loss is then its share of the global mean, counted in the global weight: an
+    all-ignored shard contributes 0, a shard with more weight more.  ``average_gradients`` says
+    how the step combines the devices:
+
+    * ``True`` (default): it averages them, ``lax.pmean`` of the loss or of the gradients (the
+      ``pmap`` step, JAX's own data-parallel ``shard_map`` example); the normalizer is then the
+      global weight / the number of devices, which the average multiplies back;
+    * ``False``: it sums them, ``lax.psum`` of the loss, or gradients taken inside ``shard_map``
+      with respect to replicated parameters, which JAX already sums over the axis (the
+      transpose of their implicit broadcast, under ``shard_map``'s default ``check_vma=True``).
+
+    Under a plain ``jax.jit`` over batch-sharded arrays (``NamedSharding`` on a ``Mesh``) no
+    normalizer is needed: ``compiled.loss(logits, labels)`` is the global mean already, since
+    the program is the single-device one that XLA partitions."""
+    if not isinstance(average_gradients, bool):
+        raise TypeError(
+            f"global_normalizer: average_gradients must be True or False; got {average_gradients!r}. "
+            "True when the step averages over the devices (lax.pmean of the loss or gradients), "
+            "False when it sums them (lax.psum, or gradients inside shard_map)."
+        )
+    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    if not names or any(n is None or not _hashable(n) for n in names):
+        raise TypeError(
+            "global_normalizer: axis_name is the name of the mesh axis the batch is split over "
+            f"(a string such as 'batch', or a tuple of names); got {axis_name!r}."
+        )
+    w = jnp.asarray(weight)
+    if w.ndim != 0:
+        raise ValueError(
+            f"global_normalizer: weight must be this device's total weight, a number or 0-d array "
+            f"(compiled.loss_weight(labels, sample_weight), or the weight of loss_terms); got shape "
+            f"{tuple(w.shape)}. Sum per-example weights first."
+        )
+    if not jnp.issubdtype(w.dtype, jnp.floating):  # a count: the float dtype computations use
+        w = w.astype(jnp.result_type(float))
+    try:  # the name first: psum of a per-device value over a name shard_map lacks fails an assert
+        size = jax.lax.axis_size(axis_name)
+    except NameError as e:
+        bound = jax.sharding.get_abstract_mesh().axis_names
+        here = f" (the mesh here has the axes {bound})" if bound else ""
+        raise ValueError(
+            f"global_normalizer(weight, {axis_name!r}): no axis {axis_name!r} is bound here{here}. Call it "
+            f"inside the function mapped over the devices: jax.shard_map(step, mesh=mesh, "
+            f"in_specs=..., out_specs=...) with mesh = jax.make_mesh((n,), ({axis_name!r},)), or "
+            f"jax.pmap(step, axis_name={axis_name!r}); the name must be the mesh's (or pmap's) axis "
+            f"name. Under a plain jax.jit over batch-sharded arrays, no normalizer is needed: "
+            f"compiled.loss(logits, labels) is the global mean already. (JAX: {e})"
+        ) from None
+    total = jax.lax.psum(w, axis_name)
+    return jax.lax.stop_gradient(total / size if average_gradients else total)
+
+
+def _hashable(x: Any) -> bool:
+    try:
+        hash(x)
+    except TypeError:
+        return False
+    return True
 
 
 def compile_head(head: ClassificationHead, *, validate: bool = True, keep: str = "inputs") -> JaxHead:

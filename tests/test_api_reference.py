@@ -148,6 +148,7 @@ def documented_callables(b: dict) -> list[tuple[str, object]]:
         ("global_normalizer", bt.global_normalizer), ("global_loss", bt.global_loss),
         ("Dense", bj.Dense), ("dense.init", bj.Dense.init), ("dense.apply", bj.Dense.apply),
         ("Dense.get_weights", _unbound(bj.Dense, "get_weights")),
+        ("global_normalizer", bj.global_normalizer),
         ("dense.set_weights", bj.Dense.set_weights), ("dense.compiled", bj.Dense.compiled),
         ("HeadDense", bk.HeadDense), ("HeadLoss", bk.HeadLoss), ("HeadAccuracy", bk.HeadAccuracy),
     ]

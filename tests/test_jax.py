@@ -91,6 +91,14 @@ def test_x64_on_and_off():
         sparse = compiled(H.multiclass(3, ignore_index=-1))
         yi = jnp.asarray([0, 2, -1, 1, 0], jnp.int64)
         assert np.isfinite(float(jax.jit(sparse.loss)(z64, yi)))
+        # float32 logits with x64 on: the float32 formulas (the polynomial exponential's 2**n
+        # from int32 exponent bits), whatever width Python integers get
+        v32, g32 = jax.jit(jax.value_and_grad(sparse.loss))(jnp.asarray(z, jnp.float32), yi)
+    ref32 = unihead.compile(H.multiclass(3, ignore_index=-1), "numpy").loss_and_gradient(
+        z.astype(np.float32).astype(np.float64), np.asarray([0, 2, -1, 1, 0]))
+    assert v32.dtype == jnp.float32 and g32.dtype == jnp.float32
+    np.testing.assert_allclose(v32, ref32[0], rtol=1e-6)
+    np.testing.assert_allclose(g32, ref32[1], rtol=1e-5, atol=1e-7)
 
 
 def test_validation_runs_eagerly_and_never_breaks_tracing():

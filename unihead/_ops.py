@@ -110,6 +110,12 @@ class Ops:
     def device(self, x: Any) -> Any:
         return getattr(x, "device", None)
 
+    def unsharded(self, x: Any) -> Any:
+        """``x`` whole on each device holding a part of it: what :meth:`compensated_total` slices
+        in halves (a backend whose arrays' types carry a sharding refuses halves that do not
+        split evenly over the devices).  The identity here."""
+        return x
+
     def astype(self, x: Any, like: Any) -> Any:
         xp = self.xp
         if x.dtype == like.dtype:
@@ -304,7 +310,7 @@ class Ops:
         xp = self.xp
         if len(x.shape) > 1 and x.shape[-1] != 1:  # the class axis with the library's pairwise sum
             x = xp.sum(x, axis=-1)  # (a length-1 axis is dropped, not reduced: compilers make a
-        x = xp.reshape(x, (-1,))  # reduction over it a scalar loop)
+        x = self.unsharded(xp.reshape(x, (-1,)))  # reduction over it a scalar loop)
         if x.shape[0] == 0:
             return xp.sum(x)
         size = 1

@@ -20,6 +20,7 @@ Logits are model output, not user input: NaN/inf logits are not errors (see docs
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from typing import Any, Callable, Iterator, NamedTuple
 
@@ -507,8 +508,9 @@ def _emit_checks(ops: Ops, rule: _Rule) -> None:
     shape = tuple(bad.shape)
     if 0 in shape:  # no values, nothing to check (and no first entry)
         return
-    flat = xp.argmax(xp.reshape(xp.astype(bad, xp.int8), (-1,)))  # the first True
+    first = xp.argmax(xp.reshape(xp.astype(bad, xp.int8), (-1,)))  # the first True
     i = []
+    flat = first
     for d in reversed(shape):
         i.append(flat % d)
         flat = flat // d
@@ -516,7 +518,22 @@ def _emit_checks(ops: Ops, rule: _Rule) -> None:
     shows, variants = rule.says()
     # half-precision values as float32, as the host path reads them (Ops.to_numpy)
     wide = {key: ops.widen_half(a) for key, a in shows.items()}
-    values = _located(wide, lambda arr: arr[i] if i else arr)
+    if i:
+        # the values at the first bad entry as masked sums over its axes, not arr[i]: an index
+        # computed in the graph into an array sharded along that axis is refused by JAX (a jit
+        # over batch-sharded arrays on a mesh of explicit axes, jax.make_mesh's default)
+        at_first = xp.reshape(xp.arange(math.prod(shape)), shape) == first
+
+        def at(arr: Any) -> Any:
+            extra = len(arr.shape) - len(shape)  # a row's class axis
+            mask = xp.reshape(at_first, shape + (1,) * extra)
+            picked = xp.where(mask, arr, xp.zeros((), dtype=arr.dtype))
+            axes = tuple(range(len(shape)))
+            return xp.any(picked, axis=axes) if ops.is_bool(arr) else xp.sum(picked, axis=axes)
+
+        values = _located(wide, at)
+    else:
+        values = _located(wide, lambda arr: arr)
     values.update({f"i{d}": c for d, c in enumerate(i)})
     broken = xp.any(bad)
     for when, template in variants:
