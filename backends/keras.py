@@ -411,40 +411,48 @@ _RECORDS = threading.local()
 def _record_weight(loss: "HeadLoss", compiled: KerasHead, y_true: Any, sample_weight: Any) -> None:
     """Record what this micro-batch's mean divides by (``loss_weight``: from the labels and the
     sample weight alone, so never a function of the parameters being differentiated) for the
-    training step's ``GradientAccumulation.scale_loss``.  One entry per loss object: the latest
-    call (the one of the step being built) replaces an earlier one."""
+    training step's ``GradientAccumulation.scale_loss``, which Keras' trainers call right after
+    the loss (so the latest record is the step's own)."""
     if loss.head.reduction != "mean":
         raise ValueError(
             f"GradientAccumulation reproduces the weighted mean of the whole accumulation window, "
             f"and this HeadLoss has reduction={loss.head.reduction!r}: compile the head with "
             f"reduction='mean' (the default), or leave reduction= out of HeadLoss."
         )
-    records = _RECORDS.__dict__.setdefault("weights", {})
-    records.pop(id(loss), None)
-    records[id(loss)] = compiled.loss_weight(y_true, sample_weight)
+    _RECORDS.latest = compiled.loss_weight(y_true, sample_weight)
+
+
+_NO_HEAD_LOSS = (
+    "GradientAccumulation weights each micro-batch by the loss weight its unihead HeadLoss "
+    "computes, and no HeadLoss ran in this training step: compile the model with a head's loss, "
+    "model.compile(optimizer=GradientAccumulation(...), loss=compiled.loss_fn()) (or "
+    "compiled.compile_model(model, GradientAccumulation(...))). For a loss that is not a unihead "
+    "head, Keras' own optimizer(gradient_accumulation_steps=n) is the uniform average of the "
+    "micro-batches' gradients."
+)
+
+
+def _from_another_trace(weight: Any, loss: Any) -> bool:
+    """Whether ``weight`` was computed in a traced function that is not the one computing
+    ``loss``: a JAX tracer whose trace is not ``loss``'s or one it was differentiated in, a TF graph
+    tensor of another graph.  (PyTorch runs eagerly: a weight left by a HeadLoss outside the step
+    is used once, and the next step says that no HeadLoss ran.)"""
+    trace = getattr(weight, "_trace", None)
+    if trace is not None:  # JAX
+        current = getattr(loss, "_trace", None)
+        while current is not None and current is not trace:
+            current = getattr(current, "parent_trace", None)
+        return current is None
+    graph = getattr(weight, "graph", None)  # TF graph tensors (eager ones have none)
+    return graph is not None and getattr(loss, "graph", None) is not graph
 
 
 def _take_recorded_weight() -> Any:
-    """The loss weight the model's HeadLoss recorded for this step (and forget the records)."""
-    records = _RECORDS.__dict__.pop("weights", {})
-    if not records:
-        raise ValueError(
-            "GradientAccumulation weights each micro-batch by the loss weight its unihead HeadLoss "
-            "computes, and no HeadLoss ran in this training step: compile the model with a head's "
-            "loss, model.compile(optimizer=GradientAccumulation(...), loss=compiled.loss_fn()) "
-            "(or compiled.compile_model(model, GradientAccumulation(...))). For a loss that is not "
-            "a unihead head, Keras' own optimizer(gradient_accumulation_steps=n) is the uniform "
-            "average of the micro-batches' gradients."
-        )
-    if len(records) > 1:
-        raise ValueError(
-            f"GradientAccumulation weights each micro-batch by its HeadLoss's loss weight, and "
-            f"{len(records)} HeadLoss objects computed a loss since the last training step: a model "
-            f"with several unihead outputs has no single weight per micro-batch. Use one HeadLoss "
-            f"(one head output) with GradientAccumulation, or accumulate in a custom train_step "
-            f"with each head's loss_terms()."
-        )
-    return next(iter(records.values()))
+    """The loss weight the model's HeadLoss recorded for this step (and forget it)."""
+    weight = _RECORDS.__dict__.pop("latest", None)
+    if weight is None:
+        raise ValueError(_NO_HEAD_LOSS)
+    return weight
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -552,6 +560,8 @@ class GradientAccumulation(keras.optimizers.Optimizer):
         micro-batch's total), then the inner optimizer's scaling.  Keras' trainers call this on
         the loss before differentiating it; the weight is kept for :meth:`apply`."""
         weight = _take_recorded_weight()
+        if _from_another_trace(weight, loss):  # recorded by a HeadLoss outside this step
+            raise ValueError(_NO_HEAD_LOSS)
         self._pending_weight = weight
         return self.inner_optimizer.scale_loss(ops.multiply(loss, ops.cast(weight, loss.dtype)))
 
