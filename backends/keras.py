@@ -17,9 +17,12 @@ NumPy backend.  What a Keras user gets:
   ``fit(class_weight=...)`` give what the head's own options give);
 * ``compiled.keras_metrics()`` -> ``[HeadAccuracy]``: accuracy under the head's decision rule
   (the compiled head's ``predict``);
-* ``compiled.compile_model(model, optimizer)`` puts all three into ``model.compile``.
+* ``compiled.compile_model(model, optimizer)`` puts all three into ``model.compile``;
+* :class:`GradientAccumulation` wraps a Keras optimizer: it applies one update every ``steps``
+  micro-batches with the whole window's weighted-mean gradient (``model.fit`` as usual), in place
+  of ``gradient_accumulation_steps=``, which averages the micro-batches' mean gradients uniformly.
 
-All three are registered Keras serializables (package ``"unihead"``): a model saved with
+All four are registered Keras serializables (package ``"unihead"``): a model saved with
 ``model.save("m.keras")`` loads with ``keras.models.load_model`` without ``custom_objects`` once
 ``unihead`` is imported (``import unihead`` registers them when Keras is imported, without
 importing Keras itself).  The layer and the loss keep the options of the compiled head they
@@ -38,7 +41,9 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import warnings
+import weakref
 from typing import Any, Mapping
 
 import keras
@@ -48,7 +53,7 @@ from keras import ops
 from unihead.compiled import CompiledHead, canonical_weights, check_choice
 from unihead.spec import ClassificationHead
 
-__all__ = ["compile_head", "KerasHead", "HeadDense", "HeadLoss", "HeadAccuracy"]
+__all__ = ["compile_head", "KerasHead", "HeadDense", "HeadLoss", "HeadAccuracy", "GradientAccumulation"]
 
 _PACKAGE = "unihead"
 
@@ -307,7 +312,10 @@ class HeadLoss(keras.losses.Loss):
         if sample_weight is not None and len(sample_weight.shape) == len(y_pred.shape) and sample_weight.shape[-1] == 1 \
                 and self.head.task != "multilabel":
             sample_weight = ops.squeeze(sample_weight, axis=-1)
-        return self._compiled(self.head).loss(y_pred, y_true, sample_weight)
+        compiled = self._compiled(self.head)
+        if _ACCUMULATING:  # a GradientAccumulation weights this micro-batch by its loss weight
+            _record_weight(self, compiled, y_true, sample_weight)
+        return compiled.loss(y_pred, y_true, sample_weight)
 
     def call(self, y_true: Any, y_pred: Any) -> Any:
         """Per-example values (``reduction="none"``)."""
@@ -391,6 +399,265 @@ class HeadAccuracy(keras.metrics.MeanMetricWrapper):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "HeadAccuracy":
         return cls(**config)
+
+
+# ------------------------------------------------------------------------------ accumulation
+#: The GradientAccumulation optimizers alive: while there is one, every HeadLoss call records its
+#: micro-batch's loss weight (nothing is recorded, or computed, otherwise).
+_ACCUMULATING: "weakref.WeakSet[GradientAccumulation]" = weakref.WeakSet()
+_RECORDS = threading.local()
+
+
+def _record_weight(loss: "HeadLoss", compiled: KerasHead, y_true: Any, sample_weight: Any) -> None:
+    """Record what this micro-batch's mean divides by (``loss_weight``: from the labels and the
+    sample weight alone, so never a function of the parameters being differentiated) for the
+    training step's ``GradientAccumulation.scale_loss``, which Keras' trainers call right after
+    the loss (so the latest record is the step's own)."""
+    if loss.head.reduction != "mean":
+        raise ValueError(
+            f"GradientAccumulation reproduces the weighted mean of the whole accumulation window, "
+            f"and this HeadLoss has reduction={loss.head.reduction!r}: compile the head with "
+            f"reduction='mean' (the default), or leave reduction= out of HeadLoss."
+        )
+    _RECORDS.latest = compiled.loss_weight(y_true, sample_weight)
+
+
+_NO_HEAD_LOSS = (
+    "GradientAccumulation weights each micro-batch by the loss weight its unihead HeadLoss "
+    "computes, and no HeadLoss ran in this training step: compile the model with a head's loss, "
+    "model.compile(optimizer=GradientAccumulation(...), loss=compiled.loss_fn()) (or "
+    "compiled.compile_model(model, GradientAccumulation(...))). For a loss that is not a unihead "
+    "head, Keras' own optimizer(gradient_accumulation_steps=n) is the uniform average of the "
+    "micro-batches' gradients."
+)
+
+
+def _from_another_trace(weight: Any, loss: Any) -> bool:
+    """Whether ``weight`` was computed in a traced function that is not the one computing
+    ``loss``: a JAX tracer whose trace is not ``loss``'s or one it was differentiated in, a TF graph
+    tensor of another graph.  (PyTorch runs eagerly: a weight left by a HeadLoss outside the step
+    is used once, and the next step says that no HeadLoss ran.)"""
+    trace = getattr(weight, "_trace", None)
+    if trace is not None:  # JAX
+        current = getattr(loss, "_trace", None)
+        while current is not None and current is not trace:
+            current = getattr(current, "parent_trace", None)
+        return current is None
+    graph = getattr(weight, "graph", None)  # TF graph tensors (eager ones have none)
+    return graph is not None and getattr(loss, "graph", None) is not graph
+
+
+def _take_recorded_weight() -> Any:
+    """The loss weight the model's HeadLoss recorded for this step (and forget it)."""
+    weight = _RECORDS.__dict__.pop("latest", None)
+    if weight is None:
+        raise ValueError(_NO_HEAD_LOSS)
+    return weight
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class GradientAccumulation(keras.optimizers.Optimizer):
+    """Gradient accumulation whose update is the whole window's weighted-mean gradient.
+
+    ``GradientAccumulation(inner_optimizer, steps)`` wraps a Keras optimizer (like
+    ``keras.optimizers.LossScaleOptimizer``): ``model.fit`` runs one micro-batch per step, as with
+    Keras' ``gradient_accumulation_steps=steps``, and every ``steps`` micro-batches the inner
+    optimizer applies ``sum_i grad(total_i) / sum_i weight_i``: the gradient of the head's mean
+    loss over all the window's examples, as if they had been one batch (docs/scaling-out.md).
+    Keras' own ``gradient_accumulation_steps`` applies ``sum_i grad(mean_i) / steps``, a mean of
+    means: a micro-batch with few counted labels (ignored labels, zero sample weights, small class
+    weights) weighs as much as a full one.
+
+    How: the model's loss must be one unihead :class:`HeadLoss` (``compiled.loss_fn()``).  It
+    reports each micro-batch's ``loss_weight`` (from the labels and sample weights), the
+    optimizer's ``scale_loss`` (which Keras' trainers apply to the loss before differentiating it)
+    multiplies the loss by it, so the step's gradient is ``grad(total_i)``; the optimizer adds up
+    those gradients and the weights in its own variables and divides once, at the update.  The
+    loss ``fit`` logs is the micro-batch's mean, as without accumulation.  Regularisation losses
+    are weighted the same way, so the update also carries their gradient once.  A window whose
+    every label is ignored applies a zero gradient (the head's mean is 0 there).
+
+    Under ``keras.distribution.DataParallel`` (JAX) each step's batch is the global one, its loss
+    weight the global sum: the update is the same as on one device.
+
+    ``inner_optimizer``: a Keras optimizer (or its name or config; not one with
+    ``gradient_accumulation_steps``, which this replaces, nor a ``LossScaleOptimizer``, whose
+    dynamic scale may change between micro-batches: set ``loss_scale_factor`` on the inner
+    optimizer for a fixed scale).  ``steps``: micro-batches per update (an integer >= 1).
+    ``learning_rate`` and ``iterations`` (the number of updates) are the inner optimizer's; the
+    accumulators are this optimizer's variables (saved with the model, like Keras' own)."""
+
+    def __init__(self, inner_optimizer: Any, steps: int, name: str | None = None, **kwargs: Any):
+        if kwargs:
+            raise ValueError(
+                f"GradientAccumulation takes inner_optimizer, steps and name; got "
+                f"{', '.join(sorted(kwargs))}: set the optimizer's own options on the inner "
+                f"optimizer."
+            )
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+            raise ValueError(f"steps must be an integer >= 1 (micro-batches per update); got {steps!r}.")
+        inner = inner_optimizer
+        if isinstance(inner, (str, dict)):
+            inner = keras.optimizers.get(inner)
+        if not isinstance(inner, keras.optimizers.Optimizer):
+            raise TypeError(
+                f"GradientAccumulation wraps a Keras optimizer, e.g. "
+                f"GradientAccumulation(keras.optimizers.Adam(1e-3), steps={steps}); got "
+                f"{type(inner_optimizer).__name__}."
+            )
+        if isinstance(inner, (GradientAccumulation, keras.optimizers.LossScaleOptimizer)):
+            raise ValueError(
+                f"GradientAccumulation cannot wrap a {type(inner).__name__}: "
+                + ("wrap the plain optimizer once." if isinstance(inner, GradientAccumulation) else
+                   "its dynamic loss scale may change between the micro-batches of a window; set a "
+                   "fixed loss_scale_factor on the inner optimizer instead.")
+            )
+        if inner.gradient_accumulation_steps:
+            raise ValueError(
+                f"the inner optimizer has gradient_accumulation_steps="
+                f"{inner.gradient_accumulation_steps}: GradientAccumulation replaces it. Write "
+                f"GradientAccumulation({type(inner).__name__}(...), "
+                f"steps={inner.gradient_accumulation_steps}) without it."
+            )
+        super().__init__(learning_rate=0.0, name=name)
+        self.inner_optimizer = inner
+        self.steps = int(steps)
+        self._pending_weight = None
+        _ACCUMULATING.add(self)
+
+    # -- state --------------------------------------------------------------------------------
+    def build(self, var_list: list) -> None:
+        self._accumulated = [self.add_variable_from_reference(v, name="accumulated_gradient") for v in var_list]
+        self._accumulated_weight = self.add_variable(
+            shape=(), dtype="float32", initializer="zeros", aggregation="none", name="accumulated_weight"
+        )
+        self.inner_optimizer.build(var_list)
+        super().build(var_list)
+
+    @property
+    def variables(self) -> list:
+        return self._variables + self.inner_optimizer.variables
+
+    @property
+    def learning_rate(self) -> Any:
+        return self.inner_optimizer.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, learning_rate: Any) -> None:
+        self.inner_optimizer.learning_rate = learning_rate
+
+    @property
+    def iterations(self) -> Any:
+        """The number of updates applied (the inner optimizer's iterations)."""
+        return self.inner_optimizer.iterations
+
+    def finalize_variable_values(self, var_list: list) -> None:
+        self.inner_optimizer.finalize_variable_values(var_list)
+
+    # -- one micro-batch ----------------------------------------------------------------------
+    def scale_loss(self, loss: Any) -> Any:
+        """The micro-batch's loss times its loss weight (its gradient: the gradient of the
+        micro-batch's total), then the inner optimizer's scaling.  Keras' trainers call this on
+        the loss before differentiating it; the weight is kept for :meth:`apply`."""
+        weight = _take_recorded_weight()
+        if _from_another_trace(weight, loss):  # recorded by a HeadLoss outside this step
+            raise ValueError(_NO_HEAD_LOSS)
+        self._pending_weight = weight
+        return self.inner_optimizer.scale_loss(ops.multiply(loss, ops.cast(weight, loss.dtype)))
+
+    def _take_pending_weight(self) -> Any:
+        weight, self._pending_weight = self._pending_weight, None
+        if weight is None:
+            raise ValueError(
+                "GradientAccumulation.apply() got gradients without their micro-batch's loss "
+                "weight: they must be the gradients of the loss its scale_loss() returned "
+                "(model.fit does this; a custom train_step calls loss = "
+                "optimizer.scale_loss(loss) before taking the gradients)."
+            )
+        return ops.cast(weight, "float32")
+
+    def _mean(self, sums: list, weight: Any) -> list:
+        """The accumulated gradients over the accumulated weight (0 gradients for weight 0,
+        whose gradients are all 0: every micro-batch's was scaled by its weight)."""
+        safe = ops.where(ops.greater(weight, 0.0), weight, ops.ones_like(weight))
+        return [ops.divide(s, ops.cast(safe, s.dtype)) for s in sums]
+
+    def _is_update(self, iteration: Any) -> Any:
+        return ops.equal(ops.mod(ops.add(iteration, 1), self.steps), 0)
+
+    def apply(self, grads: list, trainable_variables: Any = None) -> None:
+        if not self.built:
+            with keras.name_scope(self.name, caller=self):
+                self.build(trainable_variables)
+            self.built = True
+        variables = list(trainable_variables) if trainable_variables is not None else self._trainable_variables
+        if keras.backend.backend() == "jax":  # stateless at heart: compute, then assign
+            own = [v.value for v in self.variables]
+            new_vars, new_own = self.stateless_apply(own, grads, [v.value for v in variables])
+            for v, value in zip(list(variables) + self.variables, list(new_vars) + list(new_own)):
+                v.assign(value)
+            return
+        weight = self._take_pending_weight()
+        accumulated = [self._accumulated[self._get_variable_index(v)] for v in variables]
+        sums = [a.value if g is None else ops.add(a.value, g) for a, g in zip(accumulated, grads)]
+        total_weight = ops.add(self._accumulated_weight.value, weight)
+
+        def update() -> None:
+            self.inner_optimizer.apply(self._mean(sums, total_weight), variables)
+            for a in accumulated:
+                a.assign(ops.zeros_like(a.value))
+            self._accumulated_weight.assign(0.0)
+
+        def accumulate() -> None:
+            for a, s in zip(accumulated, sums):
+                a.assign(s)
+            self._accumulated_weight.assign(total_weight)
+
+        ops.cond(self._is_update(self._iterations), update, accumulate)
+        self._iterations.assign_add(1)
+
+    def stateless_apply(self, optimizer_variables: list, grads: list, trainable_variables: list) -> tuple[list, list]:
+        if not self.built:
+            raise ValueError(
+                "To call stateless_apply, GradientAccumulation must be built (its variables "
+                "created): optimizer.build(trainable_variables)."
+            )
+        weight = self._take_pending_weight()
+        n_own = len(self._variables)
+        own, inner = list(optimizer_variables[:n_own]), list(optimizer_variables[n_own:])
+        mapping = list(zip(self._variables, own))
+        with keras.StatelessScope(state_mapping=mapping):
+            iteration = self._iterations.value
+            accumulated = [a.value for a in self._accumulated]
+            total_weight = ops.add(self._accumulated_weight.value, weight)
+        sums = [a if g is None else ops.add(a, g) for a, g in zip(accumulated, grads)]
+
+        def update() -> tuple:
+            new_vars, new_inner = self.inner_optimizer.stateless_apply(
+                inner, self._mean(sums, total_weight), trainable_variables)
+            return list(new_vars), list(new_inner), [ops.zeros_like(s) for s in sums], ops.zeros_like(total_weight)
+
+        def accumulate() -> tuple:
+            return list(trainable_variables), inner, sums, total_weight
+
+        new_vars, new_inner, new_sums, new_weight = ops.cond(self._is_update(iteration), update, accumulate)
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            for a, s in zip(self._accumulated, new_sums):
+                a.assign(s)
+            self._accumulated_weight.assign(new_weight)
+            self._iterations.assign(ops.add(iteration, 1))
+        return new_vars, [scope.get_current_value(v) for v in self._variables] + list(new_inner)
+
+    # -- serialization ------------------------------------------------------------------------
+    def get_config(self) -> dict[str, Any]:
+        return {"name": self.name, "inner_optimizer": keras.saving.serialize_keras_object(self.inner_optimizer),
+                "steps": self.steps}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], custom_objects: Any = None) -> "GradientAccumulation":
+        config = dict(config)
+        inner = keras.saving.deserialize_keras_object(config.pop("inner_optimizer"), custom_objects=custom_objects)
+        return cls(inner, **config)
 
 
 def compile_head(head: ClassificationHead, *, validate: bool = True, fused: Any = None,

@@ -151,6 +151,7 @@ def documented_callables(b: dict) -> list[tuple[str, object]]:
         ("global_normalizer", bj.global_normalizer),
         ("dense.set_weights", bj.Dense.set_weights), ("dense.compiled", bj.Dense.compiled),
         ("HeadDense", bk.HeadDense), ("HeadLoss", bk.HeadLoss), ("HeadAccuracy", bk.HeadAccuracy),
+        ("GradientAccumulation", bk.GradientAccumulation),
     ]
     return out
 
@@ -193,6 +194,7 @@ def test_every_public_attribute_is_documented(code: str, backends: dict):
         (b["torch"].HeadLoss, (torch.nn.Module,)),
         (b["keras"].HeadDense, (keras.layers.Dense,)), (b["keras"].HeadLoss, (keras.losses.Loss,)),
         (b["keras"].HeadAccuracy, (keras.metrics.MeanMetricWrapper,)),
+        (b["keras"].GradientAccumulation, (keras.optimizers.Optimizer,)),
         (unihead.Diagnosis, ()), (unihead.Finding, ()), (unihead.Ported, ()),
         (type(unihead.port((ClassificationHead.binary(), ([[1.0]], [0.0])), to="numpy").check), ()),
     ]
