@@ -145,6 +145,19 @@ class TFNamespace:
 class TFOps(Ops):
     name = "tensorflow"
     flushes_subnormals = True  # TensorFlow on CPU
+
+    @property
+    def poly_exp(self) -> bool:  # type: ignore[override]
+        """Under XLA (Keras' train step) the polynomial exponential, fused into one loop as on
+        JAX (:attr:`Ops.poly_exp`); outside it every operation is a kernel of its own, and
+        ``exp`` with a correction is fewer kernels."""
+        return _in_xla()
+
+    def pow2(self, n: Any) -> Any:
+        # as JaxOps.pow2: n + 1.5 * 2**23 holds n in its low mantissa bits; shifted up by 23 they
+        # are the exponent field, + bits(1.0) gives (n + 127) << 23 (0.0 at n = -127)
+        bits = tf.bitcast(n + 12582912.0, tf.int32)
+        return tf.bitcast(tf.bitwise.left_shift(bits, 23) + 0x3F800000, tf.float32)
     half_dtypes = (tf.float16, tf.bfloat16)
 
     def __init__(self) -> None:
