@@ -120,6 +120,7 @@ def documented_callables(b: dict) -> list[tuple[str, object]]:
         ("unihead.load", unihead.load),
         ("unihead.infer", unihead.infer),
         ("unihead.diagnose", unihead.diagnose),
+        ("unihead.diagnose_code", unihead.diagnose_code),
         ("unihead.port", unihead.port),
         ("ClassificationHead", H),
         ("CompiledHead", C),
@@ -243,6 +244,23 @@ def test_deprecated_names_are_listed_with_their_replacements(page: str, backends
                     f"should list it with {new}")
     with pytest.warns(DeprecationWarning, match="loss_fn"):
         unihead.compile(ClassificationHead.binary(), "torch").loss_module()
+
+
+def test_the_transformers_integration_is_documented(code: str):
+    """unihead.backends.transformers (Hugging Face Trainer): its public names and signatures."""
+    require("transformers"), require("accelerate")
+    from unihead.backends import transformers as bh
+
+    written = [("trainer_loss", bh.trainer_loss), ("TrainerLoss", bh.TrainerLoss),
+               ("loss_func.count_is_weight", bh.TrainerLoss.count_is_weight),
+               ("loss_func.weight", bh.TrainerLoss.weight), ("loss_func.loss", bh.TrainerLoss.loss),
+               ("loss_func", bh.TrainerLoss.__call__), ("HeadTrainer", bh.HeadTrainer),
+               ("HeadTrainerMixin", bh.HeadTrainerMixin)]
+    wrong = [f"{name}{signature(fn)}" for name, fn in written if f"{name}{signature(fn)}" not in code]
+    assert not wrong, f"docs/api.md lacks these signatures: {wrong}"
+    names = set(bh.__all__) | set(public(bh.TrainerLoss)) | set(public(bh.HeadTrainerMixin))
+    missing = sorted(n for n in names if not re.search(rf"\b{re.escape(n)}\b", code))
+    assert not missing, f"docs/api.md does not name {missing} (in code)"
 
 
 def test_the_signature_renderer():

@@ -338,3 +338,128 @@ def test_infer_reads_half_precision_pytorch_weights_as_float32(dtype):
     assert kernel.dtype == bias.dtype == np.float32
     np.testing.assert_array_equal(kernel, lin.weight.detach().float().numpy().T)
     np.testing.assert_array_equal(bias, lin.bias.detach().float().numpy())
+
+
+# ------------------------------------------------------------------------------ training code
+ACCUMULATION = {  # real training-loop code: (the finding's severity, or None for no finding)
+    "torch_ignore_index_divided_by_steps": ("error", """
+import torch
+from torch import nn
+criterion = nn.CrossEntropyLoss(ignore_index=-100)
+for i, (x, y) in enumerate(loader):
+    loss = criterion(model(x), y) / accumulation_steps
+    loss.backward()
+    if (i + 1) % accumulation_steps == 0:
+        optimizer.step()
+        optimizer.zero_grad()
+"""),
+    "torch_default_mean_summed": ("warning", """
+import torch.nn.functional as F
+for step, batches in enumerate(steps):
+    for x, y in batches:
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+"""),
+    "torch_masked_ratio_with_amp": ("error", """
+for i, batch in enumerate(loader):
+    per_token = F.cross_entropy(model(batch["x"]), batch["y"], reduction="none")
+    loss = (per_token * batch["mask"]).sum() / batch["mask"].sum()
+    scaler.scale(loss / 4).backward()
+    if i % 4 == 3:
+        scaler.step(optimizer)
+        scaler.update()
+"""),
+    "hf_accelerate_model_loss": ("error", """
+for batch in train_dataloader:
+    with accelerator.accumulate(model):
+        outputs = model(**batch)
+        loss = outputs.loss
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+"""),
+    "keras_gradient_accumulation_masked": ("error", """
+import keras
+model.compile(optimizer=keras.optimizers.Adam(1e-3, gradient_accumulation_steps=4),
+              loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=-1))
+"""),
+    "keras_gradient_accumulation": ("warning", """
+import tensorflow as tf
+model.compile(optimizer=tf.keras.optimizers.SGD(0.1, gradient_accumulation_steps=n), loss="mse")
+"""),
+    "optax_multisteps_masked_mean": ("error", """
+import optax, jax.numpy as jnp
+opt = optax.MultiSteps(optax.adam(1e-3), every_k_schedule=4)
+def loss_fn(params, x, y, mask):
+    l = optax.softmax_cross_entropy_with_integer_labels(apply(params, x), y)
+    return jnp.sum(l * mask) / jnp.sum(mask)
+"""),
+    # the correct patterns: unihead's contract, and no accumulation at all
+    "unihead_normalizer": (None, """
+import unihead
+compiled = unihead.compile(head, "torch")
+criterion = compiled.loss_fn()
+for step, batches in enumerate(steps):
+    W = sum(compiled.loss_weight(y) for _, y in batches)
+    for x, y in batches:
+        loss = compiled.loss(model(x), y, normalizer=W)
+        loss.backward()
+        criterion(model(x), y, normalizer=W).backward()
+    optimizer.step()
+"""),
+    "unihead_loss_terms": (None, """
+for step, batches in enumerate(steps):
+    for x, y in batches:
+        total, weight = compiled.loss_terms(model(x), y)
+        total.backward()
+    optimizer.step()
+"""),
+    "one_step_per_batch": (None, """
+criterion = nn.CrossEntropyLoss(ignore_index=-100)
+for x, y in loader:
+    loss = criterion(model(x), y)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+"""),
+    "keras_no_accumulation": (None, """
+model.compile(optimizer=keras.optimizers.Adam(1e-3, gradient_accumulation_steps=None), loss="mse")
+"""),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ACCUMULATION))
+def test_a_mean_accumulated_over_micro_batches_is_found_in_code(name):
+    severity, code = ACCUMULATION[name]
+    d = unihead.diagnose_code(code, f"{name}.py")
+    if severity is None:
+        assert d.findings == () and d.ok, str(d)
+        return
+    assert d.codes == ("mean_of_micro_batch_means",), str(d)
+    f = d.findings[0]
+    assert f.severity == severity and d.ok == (severity != "error")
+    assert "normalizer=W" in f.lines["unihead"] and "loss_weight" in f.lines["unihead"]
+    assert d.head is None and "\nhead:" not in str(d) and f"{name}.py (training code" in str(d)
+
+
+def test_diagnose_code_refuses_what_is_not_code():
+    with pytest.raises(ValueError, match="not Python code unihead can read.*line 1"):
+        unihead.diagnose_code("for x in :", "bad.py")
+    with pytest.raises(TypeError, match="Python source text"):
+        unihead.diagnose_code(b"x = 1")
+
+
+def test_cli_diagnoses_a_training_script(tmp_path, capsys):
+    from unihead.cli import main
+
+    script = tmp_path / "train.py"
+    script.write_text(ACCUMULATION["torch_ignore_index_divided_by_steps"][1])
+    assert main(["diagnose", str(script)]) == 1
+    out = capsys.readouterr().out
+    assert "ERROR [mean_of_micro_batch_means] line 7" in out and "normalizer=W" in out
+    script.write_text(ACCUMULATION["unihead_normalizer"][1])
+    assert main(["diagnose", str(script)]) == 0
+    assert main(["diagnose", str(script), "--loss", "nn.CrossEntropyLoss()"]) == 2
+    assert "training code" in capsys.readouterr().err

@@ -10,7 +10,7 @@
 from ._registry import available_backends, compile
 from ._version import __version__
 from .compiled import CompiledHead
-from ._diagnose import Diagnosis, Finding, diagnose, infer
+from ._diagnose import Diagnosis, Finding, diagnose, diagnose_code, infer
 from .errors import BackendNotAvailableError, HeadFileError, HeadSpecError, PortCheckError
 from .headfile import load, save
 from ._port import Ported, port
@@ -32,6 +32,7 @@ __all__ = [
     "validation",
     "infer",
     "diagnose",
+    "diagnose_code",
     "Diagnosis",
     "Finding",
     "port",

@@ -544,7 +544,8 @@ def add_diagnose(sub: Any) -> None:
         description="Read the model's last dense layer, its activation and its loss; print the findings "
                     "(error / warning / info) with the fix, and what could not be checked. Exit 1 when there "
                     "is an error.")
-    p.add_argument("model", help=_MODEL_HELP)
+    p.add_argument("model", help=_MODEL_HELP + "; or a training script (.py: read, never run) to check how "
+                   "its loss is combined over micro-batches")
     p.add_argument("--labels", help="a .npy file of training labels (enables the label checks)")
     p.add_argument("--loss", help=_LOSS_HELP)
     _add_source_options(p)
@@ -598,8 +599,21 @@ def _not_checked(src: Source, args: argparse.Namespace, argv_path: str) -> str |
 def run_diagnose(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from ._diagnose import diagnose
+    from ._diagnose import diagnose, diagnose_code
 
+    if Path(args.model).suffix.lower() == ".py":
+        given = [o for o, v in (("--loss", args.loss), ("--labels", args.labels), ("--activation", args.activation),
+                                ("--trust-pickle", args.trust_pickle)) if v]
+        if given:
+            raise UsageError(f"{args.model} is training code: {', '.join(given)} apply to a model file. For the "
+                             "code, diagnose reads how the loss is combined over micro-batches.")
+        try:
+            source = Path(args.model).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"{args.model}: cannot be read as UTF-8 Python source: {e}") from None
+        d = diagnose_code(source, args.model)
+        print(d)
+        return 0 if d.ok else 1
     src = load_source(args.model, args.loss, trust_pickle=args.trust_pickle, activation=args.activation)
     if src.kind == "head_file":
         raise UsageError(f"{args.model} is a head file: its spec is unihead's own and was checked when it was "

@@ -32,7 +32,7 @@ from .errors import HeadSpecError
 from .labels import LabelSummary, describe_labels, read_labels
 from .spec import ClassificationHead
 
-__all__ = ["Finding", "Diagnosis", "Inferred", "infer", "diagnose", "native_lines"]
+__all__ = ["Finding", "Diagnosis", "Inferred", "infer", "diagnose", "diagnose_code", "native_lines"]
 
 _FRAMEWORK = {"torch": "PyTorch", "keras": "Keras"}
 _CATEGORICAL = ("categorical_ce", "sparse_ce", "ce", "nll")
@@ -57,8 +57,8 @@ class Finding:
 
     def __str__(self) -> str:
         out = [f"{self.severity.upper()} [{self.code}] {self.what}", f"    why: {self.why}"]
-        if self.fix is not None:
-            out.append(f"    fix: {self.fix!r}")
+        if self.fix is not None or self.lines:
+            out.append(f"    fix: {self.fix!r}" if self.fix is not None else "    fix:")
             for k, v in self.lines.items():
                 label = {"keras": "Keras", "torch": "PyTorch", "unihead": "unihead"}.get(k, k)
                 body = v.replace("\n", "\n" + " " * 15)
@@ -76,10 +76,11 @@ class Inferred(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class Diagnosis:
-    """What :func:`diagnose` returns.  ``ok`` is true when there is no error (warnings and info
-    findings do not make a head wrong); ``str(diagnosis)`` is the report the CLI prints."""
+    """What :func:`diagnose` (and :func:`diagnose_code`) returns.  ``ok`` is true when there is no
+    error (warnings and info findings do not make a head wrong); ``str(diagnosis)`` is the report
+    the CLI prints.  ``head`` is None for training code, which holds no head."""
 
-    head: ClassificationHead
+    head: ClassificationHead | None
     weights: dict[str, np.ndarray] | None
     findings: tuple[Finding, ...]
     where: str
@@ -108,7 +109,8 @@ class Diagnosis:
                  + (f", {n_warn} warning{'s' * (n_warn != 1)}" if n_warn else "")]
         for f in self.findings:
             lines.append(str(f))
-        lines.append(f"head: {self.head!r}")
+        if self.head is not None:
+            lines.append(f"head: {self.head!r}")
         lines.extend(f"  (assumed: {a})" for a in self.assumptions)
         return "\n".join(lines)
 
@@ -470,3 +472,54 @@ def diagnose(model: Any, loss: Any = None, labels: Any = None) -> Diagnosis:
         _without_loss(ctx)
     where = r.where + (f" + {ctx.loss_name}" if r.loss is not None else " (no loss given)")
     return Diagnosis(head, _weights(r), tuple(ctx.findings), where, ctx.fw, tuple(notes))
+
+
+# ------------------------------------------------------------------------------ training code
+_ACCUMULATION_FIX = {
+    "torch": ("W = sum(compiled.loss_weight(y) for x, y in micro_batches)  # the step's weight, before the forwards\n"
+              "loss = compiled.loss(model(x), y, normalizer=W)  # each micro-batch; no / accumulation_steps\n"
+              "loss.backward()  # the gradients add up to the full batch's mean gradient"),
+    "keras": ("W = sum(compiled.loss_weight(y) for x, y in micro_batches)  # the step's weight\n"
+              "loss = compiled.loss(model(x), y, normalizer=W)  # each micro-batch, gradients summed, not averaged\n"
+              "# (the Keras accumulation step in docs/scaling-out.md does this in place of gradient_accumulation_steps)"),
+    "jax": ("W = sum(compiled.loss_weight(y) for x, y in micro_batches)  # the step's weight\n"
+            "loss = compiled.loss(apply(params, x), y, normalizer=W)  # each micro-batch\n"
+            "optax.MultiSteps(opt, every_k_schedule=k, use_grad_mean=False)  # sum the micro-gradients"),
+}
+
+
+def diagnose_code(source: str, filename: str | None = None) -> Diagnosis:
+    """Findings on training code (Python source text, parsed with :mod:`ast`, never run): a loss
+    reduced to a mean over each micro-batch and accumulated over several micro-batches before
+    one optimizer step (``mean_of_micro_batch_means``), in a PyTorch loop, a Keras optimizer
+    with ``gradient_accumulation_steps``, or ``optax.MultiSteps``.  What can and cannot be seen
+    is listed in docs/scaling-out.md ("What `diagnose` can see").  ``filename`` names the code
+    in the report.  The fix is unihead's contract: the step's weight summed with
+    ``compiled.loss_weight`` over the micro-batches, and ``loss(..., normalizer=W)``."""
+    from ._code import read_accumulation
+
+    if not isinstance(source, str):
+        raise TypeError(f"diagnose_code takes Python source text (a str); got {type(source).__name__}. "
+                        "For a file: diagnose_code(Path(path).read_text(), path).")
+    name = filename or "<code>"
+    found = read_accumulation(source, name)
+    findings: list[Finding] = []
+    for a in found:
+        what = (f"line {a.line}: {a.text} back-propagates {a.loss}, a mean over one micro-batch, and several "
+                f"micro-batches make one optimizer step: {a.how}.")
+        lines = {"unihead": _ACCUMULATION_FIX[a.framework]}
+        if a.varies:
+            findings.append(Finding(
+                "mean_of_micro_batch_means", "error", what,
+                f"{a.varies}: the step's gradient is a mean of the micro-batches' means, so an example in a "
+                "micro-batch with fewer kept labels (or less weight) counts more than one in a fuller micro-batch; "
+                "it is not the gradient of the full batch's mean.", None, lines))
+        else:
+            findings.append(Finding(
+                "mean_of_micro_batch_means", "warning", what,
+                "each micro-batch divides by its own number of examples: the step is the full batch's mean only "
+                "when every micro-batch has the same size (an epoch's last one often has fewer) and no label is "
+                "left out (nn.CrossEntropyLoss and F.cross_entropy leave out labels -100 by default).",
+                None, lines))
+    framework = found[0].framework if found else "code"
+    return Diagnosis(None, None, tuple(findings), f"{name} (training code, read, not run)", framework)
