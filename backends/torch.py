@@ -476,8 +476,11 @@ class TorchHead(CompiledHead):
         self._kernels = _Kernels(self._engine(), aot)
         self._in_graph = _in_graph(self._kernels)
         # loss_terms and normalizer= compute with this head's reduction="sum" twin: built now,
-        # not on a first call inside torch.compile (Dynamo cannot construct a head)
-        self._summed()
+        # not on a first call inside torch.compile (Dynamo cannot construct a head).  A subclass
+        # may set its own options after this __init__ (the twin is built with options()): its
+        # twin is built on first use
+        if type(self) is TorchHead:
+            self._summed()
 
     def options(self) -> dict[str, Any]:
         return {"validate": self.validate, "fused": self.fused}
