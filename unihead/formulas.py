@@ -57,6 +57,9 @@ __all__ = [
     "sigmoid_grad",
     "sparse_nll_wide",
     "sigmoid_hard_wide",
+    "softcap",
+    "softcap_slope",
+    "z_loss_grad_sparse",
 ]
 
 
@@ -444,6 +447,78 @@ def sigmoid_grad(ops: Ops, st: SigmoidStats, a: Any, b: Any, gamma: float, scale
     ga = focal_power(ops, st.q, gamma) * (gamma * pnlp + st.q)
     gb = focal_power(ops, st.p, gamma) * (gamma * qnlq + st.p)
     return scale * (b * gb - a * ga)
+
+
+# ------------------------------------------------------------------- logit soft-capping, z-loss
+def _split_quotient(ops: Ops, z: Any, s: float) -> tuple[Any, Any]:
+    """``x = fl(z / s)`` and ``x_lo``, the division's rounding error: ``x + x_lo = z / s`` to far
+    below ``x``'s last place.  ``s`` is taken in ``z``'s dtype (docs/semantics.md §5).
+
+    ``x * s`` is formed exactly as a double-length product (Veltkamp's splits of ``x`` and ``s``,
+    no FMA needed), so ``r = z - x s`` is exact (Sterbenz) and ``x_lo = r / s``.  Only where it
+    matters, ``|x| < 32`` (beyond, ``tanh`` is 1 and ``sech**2`` below 1e-27 in every dtype), and
+    for caps whose split cannot overflow; elsewhere (and for non-finite ``z``) ``x_lo`` is 0."""
+    xp = ops.xp
+    sd = ops.scalar(s, z)
+    x = z / sd
+    bits = ops.bits(x)
+    if abs(s) > 2.0 ** (100 if bits == 32 else 900):  # the split of s would overflow
+        return x, xp.zeros_like(x)
+    split = float(2 ** (27 if bits == 64 else 12) + 1)  # Veltkamp: a = hi + lo, each half-length
+    small = xp.abs(x) < 32.0
+    xs = ops.where0(small, x)
+    c = xs * split
+    hi = c - (c - xs)
+    lo = xs - hi
+    c = sd * split
+    s_hi = c - (c - sd)
+    s_lo = sd - s_hi
+    p = xs * sd
+    err = ((hi * s_hi - p) + hi * s_lo + lo * s_hi) + lo * s_lo  # x s - fl(x s), exactly
+    r = (ops.where0(small, z) - p) - err  # z - x s
+    return x, r / sd
+
+
+def softcap(ops: Ops, z: Any, s: float) -> Any:
+    """The soft-capped logits ``s * tanh(z / s)`` (Gemma 2), in ``z``'s dtype.  ``z = +-inf``
+    give ``+-s``, as the formula (and every native implementation) does; NaN stays NaN.
+
+    ``tanh(z / s)`` is ``tanh(x) + x_lo sech**2(x)`` with ``x + x_lo = z / s``
+    (:func:`_split_quotient`): the division's rounding, carried through ``tanh``'s slope, would
+    otherwise cost up to an ulp more.  The result is a few roundings from exact; its error is
+    *absolute* on the scale of ``s``, which the loss sees through differences of capped logits
+    (docs/semantics.md §11)."""
+    x, x_lo = _split_quotient(ops, z, s)
+    return ops.scalar(s, z) * (ops.xp.tanh(x) + x_lo * _sech2(ops, x, None))
+
+
+def _sech2(ops: Ops, x: Any, x_lo: Any) -> Any:
+    """``sech(x + x_lo)**2 = 4 u / (1 + u)**2`` with ``u = exp(-2|x + x_lo|)``, no cancellation
+    at any ``x`` (``1 - tanh(x)**2`` loses every digit once ``tanh(x)`` rounds near 1).  The
+    slope's relative condition number is ``2|x|``: ``x_lo`` (or None) goes into the
+    exponential's argument, to first order (``x_lo**2`` is below rounding)."""
+    xp = ops.xp
+    u = xp.exp(-2.0 * xp.abs(x))
+    if x_lo is not None:
+        sgn = xp.where(x < 0, ops.scalar(-1.0, x), ops.scalar(1.0, x))
+        u = u - u * (2.0 * sgn * x_lo)
+    v = 1.0 + u
+    return (4.0 * u) / (v * v)
+
+
+def softcap_slope(ops: Ops, z: Any, s: float) -> Any:
+    """``d/dz [s tanh(z / s)] = sech(z / s)**2`` to a few ulp at every ``z`` (0 at ``+-inf``,
+    NaN at NaN), for the chain rule of a soft-capped head."""
+    x, x_lo = _split_quotient(ops, z, s)
+    return _sech2(ops, x, x_lo)
+
+
+def z_loss_grad_sparse(ops: Ops, A: Any, den: Any, y: Any, Yy: Any, coef: Any) -> Any:
+    """``coef * softmax(z)`` from the :class:`SparseStats` fields (``A`` off the target, ``Yy`` at
+    it, over ``den``); ``coef`` ``(...)`` is ``scale * 2 c lse``: the z-loss term's gradient."""
+    xp = ops.xp
+    c = coef / den
+    return ops.put_last(A * xp.expand_dims(c, axis=-1), y, Yy * c)
 
 
 # ------------------------------------------------------------------------ the wide policy

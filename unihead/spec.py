@@ -33,8 +33,12 @@ LABEL_FORMATS = {
 _DEFAULT_FORMAT = {"binary": "binary", "multiclass": "sparse", "multilabel": "multi_hot"}
 REDUCTIONS = ("mean", "sum", "none")
 
-#: Version of the dict/JSON form written by :meth:`ClassificationHead.to_dict`.
-SPEC_VERSION = 1
+#: Version of the dict/JSON form written by :meth:`ClassificationHead.to_dict`: the newest this
+#: unihead reads.  Version 2 added ``z_loss`` and ``logit_softcap``; a head that uses neither is
+#: written as version 1 (without those keys), so that older unihead versions still read it, and
+#: one that uses them is refused by those with "written with spec version 2; upgrade unihead".
+SPEC_VERSION = 2
+_SINCE = {"z_loss": 2, "logit_softcap": 2}  # the keys newer than version 1, and their version
 _FORMAT_TAG = "unihead.ClassificationHead"
 
 _ALL_FORMATS = tuple(sorted({f for fs in LABEL_FORMATS.values() for f in fs}))
@@ -151,6 +155,10 @@ class ClassificationHead:
     - ``focal_gamma``: focal-loss exponent (0 = plain cross-entropy).
     - ``reduction``: ``"mean"`` (weighted mean), ``"sum"`` or ``"none"`` (per example).
     - ``threshold``: decision threshold on P(positive) for binary and multilabel heads.
+    - ``z_loss``: coefficient ``c >= 0`` of PaLM's auxiliary loss ``c * logsumexp(z)**2``, added
+      to each example's loss (softmax heads only: multiclass, binary with ``binary_units=2``).
+    - ``logit_softcap``: ``s > 0`` or None: the logits become ``s * tanh(z / s)`` (Gemma 2) before
+      everything else (probabilities, predictions, the loss and its gradient); every task.
     """
 
     task: str
@@ -164,6 +172,8 @@ class ClassificationHead:
     focal_gamma: float = 0.0
     reduction: str = "mean"
     threshold: float = 0.5
+    z_loss: float = 0.0
+    logit_softcap: float | None = None
 
     # ------------------------------------------------------------------ construction
     def __post_init__(self) -> None:
@@ -376,6 +386,32 @@ class ClassificationHead:
             )
         set_(self, "threshold", thr)
 
+        # ---- z-loss, logit soft-capping
+        zl = _as_real("z_loss", self.z_loss)
+        if zl < 0:
+            raise HeadSpecError(
+                f"z_loss must be >= 0, got {zl}: it is the coefficient c of c * logsumexp(z)**2 "
+                f"added to each example's loss (0 turns it off; PaLM uses 1e-4)."
+            )
+        if zl != 0.0 and self.activation != "softmax":
+            raise HeadSpecError(
+                "z_loss applies to softmax heads: it penalises log(sum(exp(z))), the softmax's "
+                "normaliser, and a sigmoid has none. Remove z_loss"
+                + (", or write ClassificationHead.binary(binary_units=2, z_loss=...) (two logits "
+                   "+ softmax)." if task == "binary" else
+                   " (a multilabel head is K independent sigmoids).")
+            )
+        set_(self, "z_loss", zl)
+        cap = self.logit_softcap
+        if cap is not None:
+            cap = _as_real("logit_softcap", cap)
+            if cap <= 0:
+                raise HeadSpecError(
+                    f"logit_softcap must be > 0 (the cap s of s * tanh(z / s); Gemma 2 uses 30.0), "
+                    f"got {cap}. For no cap write logit_softcap=None."
+                )
+        set_(self, "logit_softcap", cap)
+
     # ------------------------------------------------------------------ readable constructors
     @classmethod
     def binary(
@@ -390,6 +426,8 @@ class ClassificationHead:
         focal_gamma: float = 0.0,
         reduction: str = "mean",
         threshold: float = 0.5,
+        z_loss: float = 0.0,
+        logit_softcap: float | None = None,
     ) -> "ClassificationHead":
         """A two-class head.  ``binary_units=1``: one logit + sigmoid; ``2``: two logits + softmax.
         Labels are 0/1 per example either way."""
@@ -404,6 +442,8 @@ class ClassificationHead:
             focal_gamma=focal_gamma,
             reduction=reduction,
             threshold=threshold,
+            z_loss=z_loss,
+            logit_softcap=logit_softcap,
         )
 
     @classmethod
@@ -417,6 +457,8 @@ class ClassificationHead:
         ignore_index: int | None = None,
         focal_gamma: float = 0.0,
         reduction: str = "mean",
+        z_loss: float = 0.0,
+        logit_softcap: float | None = None,
     ) -> "ClassificationHead":
         """Exactly one of ``num_classes`` classes per example: K logits + softmax."""
         return cls(
@@ -428,6 +470,8 @@ class ClassificationHead:
             ignore_index=ignore_index,
             focal_gamma=focal_gamma,
             reduction=reduction,
+            z_loss=z_loss,
+            logit_softcap=logit_softcap,
         )
 
     @classmethod
@@ -442,6 +486,7 @@ class ClassificationHead:
         focal_gamma: float = 0.0,
         reduction: str = "mean",
         threshold: float = 0.5,
+        logit_softcap: float | None = None,
     ) -> "ClassificationHead":
         """Any subset of ``num_classes`` independent labels per example: K logits + sigmoid each."""
         return cls(
@@ -454,6 +499,7 @@ class ClassificationHead:
             focal_gamma=focal_gamma,
             reduction=reduction,
             threshold=threshold,
+            logit_softcap=logit_softcap,
         )
 
     @classmethod
@@ -507,9 +553,10 @@ class ClassificationHead:
     def to_dict(self) -> dict[str, Any]:
         """Plain, versioned, JSON-compatible form.  ``from_dict(to_dict())`` gives an equal head."""
         pw = self.pos_weight
+        newer = {k: getattr(self, k) for k in _SINCE if getattr(self, k) != _FIELD_DEFAULTS[k]}
         return {
             "format": _FORMAT_TAG,
-            "version": SPEC_VERSION,
+            "version": max((_SINCE[k] for k in newer), default=1),
             "task": self.task,
             "num_classes": self.num_classes,
             "label_format": self.label_format,
@@ -521,6 +568,7 @@ class ClassificationHead:
             "focal_gamma": self.focal_gamma,
             "reduction": self.reduction,
             "threshold": self.threshold,
+            **newer,
         }
 
     @classmethod
@@ -550,6 +598,12 @@ class ClassificationHead:
                 )
         if "task" not in data:
             raise HeadSpecError("Head description has no 'task' key.")
+        for key, since in _SINCE.items():
+            if key in data and version < since:
+                raise HeadSpecError(
+                    f"Key {key!r} is new in spec version {since}, and this description says version "
+                    f"{version}: write 'version': {since} (or leave 'version' out)."
+                )
 
         def check(key: str, ok: bool, expected: str) -> None:
             if not ok:
@@ -578,6 +632,8 @@ class ClassificationHead:
             "focal_gamma": (is_num, "a number"),
             "reduction": (lambda v: isinstance(v, str), "a string"),
             "threshold": (is_num, "a number"),
+            "z_loss": (is_num, "a number"),
+            "logit_softcap": (lambda v: v is None or is_num(v), "a number or null"),
         }
         for key, value in data.items():
             ok, expected = schema[key]
@@ -611,3 +667,6 @@ class ClassificationHead:
             if value != defaults[f.name]:
                 parts.append(f"{f.name}={list(value) if isinstance(value, tuple) else value!r}")
         return f"ClassificationHead.{self.task}({', '.join(parts)})"
+
+
+_FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ClassificationHead)}
