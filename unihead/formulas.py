@@ -455,9 +455,10 @@ def _split_quotient(ops: Ops, z: Any, s: float) -> tuple[Any, Any]:
     below ``x``'s last place.  ``s`` is taken in ``z``'s dtype (docs/semantics.md §5).
 
     ``x * s`` is formed exactly as a double-length product (Veltkamp's splits of ``x`` and ``s``,
-    no FMA needed), so ``r = z - x s`` is exact (Sterbenz) and ``x_lo = r / s``.  Only where it
-    matters, ``|x| < 32`` (beyond, ``tanh`` is 1 and ``sech**2`` below 1e-27 in every dtype), and
-    for caps whose split cannot overflow; elsewhere (and for non-finite ``z``) ``x_lo`` is 0."""
+    no FMA needed), so ``r = z - x s`` is exact (Sterbenz) and ``x_lo = r / s``.  Where
+    ``sech(x)**2`` is a normal number (``|x| < 64`` in float32, ``< 400`` in float64; beyond, the
+    slope underflows and ``tanh`` is 1), and for caps whose split cannot overflow; elsewhere (and
+    for non-finite ``z``) ``x_lo`` is 0."""
     xp = ops.xp
     sd = ops.scalar(s, z)
     x = z / sd
@@ -465,7 +466,7 @@ def _split_quotient(ops: Ops, z: Any, s: float) -> tuple[Any, Any]:
     if abs(s) > 2.0 ** (100 if bits == 32 else 900):  # the split of s would overflow
         return x, xp.zeros_like(x)
     split = float(2 ** (27 if bits == 64 else 12) + 1)  # Veltkamp: a = hi + lo, each half-length
-    small = xp.abs(x) < 32.0
+    small = xp.abs(x) < (400.0 if bits == 64 else 64.0)
     xs = ops.where0(small, x)
     c = xs * split
     hi = c - (c - xs)
