@@ -36,6 +36,8 @@ __all__ = ["Finding", "Diagnosis", "Inferred", "infer", "diagnose", "diagnose_co
 
 _FRAMEWORK = {"torch": "PyTorch", "keras": "Keras"}
 _CATEGORICAL = ("categorical_ce", "sparse_ce", "ce", "nll")
+#: how a key of ``Finding.lines`` is printed: the framework's or the model library's name
+_LINES_LABEL = {"keras": "Keras", "torch": "PyTorch", "unihead": "unihead", "timm": "timm", "keras_hub": "keras-hub"}
 _PRODUCES = {"linear": "logits", "softmax": "probabilities", "sigmoid": "probabilities",
              "log_softmax": "log-probabilities"}
 
@@ -46,7 +48,8 @@ class Finding:
     ``"info"``), ``what`` is wrong, ``why`` it matters, the ``fix`` as a head, and ``lines``:
     how to write the fix natively and with unihead (``{"keras"|"torch": ..., "unihead": ...}``,
     from :func:`unihead._native.native_lines`: the native entry is code only where a native loss
-    gives the fix's numbers, otherwise the sentence saying that none does, and why)."""
+    gives the fix's numbers, otherwise the sentence saying that none does, and why), and for a
+    model of a model library also with that library (``"timm"``, ``"keras_hub"``)."""
 
     code: str
     severity: str
@@ -59,10 +62,11 @@ class Finding:
         out = [f"{self.severity.upper()} [{self.code}] {self.what}", f"    why: {self.why}"]
         if self.fix is not None or self.lines:
             out.append(f"    fix: {self.fix!r}" if self.fix is not None else "    fix:")
+            labels = {k: _LINES_LABEL.get(k, k) + ":" for k in self.lines}
+            width = max([8, *map(len, labels.values())])
             for k, v in self.lines.items():
-                label = {"keras": "Keras", "torch": "PyTorch", "unihead": "unihead"}.get(k, k)
-                body = v.replace("\n", "\n" + " " * 15)
-                out.append(f"      {label + ':':<8} {body}")
+                body = v.replace("\n", "\n" + " " * (7 + width))
+                out.append(f"      {labels[k]:<{width}} {body}")
         return "\n".join(out)
 
 
@@ -208,9 +212,46 @@ def infer(model: Any, loss: Any = None, labels: Any = None) -> Inferred:
     reads as the binary head it was meant to be; run :func:`diagnose` to see what is wrong), with
     its weights in the canonical layout.  ``loss``: the PyTorch criterion, or a Keras loss to
     use instead of the compiled one; ``labels`` (optional) settle the label format and width."""
+    r, s, notes = _read(model, loss, labels)
+    return Inferred(_head(r, s, notes), _weights(r))
+
+
+def _read(model: Any, loss: Any, labels: Any) -> tuple[Reading, LabelSummary | None, list[str]]:
+    """The model and loss read, and the labels summarised as the loss sees them."""
     r = read_model(model, loss)
-    s = _labels_summary(labels)
-    return Inferred(_head(r, s, []), _weights(r))
+    notes: list[str] = []
+    if r.loss is not None and r.loss.options.get("one_hot_ids"):
+        r, labels = _one_hot_ids(r, labels, notes)
+    return r, _labels_summary(labels), notes
+
+
+def _one_hot_ids(r: Reading, labels: Any, notes: list[str]) -> tuple[Reading, Any]:
+    """A loss that one-hot encodes integer ids over the outputs itself (timm's
+    ``BinaryCrossEntropy``) trains on 0/1 rows: the labels are read as those rows, and the
+    targets it smooths and thresholds them to decide the head's ``label_smoothing`` (none when
+    no unihead smoothing gives them; the rules say so)."""
+    from ._timm import bce_targets
+
+    L, u = r.loss, r.units
+    if labels is None:
+        ids = True
+        notes.append(f"{L.name} given integer class ids (timm's train.py without Mixup/CutMix): it one-hot "
+                     f"encodes them over the {u} output{'s' * (u != 1)}")
+    else:
+        if hasattr(labels, "detach"):
+            labels = labels.detach().cpu().numpy()
+        arr = np.asarray(labels)
+        ids = arr.ndim == 1 or arr.ndim == 2 and arr.shape[-1] != u
+        if ids and u >= 2 and arr.ndim == 1 and arr.size and np.issubdtype(arr.dtype, np.integer) \
+                and arr.min() >= 0 and arr.max() < u:
+            labels = np.eye(u, dtype=np.float32)[arr]
+    off, on = bce_targets(L.options, u, ids)
+    hard = (off, on) == (0.0, 1.0)
+    symmetric = not hard and off < on and abs(on + off - 1.0) < 1e-9
+    smoothing = 2.0 * off if symmetric else 0.0
+    smoothed = bce_targets(dict(L.options, target_threshold=None), u, ids)
+    opts = dict(L.options, ids=ids, targets=(off, on), smoothed=smoothed, representable=hard or symmetric)
+    return dataclasses.replace(r, loss=dataclasses.replace(L, label_smoothing=smoothing, options=opts)), labels
 
 
 def _head(r: Reading, s: LabelSummary | None, notes: list[str]) -> ClassificationHead:
@@ -231,6 +272,14 @@ class _Ctx:
     def add(self, code: str, severity: str, what: str, why: str, fix: ClassificationHead | None = None) -> None:
         fix = self.head if fix is None and severity != "info" else fix
         lines = native_lines(fix, self.fw, self.r.in_features) if fix is not None else {}
+        if fix is not None and self.r.library == "timm":
+            from ._timm import timm_lines
+
+            lines["timm"] = timm_lines(fix, self.r.options.get("architecture"))
+        elif fix is not None and self.r.library == "keras_hub":
+            from ._keras_hub import keras_hub_lines
+
+            lines["keras_hub"] = keras_hub_lines(fix, self.r.options.get("task"))
         self.findings.append(Finding(code, severity, what, why, fix, lines))
 
     @property
@@ -238,6 +287,8 @@ class _Ctx:
         lr = self.r.loss
         if lr is None:
             return ""
+        if lr.call:
+            return lr.call
         if self.fw == "keras" and lr.name[:1].islower():
             return f"'{lr.name}'"
         return lr.name + ("(from_logits=True)" if self.fw == "keras" and lr.from_logits and lr.kind != "unihead"
@@ -332,6 +383,11 @@ def _rules(c: _Ctx) -> None:
               "for exclusive classes the matching loss is categorical cross-entropy (and Keras' 'accuracy' "
               "becomes binary accuracy per output, which looks better than it is).")
 
+    # ---- a model library's own loss
+    if L is not None and L.library == "timm" and L.name == "BinaryCrossEntropy":
+        if _timm_bce_rules(c):
+            return
+
     # ---- labels
     if s is not None:
         _label_rules(c, s)
@@ -339,6 +395,56 @@ def _rules(c: _Ctx) -> None:
     # ---- where the framework's numbers differ from the spec's
     if L is not None:
         _native_differences(c, L)
+
+
+def _timm_bce_rules(c: _Ctx) -> bool:
+    """timm's ``BinaryCrossEntropy``: how it builds its targets (unihead/_timm.py).  True when
+    the targets it trains on are unusable (the label rules then have nothing to add)."""
+    r, L = c.r, c.r.loss
+    o, u = L.options, r.units
+    off, on = o["targets"]
+    s, t = o["smoothing"], o["target_threshold"]
+    if u == 1 and o["ids"]:
+        c.add("timm_bce_ids_one_output", "error" if c.s is not None else "warning",
+              f"{c.loss_name} on {r.where}, one output, with integer labels"
+              + (f" ({c.s.describe()})" if c.s is not None else " (assumed: none given)") + ".",
+              "timm's BinaryCrossEntropy one-hot encodes integer targets over the outputs: over one output "
+              f"label 0 becomes the target {on:g} (a positive: every example is trained as class 1) and label 1 "
+              "is out of range (RuntimeError: index 1 is out of bounds). A one-output binary model needs its "
+              "0/1 labels as a float column of the logits' shape (N, 1).")
+        return True
+    if off == on:
+        c.add("timm_bce_constant_targets", "error",
+              f"{c.loss_name}: target_threshold={t!r} turns every target into {on:g} (the smoothed targets are "
+              f"{o['smoothed'][0]:g} and {o['smoothed'][1]:g}, both {'above' if on else 'at or below'} it).",
+              "target > target_threshold is the same for positives and negatives, so the labels are lost and "
+              "the model learns a constant. The threshold must lie between the smoothed targets "
+              f"({o['smoothed'][0]:g} <= t < {o['smoothed'][1]:g}).")
+        return True
+    if s and t is not None and (off, on) == (0.0, 1.0) and (o["ids"] or o["smooth_dense"]):
+        c.add("timm_bce_smoothing_cancelled", "warning",
+              f"{c.loss_name}: target_threshold={t!r} turns the smoothed targets back into 0 and 1, so "
+              f"smoothing={s!r} has no effect.",
+              "the threshold is applied after the smoothing: the model trains on hard 0/1 targets (the head "
+              "shown has no smoothing). Drop one of the two: smoothing=0.0 says what is trained.")
+    elif s and not o["ids"] and not o["smooth_dense"]:
+        c.add("timm_bce_smoothing_ignored", "info",
+              f"{c.loss_name}: smoothing={s!r} is not applied: the targets already have the logits' shape.",
+              "timm smooths only the integer ids it one-hot encodes itself; targets of shape (N, K) (Mixup/CutMix "
+              "output, multi-hot rows) are used as given unless smooth_dense=True.")
+    elif not o["representable"]:
+        c.add("timm_bce_smoothing", "info",
+              f"{c.loss_name} on integer ids over {u} outputs trains towards {off:g} and {on:g}: no unihead "
+              "head gives these numbers (the head shown has no smoothing).",
+              f"timm spreads smoothing={s!r} like a categorical smoothing (off = s/K, on = 1 - s + s/K, so each "
+              "target row sums to 1); the binary and multilabel smoothing of unihead (and of Keras' "
+              "BinaryCrossentropy) is symmetric, y(1 - s) + s/2, the same only for K = 2.")
+    if o["sum_classes"]:
+        c.add("timm_bce_sum_classes", "info",
+              f"{c.loss_name} sums the loss over the {u} classes: it is {u}x unihead's mean.",
+              "unihead (and Keras) average the labels of an example, then the examples; sum_classes=True adds the "
+              f"labels instead, so the loss and its gradients are {u} times larger (the effective learning rate too).")
+    return False
 
 
 def _label_rules(c: _Ctx, s: LabelSummary) -> None:
@@ -406,15 +512,15 @@ def _native_differences(c: _Ctx, L: LossReading) -> None:
                   f"{c.loss_name or L.name} does not give the numbers of {h!r}, the head its options describe: "
                   + nl.note,
                   f"the same options give different losses and gradients in {_FRAMEWORK[c.fw]} and in unihead.")
-    if L.name == "BCEWithLogitsLoss" and h.task == "multilabel":
+    if L.name in ("BCEWithLogitsLoss", "BinaryCrossEntropy") and h.task == "multilabel":
         if L.reduction == "sum":
             c.add("differs_from_native", "info",
-                  f"BCEWithLogitsLoss(reduction='sum') sums over the {h.num_outputs} labels too: it is "
+                  f"{L.name}(reduction='sum') sums over the {h.num_outputs} labels too: it is "
                   f"{h.num_outputs}x unihead's 'sum' (docs/semantics.md §10, row ml2).",
                   "unihead (and Keras) average the labels of an example, then sum the examples.")
         if L.class_weights is not None:
             c.add("differs_from_native", "info",
-                  "BCEWithLogitsLoss(weight=w) divides by N*K, not by the weights: it is mean(w) times "
+                  f"{L.name}(weight=w) divides by N*K, not by the weights: it is mean(w) times "
                   "unihead's class_weights=w (docs/semantics.md §10, row ml5).",
                   "the loss scale (and so the effective learning rate) differs by mean(w).")
     if L.name == "CategoricalFocalCrossentropy":
@@ -462,9 +568,7 @@ def diagnose(model: Any, loss: Any = None, labels: Any = None) -> Diagnosis:
     activation or a following ``Activation``/``Softmax`` layer, and its compiled loss, or
     ``loss``), or a PyTorch module/``nn.Linear`` with its criterion as ``loss``.  ``labels``
     (a label array, optional) enable the label checks.  A correct head gives no finding."""
-    r = read_model(model, loss)
-    s = _labels_summary(labels)
-    notes: list[str] = []
+    r, s, notes = _read(model, loss, labels)
     head = _head(r, s, notes)
     ctx = _Ctx(r, s, head)
     _rules(ctx)

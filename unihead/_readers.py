@@ -41,6 +41,11 @@ class LossReading:
     focal_gamma: float = 0.0
     reduction: str = "mean"
     head: ClassificationHead | None = None
+    #: the library the loss comes from when it is not the framework's own (``"timm"``), how it is
+    #: written (``"timm.loss.BinaryCrossEntropy(smoothing=0.1)"``) and its library-specific options
+    library: str | None = None
+    call: str = ""
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -55,6 +60,9 @@ class Reading:
     loss: LossReading | None
     head: ClassificationHead | None = None  # a unihead layer carries its spec
     layer: Any = None
+    #: a model of a model library (``"timm"``, ``"keras_hub"``): its classifier is the layer read
+    library: str | None = None
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def _name(fn: Any) -> str:
@@ -203,18 +211,39 @@ def _torch_loss(loss: Any) -> LossReading:
 
 
 # ------------------------------------------------------------------------------ entry points
+def _library(obj: Any) -> str:
+    """The top-level package an object's class comes from (``"timm"``, ``"keras_hub"``): model
+    libraries are recognised by it, so that none of them is imported to check."""
+    return type(obj).__module__.partition(".")[0]
+
+
 def read_loss(loss: Any) -> LossReading:
     if isinstance(loss, LossReading):
         return loss
+    if _library(loss) == "timm":
+        from ._timm import timm_loss
+
+        return timm_loss(loss)
     if _is_torch(loss):
         return _torch_loss(loss)
     return _keras_loss(loss)
 
 
 def read_model(model: Any, loss: Any = None) -> Reading:
-    """The :class:`Reading` of a Keras model/``Dense`` or a PyTorch module/``nn.Linear``."""
+    """The :class:`Reading` of a Keras model/``Dense`` or a PyTorch module/``nn.Linear``; a timm
+    model (its ``get_classifier()``) or a keras-hub ``*Classifier`` task (its output ``Dense``
+    and ``activation``) is read through its library's own accessors (unihead/_timm.py,
+    unihead/_keras_hub.py)."""
+    if _library(model) == "keras_hub" and _is_keras(model):
+        from ._keras_hub import keras_hub_reading
+
+        return keras_hub_reading(model, loss)
     if _is_keras(model):
         return _keras_reading(model, loss)
+    if _library(model) == "timm" and _is_torch(model):
+        from ._timm import timm_reading
+
+        return timm_reading(model, loss)
     if _is_torch(model):
         return _torch_reading(model, loss)
     head = getattr(model, "head", None)
