@@ -172,6 +172,6 @@ def timm_lines(head: ClassificationHead, architecture: str | None) -> str:
                            "which moves them towards 0.5 like unihead's")
     if h.task == "binary":
         return (f"{model}\nloss_fn = timm.loss.BinaryCrossEntropy({', '.join(args)})\n"
-                "loss = loss_fn(logits, labels.float().unsqueeze(-1))  # labels: 0/1 as a float column (N, 1)")
+                "loss = loss_fn(logits, labels.to(logits.dtype).unsqueeze(-1))  # labels: 0/1 as a float column (N, 1)")
     return (f"{model}\nloss_fn = timm.loss.BinaryCrossEntropy({', '.join(args)})\n"
-            "loss = loss_fn(logits, labels.float())  # labels: 0/1 rows, shape (N, K)")
+            "loss = loss_fn(logits, labels.to(logits.dtype))  # labels: 0/1 rows, shape (N, K)")
