@@ -340,7 +340,9 @@ def _rules(c: _Ctx) -> None:
                   f"{r.where} outputs probabilities, but {c.loss_name} expects logits and applies the "
                   f"{'softmax' if kind in _CATEGORICAL else 'sigmoid'} itself.",
                   "the activation is applied twice: the loss sees squashed values in [0, 1], its gradient "
-                  "shrinks towards zero and training stalls (or is stuck at chance).")
+                  "shrinks towards zero and training stalls (or is stuck at chance)."
+                  + (" (Keras on TensorFlow takes the logits behind a softmax/sigmoid layer and only warns, so "
+                     "the same model trains right there and wrong on JAX and PyTorch.)" if c.fw == "keras" else ""))
         elif produces == "logits" and expects == "probabilities":
             c.add("loss_expects_probabilities", "error",
                   f"{r.where} outputs logits, but {c.loss_name} expects probabilities "
