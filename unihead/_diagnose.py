@@ -407,13 +407,16 @@ def _timm_bce_rules(c: _Ctx) -> bool:
     off, on = o["targets"]
     s, t = o["smoothing"], o["target_threshold"]
     if u == 1 and o["ids"]:
-        c.add("timm_bce_ids_one_output", "error" if c.s is not None else "warning",
-              f"{c.loss_name} on {r.where}, one output, with integer labels"
-              + (f" ({c.s.describe()})" if c.s is not None else " (assumed: none given)") + ".",
-              "timm's BinaryCrossEntropy one-hot encodes integer targets over the outputs: over one output "
-              f"label 0 becomes the target {on:g} (a positive: every example is trained as class 1) and label 1 "
-              "is out of range (RuntimeError: index 1 is out of bounds). A one-output binary model needs its "
-              "0/1 labels as a float column of the logits' shape (N, 1).")
+        why = ("timm's BinaryCrossEntropy one-hot encodes integer targets over the outputs: over one output "
+               f"label 0 becomes the target {on:g} (a positive: every example is trained as class 1) and label 1 "
+               "is out of range (RuntimeError: index 1 is out of bounds). A one-output binary model needs its "
+               "0/1 labels as a float column of the logits' shape (N, 1).")
+        if c.s is not None:
+            c.add("timm_bce_ids_one_output", "error",
+                  f"{c.loss_name} on {r.where}, one output, with integer labels ({c.s.describe()}).", why)
+        else:
+            c.add("timm_bce_ids_one_output", "warning",
+                  f"{c.loss_name} on {r.where}, one output: integer labels (assumed: none given) are misread.", why)
         return True
     if off == on:
         c.add("timm_bce_constant_targets", "error",
