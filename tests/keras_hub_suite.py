@@ -107,6 +107,24 @@ def test_keras_hubs_auto_loss(backbone, activation, codes):
         assert measured_error(model, y, y) < 1e-4
 
 
+def test_a_task_compiles_itself_before_its_activation_is_set(backbone):
+    """keras-hub's Task.__init__ compiles with loss="auto" before the classifier sets activation:
+    built with a softmax and not compiled again, the task trains with from_logits=True."""
+    model = classifier(backbone, activation="softmax")  # no compile: fit() would work as it is
+    d = unihead.diagnose(model)
+    assert d.codes == ("double_activation",) and "compiles itself when built" in d.errors[0].why
+    y = np.array([0, 1, 2, 1, 0, 2])
+    if keras.backend.backend() != "tensorflow":  # TensorFlow takes the logits behind the softmax
+        assert measured_error(model, y, y) > 1e-4
+    model.compile()  # compiled again, the auto loss sees the activation
+    assert unihead.diagnose(model).findings == () and measured_error(model, y, y) < 1e-4
+
+
+def test_a_backbone_is_refused_with_the_reason(backbone):
+    with pytest.raises(ValueError, match="BertBackbone has no classifier head"):
+        unihead.diagnose(backbone)
+
+
 def test_one_class_with_the_auto_loss(backbone):
     """num_classes=1 and loss="auto": a categorical loss over one output, always 0."""
     model = classifier(backbone, k=1)

@@ -342,7 +342,10 @@ def _rules(c: _Ctx) -> None:
                   "the activation is applied twice: the loss sees squashed values in [0, 1], its gradient "
                   "shrinks towards zero and training stalls (or is stuck at chance)."
                   + (" (Keras on TensorFlow takes the logits behind a softmax/sigmoid layer and only warns, so "
-                     "the same model trains right there and wrong on JAX and PyTorch.)" if c.fw == "keras" else ""))
+                     "the same model trains right there and wrong on JAX and PyTorch.)" if c.fw == "keras" else "")
+                  + (" A keras-hub task compiles itself when built, before its activation is set, with "
+                     "from_logits=True: built with an activation and not compiled again, it trains so."
+                     if r.library == "keras_hub" and L.from_logits else ""))
         elif produces == "logits" and expects == "probabilities":
             c.add("loss_expects_probabilities", "error",
                   f"{r.where} outputs logits, but {c.loss_name} expects probabilities "

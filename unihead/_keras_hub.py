@@ -4,7 +4,11 @@
 A keras-hub classifier (``keras_hub.models.ImageClassifier``, ``BertTextClassifier``, ...) is a
 functional Keras model whose head is ``model.output_dense``: a ``Dense(num_classes,
 activation=activation)``, where ``activation=None`` (the default) outputs logits and
-``"softmax"`` probabilities.  Its ``compile(loss="auto")`` (keras-hub 0.32) picks
+``"softmax"`` probabilities.  A task compiles itself when built (``Task.__init__(compile=True)``),
+*before* the classifier sets its ``activation``: until it is compiled again, its loss is
+``SparseCategoricalCrossentropy(from_logits=True)`` whatever the activation, so a task built
+with ``activation="softmax"`` and trained without its own ``compile`` applies the softmax twice.
+Its ``compile(loss="auto")`` (keras-hub 0.32) picks
 ``SparseCategoricalCrossentropy(from_logits=activation != softmax)``: right for ``None`` and
 ``"softmax"``, a double activation for ``"sigmoid"``, and over ``num_classes=1`` a categorical
 loss of one class (0 on JAX, an out-of-range error on PyTorch and TensorFlow).  A loss passed to
@@ -31,9 +35,15 @@ def keras_hub_reading(model: Any, loss: Any) -> Reading:
     """The :class:`Reading` of a keras-hub task: its ``output_dense`` and compiled loss."""
     import keras
 
+    if isinstance(model, keras.layers.Dense):
+        return _keras_reading(model, loss)
     dense = getattr(model, "output_dense", None)
     if not isinstance(dense, keras.layers.Dense):
-        return _keras_reading(model, loss)  # a keras-hub model without a classifier head: its last Dense
+        raise ValueError(
+            f"keras_hub {type(model).__name__} has no classifier head (no output_dense Dense layer): it outputs "
+            "features or another task's outputs, and unihead reads a classifier's head. Diagnose the classifier "
+            "task built on it, e.g. keras_hub.models.ImageClassifier(backbone, num_classes=K) or the "
+            "model's *TextClassifier.")
     r = _keras_reading(dense, loss if loss is not None else getattr(model, "loss", None))
     task = type(model).__name__
     where = f"keras_hub {task} (output_dense: {r.where})"
