@@ -226,16 +226,18 @@ def _head(r: Reading, s: LabelSummary | None, notes: list[str]) -> Classificatio
     return head
 
 
-def _read(model: Any, loss: Any, labels: Any) -> tuple[Reading, LabelSummary | None, bool | None, bool]:
+def _read(model: Any, loss: Any, labels: Any) -> tuple[Reading, LabelSummary | None, Any, bool]:
     """The model's reading and its labels' summary.  A transformers model without ``loss`` is
     read with its own ``forward``'s loss, which transformers chooses from the config and the
     labels' dtype (unihead._hf); its token labels are read one per token.  Also returns whether
-    the labels are int64/int32 (transformers' class ids; ``None`` without labels) and whether
-    the loss is the model's own."""
+    the labels are int64/int32 (transformers' class ids; ``None`` without labels) with their
+    dtype and shape, and whether the loss is the model's own."""
     r = read_model(model, loss)
     if r.hf is None:
         return r, _labels_summary(labels), None, False
     labels_int = labels_are_int(labels)
+    raw = None if labels is None else (labels_int, str(getattr(labels, "dtype", np.asarray(labels).dtype)),
+                                        tuple(np.shape(labels)))
     if labels is not None and r.hf.kind == "token":
         labels = np.reshape(labels.detach().cpu().numpy() if hasattr(labels, "detach") else np.asarray(labels),
                             -1)  # one label per token
@@ -245,11 +247,12 @@ def _read(model: Any, loss: Any, labels: Any) -> tuple[Reading, LabelSummary | N
         pt = effective_problem_type(r.hf, True if labels_int is None else labels_int)
         r.loss = {
             "regression": LossReading("other", None, "MSELoss"),
-            "single_label_classification": LossReading("ce", True, "CrossEntropyLoss",
+            # the forward flattens the labels (labels.view(-1)): class ids only, never rows
+            "single_label_classification": LossReading("sparse_ce", True, "CrossEntropyLoss",
                                                        ignore_index=HF_IGNORE_INDEX),
             "multi_label_classification": LossReading("binary_ce", True, "BCEWithLogitsLoss"),
         }.get(pt, LossReading("other", None, f"problem_type={pt!r}"))
-    return r, s, labels_int, own
+    return r, s, raw, own
 
 
 # ------------------------------------------------------------------------------ rules
@@ -268,6 +271,9 @@ class _Ctx:
         else:
             lines = native_lines(fix, self.fw, self.r.in_features)
         self.findings.append(Finding(code, severity, what, why, fix, lines))
+
+    def errors_found(self) -> bool:
+        return any(f.severity == "error" for f in self.findings)
 
     @property
     def loss_name(self) -> str:
@@ -484,10 +490,12 @@ def _hf_lines(fix: ClassificationHead, info: HFInfo) -> dict[str, str]:
                        "trainer = Trainer(model, args, train_dataset=..., compute_loss_func=trainer_loss(model))"}
 
 
-def _hf_rules(c: _Ctx, labels_int: bool | None, own: bool) -> None:
-    """The traps of transformers' models (unihead._hf has the rules they follow)."""
+def _hf_rules(c: _Ctx, raw: Any, own: bool) -> None:
+    """The traps of transformers' models (unihead._hf has the rules they follow).  ``raw``: the
+    labels as given, ``(is int64/int32, dtype, shape)``, or None."""
     r, s, info = c.r, c.s, c.r.hf
     u = r.units
+    labels_int = None if raw is None else raw[0]
     if info.num_labels != u:
         c.add("hf_num_labels_mismatch", "error",
               f"config.num_labels = {info.num_labels}, but the model's {info.layer_path} has {u} outputs.",
@@ -545,6 +553,20 @@ def _hf_rules(c: _Ctx, labels_int: bool | None, own: bool) -> None:
                   "int64/int32 labels make it CrossEntropyLoss (softmax), any other dtype (float, but also uint8, "
                   "int16 or bool) BCEWithLogitsLoss (sigmoids); pipelines follow what was written. Set "
                   "problem_type in the config (unihead.backends.transformers.hf_config(head) gives it).")
+        if raw is not None and not c.errors_found() and pt in ("single_label_classification",
+                                                               "multi_label_classification"):
+            dtype, shape = raw[1].replace("torch.", ""), raw[2]
+            single = pt == "single_label_classification"
+            fits = labels_int if single else (dtype.startswith(("float", "bfloat")) and len(shape) == 2
+                                              and shape[-1] == u)
+            if not fits:
+                c.add("hf_labels_mismatch", "error",
+                      f"{info.describe()}'s forward trains {c.loss_name} on these labels ({dtype}, shape {shape}), "
+                      "which it cannot take: "
+                      + ("its CrossEntropyLoss needs int64 class ids, one per example." if single else
+                         f"its BCEWithLogitsLoss needs float 0/1 rows of shape (N, {u}), one column per output."),
+                      "the first training step fails with a dtype or shape error from inside the model's forward. "
+                      + ("Pass labels.long()." if single else f"Pass labels.float(), shape (N, {u})."))
         if info.kind == "token" and info.problem_type not in (None, "single_label_classification"):
             c.add("hf_problem_type_ignored", "warning",
                   f"{info.describe()}: a token classifier's forward ignores problem_type; it always trains "
@@ -601,13 +623,13 @@ def diagnose(model: Any, loss: Any = None, labels: Any = None) -> Diagnosis:
     activation or a following ``Activation``/``Softmax`` layer, and its compiled loss, or
     ``loss``), or a PyTorch module/``nn.Linear`` with its criterion as ``loss``.  ``labels``
     (a label array, optional) enable the label checks.  A correct head gives no finding."""
-    r, s, labels_int, own = _read(model, loss, labels)
+    r, s, raw, own = _read(model, loss, labels)
     notes: list[str] = []
     head = _head(r, s, notes)
     ctx = _Ctx(r, s, head)
     _rules(ctx)
     if r.hf is not None:
-        _hf_rules(ctx, labels_int, own)
+        _hf_rules(ctx, raw, own)
         if own and labels is None and r.hf.kind == "sequence" and r.hf.problem_type is None and r.units >= 2:
             notes.append("no labels given: read with int64 class ids, which make the model's forward use "
                          "CrossEntropyLoss (float labels would make it BCEWithLogitsLoss)")
