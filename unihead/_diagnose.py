@@ -267,7 +267,7 @@ class _Ctx:
         if fix is None:
             lines = {}
         elif self.r.hf is not None:
-            lines = _hf_lines(fix, self.r.hf)
+            lines = _hf_lines(fix, self.r.hf, self.r.units)
         else:
             lines = native_lines(fix, self.fw, self.r.in_features)
         self.findings.append(Finding(code, severity, what, why, fix, lines))
@@ -467,12 +467,15 @@ def _native_differences(c: _Ctx, L: LossReading) -> None:
 
 
 # ------------------------------------------------------------------------------ Hugging Face
-def _hf_lines(fix: ClassificationHead, info: HFInfo) -> dict[str, str]:
+def _hf_lines(fix: ClassificationHead, info: HFInfo, width: int) -> dict[str, str]:
     """The fix as transformers' own lines (the config fields, the labels the model's forward then
-    needs) and with unihead (its Trainer loss)."""
+    needs) and with unihead (its Trainer loss).  A fix of another width than the layer's
+    (``width``) loads the checkpoint with a new classification layer."""
     fields = hf_config(fix)
     args = ", ".join(f"{k}={v!r}" for k, v in fields.items())
-    lines = [f"model = {info.model_class}.from_pretrained(checkpoint, {args})"]
+    new = fields["num_labels"] != width
+    lines = [f"model = {info.model_class}.from_pretrained(checkpoint, {args}"
+             + (", ignore_mismatched_sizes=True)  # a new classifier: the old one is not this head's" if new else ")")]
     if fix.task == "multiclass" and fix.label_format != "sparse" or fix.task == "binary" and \
             fix.binary_units == 2 and fix.label_format != "binary":
         lines.append("labels = labels.argmax(-1)  # int64 class ids: the forward's CrossEntropyLoss")
