@@ -198,6 +198,13 @@ def test_config_traps():
     swapped = bert(id2label={0: "a", 1: "b", 2: "c"}, label2id={"a": 0, "b": 2, "c": 1})
     assert unihead.diagnose(swapped).errors[0].code == "hf_id2label_mismatch"
     assert unihead.diagnose(bert(id2label={0: "a", 1: "b", 2: "c"})).ok
+    # names that do not name each output (accepted by transformers): duplicates, not strings, too long
+    for id2label in ({0: "a", 1: "a"}, {0: ["a"], 1: None}):
+        assert "hf_id2label_mismatch" in unihead.diagnose(bert(id2label=id2label)).codes
+    long = bert(id2label={0: "a" * 5000, 1: "b"})
+    d = unihead.diagnose(long)
+    assert d.ok and d.head.class_names is None and "id2label not carried" in str(d)
+    assert config_head_of(long).class_names is None
 
 
 # ------------------------------------------------------------------------------ token and image models

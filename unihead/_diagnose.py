@@ -29,6 +29,7 @@ import numpy as np
 from ._hf import HF_IGNORE_INDEX, HFInfo, effective_problem_type, hf_config, labels_are_int, pipeline_activation
 from ._native import native_lines, native_loss
 from ._readers import LossReading, Reading, read_model
+from ._untrusted import show
 from .errors import HeadSpecError
 from .labels import LabelSummary, describe_labels, read_labels
 from .spec import ClassificationHead
@@ -62,7 +63,7 @@ class Finding:
             out.append(f"    fix: {self.fix!r}" if self.fix is not None else "    fix:")
             for k, v in self.lines.items():
                 label = {"keras": "Keras", "torch": "PyTorch", "unihead": "unihead"}.get(k, k)
-                body = v.replace("\n", "\n" + " " * 15)
+                body = v.replace("\n", "\n" + " " * (7 + max(8, len(label) + 1)))  # under the first line
                 out.append(f"      {label + ':':<8} {body}")
         return "\n".join(out)
 
@@ -222,7 +223,10 @@ def _head(r: Reading, s: LabelSummary | None, notes: list[str]) -> Classificatio
     names = r.hf.class_names if r.hf is not None else None
     if names is not None and head.class_names is None and \
             len(names) == (2 if head.task == "binary" else head.num_classes):
-        head = head.replace(class_names=names)  # the config's id2label
+        try:
+            head = head.replace(class_names=names)  # the config's id2label
+        except HeadSpecError as e:
+            notes.append(f"id2label not carried as class names: {e}")
     return head
 
 
@@ -236,8 +240,9 @@ def _read(model: Any, loss: Any, labels: Any) -> tuple[Reading, LabelSummary | N
     if r.hf is None:
         return r, _labels_summary(labels), None, False
     labels_int = labels_are_int(labels)
-    raw = None if labels is None else (labels_int, str(getattr(labels, "dtype", np.asarray(labels).dtype)),
-                                        tuple(np.shape(labels)))
+    raw = None if labels is None else (
+        labels_int, str(labels.dtype if hasattr(labels, "dtype") else np.asarray(labels).dtype),
+        tuple(labels.shape) if hasattr(labels, "shape") else np.shape(labels))
     if labels is not None and r.hf.kind == "token":
         labels = np.reshape(labels.detach().cpu().numpy() if hasattr(labels, "detach") else np.asarray(labels),
                             -1)  # one label per token
@@ -493,6 +498,19 @@ def _hf_lines(fix: ClassificationHead, info: HFInfo, width: int) -> dict[str, st
                        "trainer = Trainer(model, args, train_dataset=..., compute_loss_func=trainer_loss(model))"}
 
 
+def _show_names(mapping: dict) -> str:
+    return show(mapping)
+
+
+def _inverse(mapping: dict) -> dict | None:
+    """``{value: key}`` of ``mapping``, or None when its values are not distinct and hashable."""
+    try:
+        inverse = {v: k for k, v in mapping.items()}
+    except TypeError:
+        return None
+    return inverse if len(inverse) == len(mapping) else None
+
+
 def _hf_rules(c: _Ctx, raw: Any, own: bool) -> None:
     """The traps of transformers' models (unihead._hf has the rules they follow).  ``raw``: the
     labels as given, ``(is int64/int32, dtype, shape)``, or None."""
@@ -510,10 +528,15 @@ def _hf_rules(c: _Ctx, raw: Any, own: bool) -> None:
     ids = info.id2label
     if ids is not None and set(ids) != set(range(len(ids))):
         c.add("hf_id2label_mismatch", "error",
-              f"config.id2label has the ids {sorted(ids, key=str)[:8]}, not 0..{len(ids) - 1}.",
+              f"config.id2label has the ids {show(sorted(ids, key=str))}, not 0..{len(ids) - 1}.",
               "output i of the model is named id2label[i]: an output without an entry fails in pipelines "
               "(KeyError), and the names are shifted against the outputs. Number the classes from 0.")
-    elif ids is not None and info.label2id is not None and info.label2id != {v: k for k, v in ids.items()}:
+    elif ids is not None and (_inverse(ids) is None or not all(isinstance(v, str) and v for v in ids.values())):
+        c.add("hf_id2label_mismatch", "error",
+              f"config.id2label does not give each output a name of its own: {_show_names(ids)}.",
+              "pipelines report id2label[i] for output i: two outputs with one name (or a name that is not a "
+              "string) make a prediction that does not say which class it is. Give every class its own name.")
+    elif ids is not None and info.label2id is not None and info.label2id != _inverse(ids):
         c.add("hf_id2label_mismatch", "error",
               "config.label2id is not the inverse of config.id2label.",
               "datasets are encoded with label2id and predictions decoded with id2label: a class encoded as "

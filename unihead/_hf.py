@@ -164,7 +164,10 @@ def config_head(info: HFInfo) -> ClassificationHead:
     else:
         head = ClassificationHead.multiclass(k, ignore_index=HF_IGNORE_INDEX)
     if names is not None and len(names) == (2 if head.task == "binary" else head.num_classes):
-        head = head.replace(class_names=names)
+        try:
+            head = head.replace(class_names=names)
+        except HeadSpecError:  # names unihead cannot carry (too long): the head without them
+            pass
     return head
 
 
