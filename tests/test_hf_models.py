@@ -226,6 +226,9 @@ def test_token_classifier():
     torch.testing.assert_close(torch.nn.functional.cross_entropy(out.logits.reshape(-1, 3), labels.reshape(-1)),
                                out.loss)
     assert unihead.diagnose(multi).codes == ("hf_problem_type_ignored",)
+    # trained with sigmoids of its own, it still gets the token pipeline's softmax
+    assert unihead.diagnose(model, loss=trainer_loss(H.multilabel(3))).codes == ("hf_pipeline_activation",)
+    assert unihead.diagnose(model, loss=trainer_loss(H.multiclass(3, ignore_index=-100))).codes == ()
 
 
 def test_image_classifiers():

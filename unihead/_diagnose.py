@@ -599,9 +599,16 @@ def _hf_rules(c: _Ctx, raw: Any, own: bool) -> None:
                   "CrossEntropyLoss over the tokens (softmax).",
                   "the config says one thing, the loss does another: a multi-label or regression token model "
                   "needs a loss of its own (compute_loss_func=trainer_loss(head)).")
-    elif info.kind == "sequence" and info.problem_type != "regression":
+    elif info.kind == "token" or info.problem_type != "regression":
         act, expected = pipeline_activation(info), c.head.activation
-        if act != expected:
+        if act != expected and info.kind == "token":
+            c.add("hf_pipeline_activation", "error",
+                  f"the token classifier is trained as {c.head!r} ({expected} probabilities), but the "
+                  "token-classification pipeline applies a softmax to every token's logits.",
+                  "that pipeline has no function_to_apply and ignores problem_type: its scores are a softmax of "
+                  f"logits trained for a {expected}. Post-process the logits yourself "
+                  "(compiled.probabilities(logits), compiled.predict_names(logits)) instead of the pipeline.")
+        elif act != expected:
             c.add("hf_pipeline_activation", "error",
                   f"the model is trained as {c.head!r} ({expected} probabilities), but its config "
                   f"(num_labels={info.num_labels}, problem_type={info.problem_type!r}) makes the "

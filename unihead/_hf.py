@@ -122,7 +122,10 @@ def effective_problem_type(info: HFInfo, labels_int: bool | None) -> str | None:
 
 def pipeline_activation(info: HFInfo) -> str:
     """What the ``text-classification``/``image-classification`` pipelines apply to the logits
-    by default (their ``function_to_apply``): ``"none"``, ``"sigmoid"`` or ``"softmax"``."""
+    by default (their ``function_to_apply``): ``"none"``, ``"sigmoid"`` or ``"softmax"``; the
+    ``token-classification`` pipeline always applies a softmax."""
+    if info.kind == "token":
+        return "softmax"
     if info.problem_type == "regression":
         return "none"
     if info.problem_type == "multi_label_classification" or info.num_labels == 1:
