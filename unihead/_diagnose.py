@@ -491,15 +491,14 @@ def _hf_lines(fix: ClassificationHead, info: HFInfo, width: int) -> dict[str, st
     else:
         lines.append("labels = labels.long()  # int64 class ids: the forward's CrossEntropyLoss")
     plain = fix.replace(label_format=None, ignore_index=None, class_names=None)
-    if plain != type(fix)(fix.task, fix.num_classes, binary_units=fix.binary_units):
+    options = plain != type(fix)(fix.task, fix.num_classes, binary_units=fix.binary_units)
+    if options:
         lines.append("# the model's own loss has none of the head's options: train with unihead's (below)")
+    # without options the config's head (trainer_loss(model)) is the fix; with them, the fix itself
+    of = f"unihead.{fix!r}" if options else "model"
     return {"transformers": "\n".join(lines),
             "unihead": "from unihead.backends.transformers import trainer_loss\n"
-                       "trainer = Trainer(model, args, train_dataset=..., compute_loss_func=trainer_loss(model))"}
-
-
-def _show_names(mapping: dict) -> str:
-    return show(mapping)
+                       f"trainer = Trainer(model, args, train_dataset=..., compute_loss_func=trainer_loss({of}))"}
 
 
 def _inverse(mapping: dict) -> dict | None:
@@ -533,7 +532,7 @@ def _hf_rules(c: _Ctx, raw: Any, own: bool) -> None:
               "(KeyError), and the names are shifted against the outputs. Number the classes from 0.")
     elif ids is not None and (_inverse(ids) is None or not all(isinstance(v, str) and v for v in ids.values())):
         c.add("hf_id2label_mismatch", "error",
-              f"config.id2label does not give each output a name of its own: {_show_names(ids)}.",
+              f"config.id2label does not give each output a name of its own: {show(ids)}.",
               "pipelines report id2label[i] for output i: two outputs with one name (or a name that is not a "
               "string) make a prediction that does not say which class it is. Give every class its own name.")
     elif ids is not None and info.label2id is not None and info.label2id != _inverse(ids):
