@@ -52,11 +52,13 @@ def inputs(n: int = N) -> torch.Tensor:
 
 def label_kinds(k: int) -> dict[str, torch.Tensor]:
     ids = torch.tensor([0, 1, 1, 0]) if k <= 2 else torch.tensor([0, 2, 1, 2])
-    out = {"int64 ids": ids, "float ids": ids.float()}
+    # transformers reads only int64/int32 as class ids: int16 ids and bool rows are "not int"
+    out = {"int64 ids": ids, "int32 ids": ids.int(), "int16 ids": ids.short(), "float ids": ids.float()}
     if k >= 2:
         one_hot = torch.nn.functional.one_hot(ids % k, k)
-        out |= {"float one-hot": one_hot.float(), "int64 one-hot": one_hot,
-                "float multi-hot": torch.tensor([[1, 0, 1], [0, 1, 1], [1, 1, 0], [0, 0, 1.0]])[:, :k]}
+        multi_hot = torch.tensor([[1, 0, 1], [0, 1, 1], [1, 1, 0], [0, 0, 1.0]])[:, :k]
+        out |= {"float one-hot": one_hot.float(), "int64 one-hot": one_hot, "float multi-hot": multi_hot,
+                "bool multi-hot": multi_hot.bool()}
     return out
 
 

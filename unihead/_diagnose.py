@@ -582,13 +582,16 @@ def _hf_rules(c: _Ctx, raw: Any, own: bool) -> None:
                                                                "multi_label_classification"):
             dtype, shape = raw[1].replace("torch.", ""), raw[2]
             single = pt == "single_label_classification"
-            fits = labels_int if single else (dtype.startswith(("float", "bfloat")) and len(shape) == 2
-                                              and shape[-1] == u)
+            # PyTorch's cross-entropy takes int64 (or uint8) targets: int32, which transformers counts
+            # as class ids when it picks the loss, then fails inside it (measured, torch 2.13)
+            fits = dtype in ("int64", "uint8") if single else (dtype.startswith(("float", "bfloat"))
+                                                              and len(shape) == 2 and shape[-1] == u)
             if not fits:
                 c.add("hf_labels_mismatch", "error",
                       f"{info.describe()}'s forward trains {c.loss_name} on these labels ({dtype}, shape {shape}), "
                       "which it cannot take: "
-                      + ("its CrossEntropyLoss needs int64 class ids, one per example." if single else
+                      + ("its CrossEntropyLoss needs int64 class ids, one per example (int32 ids make "
+                         "transformers pick it, and PyTorch's cross-entropy then refuses them)." if single else
                          f"its BCEWithLogitsLoss needs float 0/1 rows of shape (N, {u}), one column per output."),
                       "the first training step fails with a dtype or shape error from inside the model's forward. "
                       + ("Pass labels.long()." if single else f"Pass labels.float(), shape (N, {u})."))

@@ -11,7 +11,7 @@ built from configs, tests/test_hf_models.py):
   ``config.problem_type`` unset, the first ``forward`` with labels *sets* it, and every later
   call follows it: ``num_labels == 1`` -> ``"regression"`` (``MSELoss``, whatever the labels);
   labels of dtype ``torch.long``/``torch.int`` -> ``"single_label_classification"``
-  (``CrossEntropyLoss``, ignoring -100); any other dtype (float, but also ``uint8``, ``int16``,
+  (``CrossEntropyLoss``, ignoring -100; PyTorch's cross-entropy then refuses int32 targets); any other dtype (float, but also ``uint8``, ``int16``,
   ``bool``) -> ``"multi_label_classification"`` (``BCEWithLogitsLoss`` on float rows).
 * ``*ForTokenClassification``: ``CrossEntropyLoss`` over the tokens (ignoring -100), whatever
   ``problem_type`` says.
@@ -34,7 +34,7 @@ from .errors import HeadSpecError
 from .spec import ClassificationHead
 
 __all__ = ["HFInfo", "is_hf_model", "hf_info", "hf_config", "config_head", "effective_problem_type",
-           "pipeline_activation", "PROBLEM_TYPES", "HF_IGNORE_INDEX"]
+           "pipeline_activation", "labels_are_int", "PROBLEM_TYPES", "HF_IGNORE_INDEX", "HEAD_ATTRIBUTES"]
 
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 HF_IGNORE_INDEX = -100
