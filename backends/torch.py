@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from unihead import _fused
 from unihead._engine import Engine, broadcast_prefix
 from unihead._ops import Ops
 from unihead.compiled import CompiledHead, canonical_weights, check_choice, compiled_head, weights_mismatch
@@ -414,6 +415,44 @@ class _Loss(torch.autograd.Function):
 _APPLY = super(torch.autograd.Function, _Loss).apply  # torch._C._FunctionBase.apply, bound to _Loss
 
 
+class _LinearRows(torch.autograd.Function):
+    """Per-row losses of ``h @ w + b`` (:func:`unihead._fused.rows_forward`) with the chunked
+    backward pass (:func:`unihead._fused.rows_backward`): nothing of size ``(N, V)`` is saved,
+    only the inputs and four numbers a row.  Inputs: ``h (N, D)``, ``w (D, V)`` (any strides:
+    ``linear.weight.T`` is a view), ``b (V,)`` or None, class ids ``y (N,)``, and the head's
+    constants ``(k, eps, gamma, chunk)``.  Outputs: the losses and the per-row values of the
+    backward pass (non-differentiable)."""
+
+    @staticmethod
+    def forward(h: Any, w: Any, b: Any, y: Any, k: int, eps: float, gamma: float, chunk: int):
+        fin = _fused.rows_forward(_OPS, h, w, b, y, k=k, eps=eps, gamma=gamma, chunk=chunk)
+        return tuple(fin)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        h, w, b, y, k, eps, gamma, chunk = inputs
+        ctx.consts = (k, eps, chunk)
+        ctx.has_bias = b is not None
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(h, w, *((b,) if b is not None else ()), y, *output[1:])
+
+    @staticmethod
+    def backward(ctx: Any, g: Any, *_: Any):
+        if g is None:
+            return (None,) * 8
+        saved = ctx.saved_tensors
+        h, w = saved[0], saved[1]
+        b = saved[2] if ctx.has_bias else None
+        y = saved[3 if ctx.has_bias else 2]
+        fin = _fused.RowFinal(g.new_zeros(()), *saved[4 if ctx.has_bias else 3 :])
+        k, eps, chunk = ctx.consts
+        needs = ctx.needs_input_grad
+        gh, gw, gb = _fused.rows_backward(_OPS, h, w, b, y, fin, g.to(fin.m.dtype), k=k, eps=eps, chunk=chunk)
+        return (gh if needs[0] else None, gw if needs[1] else None, gb if needs[2] else None,
+                None, None, None, None, None)
+
+
 class _Kernel(torch.autograd.Function):
     """The compiled kernel of the wide formulas, called with the fewest Python steps (the common
     case of :meth:`TorchHead.loss`): ``(runner, check, z, labels) -> loss``; the gradient it
@@ -484,6 +523,31 @@ class TorchHead(CompiledHead):
 
     def options(self) -> dict[str, Any]:
         return {"validate": self.validate, "fused": self.fused}
+
+    def _fused_rows(self, h: Any, w: Any, b: Any, y: Any, chunk: int) -> Any:
+        # the autograd.Function: works in eager mode and under torch.compile(fullgraph=True), whose
+        # trace holds every chunk's code (a Python loop over the chunks)
+        e = self._engine()
+        return _LinearRows.apply(h, w, b, y, self.head.num_outputs, e.eps, e.gamma, chunk)[0]
+
+    def linear_loss(
+        self, hidden: Any, kernel: Any, labels: Any, bias: Any = None, sample_weight: Any = None, *,
+        normalizer: Any = None, chunk_size: int | None = None,
+    ) -> torch.Tensor:
+        """The loss of ``hidden @ kernel + bias`` without the ``(N, V)`` logits (see
+        :meth:`unihead.CompiledHead.linear_loss`), differentiable with respect to ``hidden``,
+        ``kernel`` and ``bias`` by a ``torch.autograd.Function`` whose backward pass recomputes
+        each chunk's logits.  With an ``nn.Linear`` ``linear`` (weight ``(out, in)``) pass
+        ``kernel=linear.weight.T`` and ``bias=linear.bias``: the view costs nothing, and its
+        gradient lands in ``linear.weight.grad``.  bfloat16/float16 ``hidden``/``kernel``: half
+        matmuls (float32 accumulation inside, as PyTorch's), statistics and the loss in float32."""
+        if torch.compiler.is_compiling() and self.validate:  # values do not exist while tracing
+            return self._with_options(validate=False).linear_loss(
+                hidden, kernel, labels, bias, sample_weight, normalizer=normalizer, chunk_size=chunk_size
+            )
+        return super().linear_loss(
+            hidden, kernel, labels, bias, sample_weight, normalizer=normalizer, chunk_size=chunk_size
+        )
 
     def _use_fused(self, z: Any) -> bool:
         """Whether ``z`` takes the fused float32 kernels (large plain tensors on CPU and CUDA)."""

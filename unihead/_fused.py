@@ -43,6 +43,9 @@ from ._ops import Ops, two_sum_error
 
 __all__ = [
     "RowStats",
+    "unsupported",
+    "check_linear",
+    "check_chunk_size",
     "RowFinal",
     "accumulation_dtype",
     "chunk_stats",
@@ -64,6 +67,91 @@ __all__ = [
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
 #: Chunks have at least this many classes (unless the head has fewer): narrower matmuls lose rate.
 MIN_CHUNK_CLASSES = 128
+
+
+def unsupported(head: Any) -> str | None:
+    """Why ``head``'s loss cannot be fused (a sentence saying what to write instead), or None.
+
+    Fused: softmax heads whose labels are class ids, the engine's ``sparse`` path (multiclass
+    with ``sparse`` labels, a 2-unit binary head with binary labels and no ``pos_weight``), and
+    focal loss on such heads without label smoothing (its gradient is the cross-entropy's times
+    one factor per row).  The rest needs every class's target weight in every chunk."""
+    instead = (
+        "compute the logits and use compiled.loss(hidden @ kernel + bias, labels) (the dense "
+        "path, which holds the (N, num_outputs) logits)"
+    )
+    what = None
+    if head.activation != "softmax":
+        what = (
+            f"a {head.task} head with independent sigmoids"
+            + (" (binary_units=1)" if head.task == "binary" else "")
+        )
+    elif head.task == "binary" and head.pos_weight is not None:
+        what = "a binary head with pos_weight (a target weight on every class)"
+    elif head.task == "multiclass" and head.label_format != "sparse":
+        what = f"a head with {head.label_format!r} labels (a target weight on every class)"
+    elif float(head.focal_gamma) != 0.0 and float(head.label_smoothing) != 0.0:
+        what = "a focal head with label smoothing (focal factors on every class)"
+    if what is None:
+        return None
+    return (
+        f"linear_loss fuses softmax heads whose labels are class ids; this is {what}: {instead}."
+    )
+
+
+def check_chunk_size(chunk_size: Any) -> int:
+    """``chunk_size`` (classes per chunk) if it is a positive integer, else unihead's error."""
+    import numbers
+
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
+        raise ValueError(
+            f"chunk_size must be a positive number of classes per chunk (or None: chosen from the "
+            f"sizes); got {chunk_size!r}."
+        )
+    return int(chunk_size)
+
+
+def check_linear(ops: Ops, head: Any, h: Any, w: Any, b: Any) -> None:
+    """Shapes and dtypes of :meth:`~unihead.CompiledHead.linear_loss`'s arrays: ``h`` ``(...,
+    D)``, ``w`` ``(D, num_outputs)`` (a transposed kernel gets the hint), ``b``
+    ``(num_outputs,)``; one floating dtype for all three (float16, bfloat16, float32, float64)."""
+    from ._validation import logits_dtype_error
+
+    k = head.num_outputs
+    for name, x in (("hidden", h), ("kernel", w), ("bias", b)):
+        if x is not None and not ops.is_floating(x):
+            err = logits_dtype_error(x.dtype)
+            raise TypeError(str(err).replace("logits", name, 1).replace(
+                "(the output layer's values before any activation)", "(the matmul's operands)"))
+    hs, ws = tuple(h.shape), tuple(w.shape)
+    if len(hs) == 0:
+        raise ValueError(
+            "hidden must have shape (..., in_features): the features of each example (a 0-d "
+            "array has none)."
+        )
+    d = hs[-1]
+    if len(ws) != 2 or ws != (d, k):
+        hint = ""
+        if len(ws) == 2 and ws == (k, d):
+            hint = (
+                " It looks transposed: the kernel's layout is (in_features, num_outputs), like "
+                "Keras and Flax; a PyTorch nn.Linear.weight is (out, in), so pass linear.weight.T."
+            )
+        elif len(ws) == 2 and ws[1] == k:
+            hint = f" The kernel has {ws[0]} input features and hidden has {d} (its last dimension)."
+        raise ValueError(
+            f"kernel must have shape (in_features, num_outputs) = ({d}, {k}) for this head "
+            f"(num_outputs={k}) and hidden of shape {hs}; got {ws}.{hint}"
+        )
+    if b is not None and tuple(b.shape) != (k,):
+        raise ValueError(f"bias must have shape (num_outputs,) = ({k},); got {tuple(b.shape)}.")
+    dtypes = {str(x.dtype) for x in (h, w, b) if x is not None}
+    if len(dtypes) > 1:
+        raise TypeError(
+            f"hidden, kernel and bias must have one dtype (the matmul's); got "
+            f"{', '.join(f'{n} {x.dtype}' for n, x in (('hidden', h), ('kernel', w), ('bias', b)) if x is not None)}. "
+            f"Cast them to one (e.g. hidden.to(kernel.dtype) or hidden.astype(kernel.dtype))."
+        )
 
 
 def chunk_size_for(n_rows: int, n_classes: int, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> int:
