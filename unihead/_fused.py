@@ -29,7 +29,7 @@ other classes' mass for a confident row, the smoothing sum, ``1 - p`` of the tar
 formed in the accumulation dtype from these sums and rounded once.
 
 Extension points (one place each): a transform of the logits (soft-capping) is applied to each
-chunk's logits in :func:`chunk_logits` and its derivative in :func:`rows_backward`; a per-row
+chunk's logits in :func:`logits_stats` and :func:`logits_grad` (its derivative); a per-row
 term of the log-normaliser (z-loss, ``c * lse**2``, ``lse = m + L``) is added in
 :func:`finish_rows`, with its gradient ``2 c lse p_j`` a per-row multiplier of ``p`` there.
 """
@@ -54,7 +54,8 @@ __all__ = [
     "finish_rows",
     "chunk_grad",
     "chunk_size_for",
-    "chunk_logits",
+    "logits_stats",
+    "logits_grad",
     "rows_forward",
     "rows_backward",
     "DEFAULT_CHUNK_ELEMENTS",
@@ -88,6 +89,8 @@ def unsupported(head: Any) -> str | None:
         )
     elif head.task == "binary" and head.pos_weight is not None:
         what = "a binary head with pos_weight (a target weight on every class)"
+    elif head.task == "binary" and head.label_format != "binary":
+        what = f"a binary head with {head.label_format!r} labels (soft targets on both classes)"
     elif head.task == "multiclass" and head.label_format != "sparse":
         what = f"a head with {head.label_format!r} labels (a target weight on every class)"
     elif float(head.focal_gamma) != 0.0 and float(head.label_smoothing) != 0.0:
@@ -211,17 +214,6 @@ def _row_sum(ops: Ops, x: Any, acc: Any) -> Any:
     if acc != x.dtype:
         return xp.sum(x, axis=-1, dtype=acc)
     return ops.row_sum(x)[..., 0]
-
-
-def chunk_logits(ops: Ops, h: Any, w: Any, b: Any) -> Any:
-    """The logits of one chunk, ``h @ w + b`` (``(N, D) @ (D, C) + (C,)``), in the compute dtype:
-    the matmul in the inputs' dtype (half precision: the library's half matmul, then float32,
-    exactly what the dense path computes from half-precision logits)."""
-    xp = ops.xp
-    z = xp.matmul(h, w)
-    if b is not None:
-        z = z + b
-    return ops.widen_half(z)
 
 
 def chunk_stats(ops: Ops, z: Any, y: Any, start: Any, *, smoothing: bool = False) -> RowStats:
@@ -385,9 +377,27 @@ def _chunks(v: int, c: int) -> tuple[int, int]:
     return v // c, v % c
 
 
+def logits_stats(ops: Ops, zmm: Any, bc: Any, y: Any, start: Any, smoothing: bool) -> RowStats:
+    """:func:`chunk_stats` of the chunk whose matmul gave ``zmm`` (``h @ w_c``, the inputs' dtype)
+    and whose bias is ``bc`` (or None): the elementwise part of a forward step, which a backend
+    may compile into one loop (``kernels`` of :func:`rows_forward`)."""
+    z = ops.widen_half(zmm if bc is None else zmm + bc)
+    return chunk_stats(ops, z, y, start, smoothing=smoothing)
+
+
+def logits_grad(
+    ops: Ops, zmm: Any, bc: Any, y: Any, start: Any, fin: RowFinal, g: Any, live: Any, eps: float, k: int
+) -> Any:
+    """:func:`chunk_grad` of the chunk whose matmul gave ``zmm`` (bias ``bc`` or None), in
+    ``zmm``'s dtype (the gradient matmuls' operand): the elementwise part of a backward step."""
+    z = ops.widen_half(zmm if bc is None else zmm + bc)
+    dz = chunk_grad(ops, z, y, start, fin, g, eps, k, live)
+    return dz if dz.dtype == zmm.dtype else ops.xp.astype(dz, zmm.dtype)
+
+
 def rows_forward(
     ops: Ops, h: Any, w: Any, b: Any, y: Any, *, k: int, eps: float, gamma: float, chunk: int,
-    loop: Callable | None = None,
+    loop: Callable | None = None, kernels: tuple[Callable, Callable] | None = None,
 ) -> RowFinal:
     """Per-row losses of ``h @ w + b`` (``h`` ``(N, D)``, ``w`` ``(D, V)``, ``b`` ``(V,)`` or None)
     for targets ``y`` ``(N,)``, one pass over chunks of ``chunk`` classes (the last may be
@@ -395,15 +405,18 @@ def rows_forward(
 
     ``loop(n, body, carry)``: runs ``carry = body(i, carry)`` for ``i`` in ``range(n)`` (a Python
     loop by default; JAX passes ``lax.fori_loop``, so the traced program has one chunk's code).
-    Chunk columns are read with ``ops.columns``."""
+    Chunk columns are read with ``ops.columns``.  ``kernels``: ``(logits_stats, logits_grad)``
+    with the signatures of :func:`logits_stats` and :func:`logits_grad` minus ``ops`` (a
+    backend's compiled versions; default those functions)."""
     loop = loop or _python_loop
     v = w.shape[-1]
     full, rest = _chunks(v, chunk)
     smoothing = eps != 0.0
+    fstats = kernels[0] if kernels else (lambda *a: logits_stats(ops, *a))
 
     def stats(start: Any, width: int) -> RowStats:
-        z = chunk_logits(ops, h, ops.columns(w, start, width), None if b is None else ops.columns(b, start, width))
-        return chunk_stats(ops, z, y, start, smoothing=smoothing)
+        zmm = ops.xp.matmul(h, ops.columns(w, start, width))
+        return fstats(zmm, None if b is None else ops.columns(b, start, width), y, start, smoothing)
 
     st = stats(0, chunk if full else rest)
     if full > 1:
@@ -415,7 +428,7 @@ def rows_forward(
 
 def rows_backward(
     ops: Ops, h: Any, w: Any, b: Any, y: Any, fin: RowFinal, g: Any, *, k: int, eps: float,
-    chunk: int, loop: Callable | None = None,
+    chunk: int, loop: Callable | None = None, kernels: tuple[Callable, Callable] | None = None,
 ) -> tuple[Any, Any, Any]:
     """The gradients of ``sum_i g_i loss_i`` (``g`` ``(N,)``, the upstream gradient of the per-row
     losses) with respect to ``h``, ``w`` and ``b`` (None without a bias), recomputing each chunk's
@@ -431,15 +444,15 @@ def rows_backward(
     dt = fin.m.dtype  # compute dtype
     low = h.dtype != dt  # half precision: matmuls in the inputs' dtype
 
+    fgrad = kernels[1] if kernels else (lambda *a: logits_grad(ops, *a))
+
     def grads(start: Any, width: int, carry: tuple) -> tuple:
         gh, gw, gb = carry
         wc = ops.columns(w, start, width)
-        z = chunk_logits(ops, h, wc, None if b is None else ops.columns(b, start, width))
-        dz = chunk_grad(ops, z, y, start, fin, g, eps, k, live)
+        dzm = fgrad(xp.matmul(h, wc), None if b is None else ops.columns(b, start, width), y, start, fin, g, live, eps, k)
         if gb is not None:
-            gb = ops.put_columns(gb, start, xp.sum(dz, axis=0))
-        dzm = xp.astype(dz, h.dtype) if low else dz
-        gh = gh + ops.widen_half(xp.matmul(dzm, xp.matrix_transpose(wc)))
+            gb = ops.put_columns(gb, start, xp.sum(dzm, axis=0, dtype=dt))
+        gh = ops.add_matmul(gh, dzm, xp.matrix_transpose(wc))
         gw = ops.put_columns(gw, start, xp.matmul(xp.matrix_transpose(h), dzm))
         return gh, gw, gb
 

@@ -266,6 +266,11 @@ class Ops:
         buf[..., start : start + values.shape[-1]] = values
         return buf
 
+    def add_matmul(self, acc: Any, a: Any, b: Any) -> Any:
+        """``acc + a @ b`` with ``acc`` in the compute dtype (float32 for half-precision ``a``,
+        ``b``: the product widened first); may write into ``acc`` (an accumulator the caller made)."""
+        return acc + self.widen_half(self.xp.matmul(a, b))
+
     def empty_like_columns(self, x: Any) -> Any:
         """An uninitialised array like ``x`` that :meth:`put_columns` fills chunk by chunk."""
         return self.xp.empty_like(x)

@@ -295,7 +295,7 @@ class CompiledHead:
         with ops.eager():
             y = ops.convert(labels, h)
             sw = None if sample_weight is None else ops.convert(sample_weight, h)
-        y, sw = check_inputs(ops, head, like, y, sw, validate=self.validate)
+        y, sw = check_inputs(ops, head, like, y, sw, validate=self._validate_values())
         ones = lambda: xp.ones(lead, dtype=dtype, device=ops.device(h))
         weights, q = self._engine().example_weights(y, sw, like, ones=ones)
         if q.dtype != ops.index_dtype():
@@ -305,6 +305,11 @@ class CompiledHead:
         chunk = _fused.chunk_size_for(n, v) if chunk_size is None else _fused.check_chunk_size(chunk_size)
         per = self._fused_rows(xp.reshape(h, (n, d)), w, b, xp.reshape(q, (n,)), min(chunk, v))
         return xp.reshape(per, lead), weights, like, y, sw
+
+    def _validate_values(self) -> bool:
+        """Whether :meth:`linear_loss` checks the values of labels and weights (the head's
+        ``validate``; a backend turns it off where values do not exist, e.g. while tracing)."""
+        return self.validate
 
     def _linear_arrays(self, hidden: Any, kernel: Any, bias: Any) -> tuple[Any, Any, Any]:
         """``hidden``, ``kernel``, ``bias`` as the backend's arrays, their shapes and dtypes checked
