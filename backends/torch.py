@@ -104,6 +104,11 @@ class TorchOps(Ops):
             return torch.float64
         return None
 
+    def add_matmul(self, acc: Any, a: Any, b: Any) -> Any:
+        if a.dtype == acc.dtype and (self.writes_in_place or _inplace_ok(acc)):
+            return acc.addmm_(a, b)  # the accumulator the fused loss made: no temporary
+        return acc + self.widen_half(torch.matmul(a, b))
+
     def reciprocal(self, x: Any) -> Any:
         return torch.reciprocal(x)  # Python's 1.0 / tensor is two kernels and a Python frame
 
@@ -424,14 +429,18 @@ class _LinearRows(torch.autograd.Function):
     backward pass (non-differentiable)."""
 
     @staticmethod
-    def forward(h: Any, w: Any, b: Any, y: Any, k: int, eps: float, gamma: float, chunk: int):
-        fin = _fused.rows_forward(_OPS, h, w, b, y, k=k, eps=eps, gamma=gamma, chunk=chunk)
+    def forward(h: Any, w: Any, b: Any, y: Any, k: int, eps: float, gamma: float, chunk: int, kernels: Any):
+        fin = _fused.rows_forward(
+            _OPS, h, w, b, y, k=k, eps=eps, gamma=gamma, chunk=chunk,
+            kernels=None if kernels is None else kernels.fns(),
+        )
         return tuple(fin)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        h, w, b, y, k, eps, gamma, chunk = inputs
+        h, w, b, y, k, eps, gamma, chunk, kernels = inputs
         ctx.consts = (k, eps, chunk)
+        ctx.kernels = kernels
         ctx.has_bias = b is not None
         ctx.mark_non_differentiable(*output[1:])
         ctx.set_materialize_grads(False)
@@ -440,7 +449,7 @@ class _LinearRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g: Any, *_: Any):
         if g is None:
-            return (None,) * 8
+            return (None,) * 9
         saved = ctx.saved_tensors
         h, w = saved[0], saved[1]
         b = saved[2] if ctx.has_bias else None
@@ -448,9 +457,62 @@ class _LinearRows(torch.autograd.Function):
         fin = _fused.RowFinal(g.new_zeros(()), *saved[4 if ctx.has_bias else 3 :])
         k, eps, chunk = ctx.consts
         needs = ctx.needs_input_grad
-        gh, gw, gb = _fused.rows_backward(_OPS, h, w, b, y, fin, g.to(fin.m.dtype), k=k, eps=eps, chunk=chunk)
+        gh, gw, gb = _fused.rows_backward(
+            _OPS, h, w, b, y, fin, g.to(fin.m.dtype), k=k, eps=eps, chunk=chunk,
+            kernels=None if ctx.kernels is None else ctx.kernels.fns(),
+        )
         return (gh if needs[0] else None, gw if needs[1] else None, gb if needs[2] else None,
-                None, None, None, None, None)
+                None, None, None, None, None, None)
+
+
+def _stats_kernel(zmm: Any, bc: Any, y: Any, start: Any, smoothing: bool) -> Any:
+    return _fused.logits_stats(_OPS, zmm, bc, y, start, smoothing)
+
+
+def _grad_kernel(zmm: Any, bc: Any, y: Any, start: Any, fin: Any, g: Any, live: Any, eps: float, k: int) -> Any:
+    return _fused.logits_grad(_OPS, zmm, bc, y, start, fin, g, live, eps, k)
+
+
+class _ChunkKernels:
+    """The elementwise part of each chunk of the fused linear loss (:func:`unihead._fused.logits_stats`,
+    :func:`~unihead._fused.logits_grad`: a dozen passes over the chunk op by op) compiled by
+    ``torch.compile`` (dynamic shapes) into one loop each, for :meth:`TorchHead.linear_loss` on
+    inputs of at least :data:`FUSED_MIN_ELEMENTS` logits (``fused`` not False).  The same
+    functions run eagerly when compilation fails (once, with a warning), as :class:`_Kernels`."""
+
+    def __init__(self) -> None:
+        self._compiled: tuple[Any, Any] | None = None
+        self.failed = False
+
+    def fns(self) -> tuple[Any, Any]:
+        if self._compiled is None:
+            # per head: Dynamo keeps one cache per code object (see _Kernels._compiled)
+            self._compiled = tuple(
+                torch.compile(_own_code(fn), dynamic=True, fullgraph=True) for fn in (_stats_kernel, _grad_kernel)
+            )
+        return tuple(self._guarded(i) for i in range(2))
+
+    def _guarded(self, which: int) -> Any:
+        eager = (_stats_kernel, _grad_kernel)[which]
+
+        def run(*args: Any) -> Any:
+            if self.failed:
+                return eager(*args)
+            try:
+                return self._compiled[which](*args)
+            except Exception as exc:
+                out = eager(*args)  # the same math (raises its own error if the inputs are at fault)
+                self.failed = True
+                warnings.warn(
+                    f"unihead: compiling the fused linear loss's chunk kernels failed ({type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0] if str(exc) else ''}); they run eagerly from now on "
+                    f"(slower, the same numbers). Pass fused=False to unihead.compile(..., 'torch') to skip this.",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+                return out
+
+        return run
 
 
 class _Kernel(torch.autograd.Function):
@@ -524,11 +586,25 @@ class TorchHead(CompiledHead):
     def options(self) -> dict[str, Any]:
         return {"validate": self.validate, "fused": self.fused}
 
+    def _validate_values(self) -> bool:
+        return self.validate and not torch.compiler.is_compiling()  # no values while tracing
+
     def _fused_rows(self, h: Any, w: Any, b: Any, y: Any, chunk: int) -> Any:
         # the autograd.Function: works in eager mode and under torch.compile(fullgraph=True), whose
         # trace holds every chunk's code (a Python loop over the chunks)
         e = self._engine()
-        return _LinearRows.apply(h, w, b, y, self.head.num_outputs, e.eps, e.gamma, chunk)[0]
+        kernels = None
+        if (
+            self.fused is not False
+            and h.shape[0] * w.shape[1] >= FUSED_MIN_ELEMENTS
+            and h.device.type in ("cpu", "cuda")
+            and not torch.compiler.is_compiling()  # inside torch.compile: Inductor fuses them itself
+            and not torch._C._are_functorch_transforms_active()
+        ):
+            kernels = self.__dict__.get("_chunk_kernels")
+            if kernels is None:
+                kernels = self.__dict__["_chunk_kernels"] = _ChunkKernels()
+        return _LinearRows.apply(h, w, b, y, self.head.num_outputs, e.eps, e.gamma, chunk, kernels)[0]
 
     def linear_loss(
         self, hidden: Any, kernel: Any, labels: Any, bias: Any = None, sample_weight: Any = None, *,
@@ -541,10 +617,6 @@ class TorchHead(CompiledHead):
         ``kernel=linear.weight.T`` and ``bias=linear.bias``: the view costs nothing, and its
         gradient lands in ``linear.weight.grad``.  bfloat16/float16 ``hidden``/``kernel``: half
         matmuls (float32 accumulation inside, as PyTorch's), statistics and the loss in float32."""
-        if torch.compiler.is_compiling() and self.validate:  # values do not exist while tracing
-            return self._with_options(validate=False).linear_loss(
-                hidden, kernel, labels, bias, sample_weight, normalizer=normalizer, chunk_size=chunk_size
-            )
         return super().linear_loss(
             hidden, kernel, labels, bias, sample_weight, normalizer=normalizer, chunk_size=chunk_size
         )
