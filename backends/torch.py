@@ -40,14 +40,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from unihead import _fused
+from unihead import _fused, _sharded
 from unihead._engine import Engine, broadcast_prefix
 from unihead._ops import Ops
 from unihead.compiled import CompiledHead, canonical_weights, check_choice, compiled_head, weights_mismatch
 from unihead.spec import ClassificationHead
 from unihead._validation import has_class_axis, label_kinds, validation_enabled
 
-__all__ = ["compile_head", "TorchHead", "TorchOps", "HeadLinear", "HeadLoss", "global_normalizer", "global_loss"]
+__all__ = [
+    "compile_head", "TorchHead", "TorchOps", "HeadLinear", "HeadLoss", "global_normalizer", "global_loss",
+    "class_sharded_loss",
+]
 
 
 def _namespace() -> Any:
@@ -995,3 +998,111 @@ def global_loss(loss: Any, group: Any = None, *, average_gradients: bool = True)
     hint = 'A per-example loss (reduction="none") has no global counterpart: log the 0-d loss of reduction="mean".'
     total, world = _all_reduce_sum(_scalar(loss, "global_loss", example, hint), group, "global_loss")
     return total / world if average_gradients and world > 1 else total
+
+
+# ------------------------------------------------------------- the class-sharded (vocab-parallel) loss
+class _ShardedRows(torch.autograd.Function):
+    """Per-row losses over every class from this process's logits ``z (N, C)`` (the classes from
+    ``start``) and the group's collectives (:func:`unihead._sharded.rows_forward`: one
+    ``all_reduce`` MAX, one SUM); the backward pass is local (:func:`unihead._sharded.rows_grad`).
+    Outputs: the losses, the number of classes over the group, and the per-row values of the
+    backward pass (non-differentiable)."""
+
+    @staticmethod
+    def forward(z: Any, y: Any, start: int, k: int, eps: float, gamma: float, group: Any):
+        pmax, psum = _group_collectives(group)
+        width = torch.full((1,), float(z.shape[-1]), dtype=torch.float64, device=z.device)
+        fin, (classes,) = _sharded.rows_forward(
+            _OPS, z, y, start, k=k, eps=eps, gamma=gamma, pmax=pmax, psum=psum, extra=(width,)
+        )
+        return (fin.loss, classes, *fin[1:])
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        z, y, start, k, eps, gamma, group = inputs
+        ctx.consts = (start, k, eps)
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(z, y, *output[2:])
+
+    @staticmethod
+    def backward(ctx: Any, g: Any, *_: Any):
+        if g is None:
+            return (None,) * 7
+        z, y, *fin = ctx.saved_tensors
+        start, k, eps = ctx.consts
+        fin = _fused.RowFinal(g.new_zeros(()), *fin)
+        dz = _sharded.rows_grad(_OPS, z, y, start, fin, g.to(fin.m.dtype), k=k, eps=eps)
+        return (dz, None, None, None, None, None, None)
+
+
+def _group_collectives(group: Any) -> tuple[Any, Any]:
+    """``(pmax, psum)`` over the processes of ``group`` (:func:`unihead._sharded.reduce_stats`):
+    each stacks its arrays (one dtype each call) into one tensor, one ``all_reduce``; the
+    identity without ``torch.distributed`` initialised (one process holds every class)."""
+    import torch.distributed as dist
+
+    on = dist.is_available() and dist.is_initialized()
+
+    def reduce(op: Any) -> Any:
+        def collective(*xs: Any) -> list:
+            if not on:
+                return list(xs)
+            sizes = [x.numel() for x in xs]
+            dtype = torch.promote_types(xs[0].dtype, xs[-1].dtype)
+            flat = torch.cat([x.reshape(-1).to(dtype) for x in xs])
+            if flat.device.type == "cpu" and dist.get_backend(group) == "nccl":
+                flat = flat.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.all_reduce(flat, op=op, group=group)
+            flat = flat.to(xs[0].device)
+            return [p.reshape(x.shape).to(x.dtype) for p, x in zip(flat.split(sizes), xs)]
+
+        return collective
+
+    return reduce(dist.ReduceOp.MAX if on else None), reduce(dist.ReduceOp.SUM if on else None)
+
+
+def class_sharded_loss(
+    compiled: Any, local_logits: Any, labels: Any, sample_weight: Any = None, *, class_start: int,
+    group: Any = None, normalizer: Any = None,
+) -> torch.Tensor:
+    """The loss of a head whose classes are split over the processes of ``group`` (the default
+    group when None): each process passes the logits of its own classes, ``local_logits`` ``(...,
+    local_classes)`` (e.g. ``hidden @ kernel[:, shard]``), the classes ``class_start ..
+    class_start + local_classes - 1`` (contiguous; the shards together are the head's
+    ``num_outputs``, any sizes), and the same ``labels`` (global class ids) and
+    ``sample_weight``.  Every process gets the loss of the whole row, exactly ``compiled.loss``
+    of the full logits (every option of the head, ``reduction``, ``normalizer=``), without any
+    process holding them.
+
+    The collectives (docs/large-vocabulary.md): one ``all_reduce`` MAX of the row maxima and of
+    the target logits (held by one process, ``-inf`` elsewhere), one ``all_reduce`` SUM of the
+    shifted sums of exponentials, label smoothing's sums and the number of classes (validation
+    compares it with the head's ``num_outputs``).  The backward pass is local: each process gets
+    the gradient of its own logits.  The gradient of a hidden state the processes share is the
+    sum of their partial gradients ``dz @ kernel[:, shard].T``: all-reduce it (``hidden.grad``,
+    or in the backward pass of a column-parallel linear, as Megatron's does).
+
+    ``compiled``: a PyTorch softmax head with class ids (multiclass ``sparse``; others are
+    refused with what to write instead).  Every process of the group calls this (a collective).
+    Without ``torch.distributed`` initialised it is ``compiled.loss`` of the logits it is given
+    (which must then be every class)."""
+    if not isinstance(compiled, TorchHead):
+        raise TypeError(
+            f"class_sharded_loss: compiled must be a PyTorch head (unihead.compile(head, 'torch')); "
+            f"got {type(compiled).__name__}."
+        )
+    e = compiled._engine()
+    name = "class_sharded_loss"
+
+    def rows(z: Any, y: Any, start: int) -> Any:
+        loss, classes, *_ = _ShardedRows.apply(z, y, start, compiled.head.num_outputs, e.eps, e.gamma, group)
+        if compiled._validate_values() and float(classes[0]) != compiled.head.num_outputs:
+            raise ValueError(
+                f"{name}: the processes' local logits hold {int(classes[0])} classes together and the "
+                f"head has num_outputs={compiled.head.num_outputs}: each process passes the logits of "
+                f"its own classes (class_start, local_classes), the shards covering every class once."
+            )
+        return loss
+
+    return compiled._class_sharded(name, local_logits, labels, sample_weight, class_start, rows, normalizer)

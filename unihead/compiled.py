@@ -335,6 +335,58 @@ class CompiledHead:
             self.ops, h, w, b, y, k=self.head.num_outputs, eps=e.eps, gamma=e.gamma, chunk=chunk
         ).loss
 
+    # -- the class-sharded loss (unihead._sharded; docs/large-vocabulary.md) ------------------
+    def _class_sharded(
+        self, name: str, local_logits: Any, labels: Any, sample_weight: Any, class_start: Any,
+        rows: Any, normalizer: Any = None,
+    ) -> Any:
+        """The head's loss over every class from this worker's ``local_logits`` ``(...,
+        local_classes)`` (the classes from ``class_start``): the checks, weights and reduction of
+        :meth:`loss` around ``rows(z, y, start) -> (N,)``, the backend's differentiable per-row
+        losses with its collectives (:func:`unihead._sharded.rows_forward`).  ``class_start``: an
+        int (checked), or a traced integer the backend computed (e.g. from the device's index).
+        ``name``: the public function's, for the errors."""
+        from . import _sharded
+        from ._validation import logits_dtype_error
+
+        if normalizer is not None:
+            twin = self._summed()
+            return self._divided(
+                lambda: twin._class_sharded(name, local_logits, labels, sample_weight, class_start, rows),
+                normalizer,
+            )
+        ops, xp, head = self.ops, self.ops.xp, self.head
+        problem = _sharded.unsupported(head, name)
+        if problem is not None:
+            raise ValueError(problem)
+        with ops.eager():
+            z = ops.convert(local_logits)
+        if not ops.is_floating(z):
+            raise logits_dtype_error(z.dtype)
+        if len(z.shape) == 0:
+            raise ValueError(
+                f"{name}: local_logits must have shape (..., local_classes): this worker's logits "
+                f"of its classes; got a 0-d array."
+            )
+        width = z.shape[-1]
+        if isinstance(class_start, (int, np.integer)) or not hasattr(class_start, "dtype"):
+            _sharded.check_shard(name, head.num_outputs, width, class_start)
+            class_start = int(class_start)
+        lead = tuple(z.shape[:-1])
+        dtype = xp.float32 if ops.is_half(z) else z.dtype
+        like = _LogitsLike(lead + (head.num_outputs,), dtype, ops.device(z))
+        with ops.eager():
+            y = ops.convert(labels, z)
+            sw = None if sample_weight is None else ops.convert(sample_weight, z)
+        y, sw = check_inputs(ops, head, like, y, sw, validate=self._validate_values())
+        ones = lambda: xp.ones(lead, dtype=dtype, device=ops.device(z))
+        weights, q = self._engine().example_weights(y, sw, like, ones=ones)
+        if q.dtype != ops.index_dtype():
+            q = xp.astype(q, ops.index_dtype())
+        n = _count(lead)
+        per = rows(xp.reshape(z, (n, width)), xp.reshape(q, (n,)), class_start)
+        return self._engine()._reduce(xp.reshape(per, lead), weights)[0]
+
     def loss_fn(self) -> Any:
         """The loss as a plain function ``(logits, labels, sample_weight=None) -> loss`` (this
         head's :meth:`loss`: a pure function of its arrays, usable in ``jax.jit``/``jax.grad`` and
