@@ -38,67 +38,7 @@ from .conftest import require
 torch = require("torch")
 from unihead.backends.torch import class_sharded_loss  # noqa: E402
 
-V, N, D = 37, 24, 5
-BOUNDS = {2: (0, 15, 37), 4: (0, 5, 14, 30, 37), 3: (0, 1, 20, 37)}
-
-CASES: dict[str, dict] = {
-    "plain": dict(task="multiclass", num_classes=V),
-    "smooth_ignore_cw": dict(task="multiclass", num_classes=V, label_smoothing=0.1, ignore_index=-100,
-                             class_weights=tuple(np.round(np.linspace(0.5, 2.0, V), 3))),
-    "focal_sw": dict(task="multiclass", num_classes=V, focal_gamma=2.0),
-    "sum": dict(task="multiclass", num_classes=V, reduction="sum", label_smoothing=0.05),
-    "none": dict(task="multiclass", num_classes=V, reduction="none", ignore_index=3),
-}
-
-
-def data(name: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Logits (N, V) float32 (a few confident rows), labels, sample weights (or None)."""
-    rng = np.random.default_rng(seed + len(name))
-    z = (rng.normal(size=(N, V)) * 3).astype(np.float32)
-    y = rng.integers(0, V, N)
-    z[:4, :] -= 40.0
-    z[np.arange(4), y[:4]] += 70.0  # confident rows: tiny losses
-    spec = CASES[name]
-    if spec.get("ignore_index") is not None:
-        y[[5, 9]] = spec["ignore_index"]
-    sw = None
-    if name in ("focal_sw", "sum"):
-        sw = rng.uniform(0.25, 2.0, N).astype(np.float32)
-        sw[7] = 0.0
-    return z, y, sw
-
-
-def reference(name: str, z: np.ndarray, y: np.ndarray, sw: Any, normalizer: float | None = None) -> dict:
-    """The unsharded float64 loss, per-example losses and logits' gradient, and the gradient's
-    scale (``max(|g|, scale * p)``)."""
-    c = unihead.compile(H(**CASES[name]), "torch")
-    t = torch.tensor(z, dtype=torch.float64, requires_grad=True)
-    swt = None if sw is None else torch.tensor(sw, dtype=torch.float64)
-    loss = c.loss(t, torch.tensor(y), swt, normalizer=normalizer)
-    loss.sum().backward()
-    g = t.grad.numpy()
-    p = torch.softmax(t.detach(), -1).numpy()
-    w = np.ones(N) if sw is None else sw.astype(np.float64)
-    return {"loss": loss.detach().numpy(), "grad": g,
-            "scale": np.maximum(np.abs(g), p * np.abs(_row_scale(c, y, w, normalizer)))}
-
-
-def _row_scale(c: Any, y: np.ndarray, w: np.ndarray, normalizer: float | None) -> np.ndarray:
-    """Each row's factor of its gradient (weight x class weight / the mean's normaliser), (N, 1)."""
-    h = c.head
-    valid = np.ones(N, bool) if h.ignore_index is None else (y != h.ignore_index)
-    cw = np.ones(N) if h.class_weights is None else np.asarray(h.class_weights)[np.where(valid, y, 0)]
-    r = np.where(valid, w * cw, 0.0)
-    if normalizer is not None:
-        r = r / normalizer
-    elif h.reduction == "mean":
-        r = r / r.sum()
-    return r[:, None]
-
-
-def tolerance(name: str, column: str) -> float:
-    base = 6.0 if column == "grad" else 4.0
-    return base + 2.0 * CASES[name].get("focal_gamma", 0.0)
+from .vocab_cases import BOUNDS, CASES, D, N, V, data, reference, tolerance  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- the gloo workers
