@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .cases import Case, split_pieces
+from .cases import Case, sharded_bounds, split_pieces
 
 __all__ = ["BUILTIN", "Adapter", "make_adapter", "KERAS_BACKENDS"]
 
@@ -153,6 +153,36 @@ class Adapter:
         out = {"fused_none": per, "fused_loss": loss, "fused_grad": grad}
         return {k_: self.to_numpy(v) for k_, v in out.items() if v is not None}
 
+    def shards(self, c: Any) -> bool:
+        """Whether this backend's head ``c`` has the class-sharded loss (``CompiledHead._class_sharded``
+        with the backend's ops: the public functions add only their collectives)."""
+        from unihead import _sharded
+
+        return hasattr(c, "_class_sharded") and hasattr(c, "ops") and _sharded.unsupported(c.head, "") is None
+
+    def sharded_outputs(self, case: Case, c: Any) -> dict[str, Any]:
+        """The sharded column (``SHARDED_NOTE`` in the suite): the case's classes in 2-3 uneven
+        shards, their statistics merged by :func:`unihead._sharded.stacked_rows` (the reduction
+        the collectives run), through the head's weights and reduction."""
+        from unihead import _sharded
+
+        if not np.all(np.isfinite(case.logits)):
+            return {}
+        k = case.head.num_outputs
+        bounds = sharded_bounds(k)
+        e = c._engine()
+
+        def rows(z: Any, y: Any, start: Any) -> Any:
+            shards = [z[:, a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+            return _sharded.stacked_rows(c.ops, shards, y, list(bounds[:-1]), k=k, eps=e.eps, gamma=e.gamma).loss
+
+        z = self.logits(case.logits, case.dtype)
+        y, sw = case.labels, case.sample_weight
+        none = self.compiled(case.head.replace(reduction="none"))
+        out = {"sharded_none": none._class_sharded("sharded", z, y, sw, 0, rows),
+               "sharded_loss": c._class_sharded("sharded", z, y, sw, 0, rows)}
+        return {k_: self.to_numpy(v) for k_, v in out.items()}
+
     def split_outputs(self, case: Case, c: Any) -> dict[str, Any]:
         """:meth:`split` of :func:`split_pieces` of ``case`` (on the host, NumPy)."""
         pieces = split_pieces(case)
@@ -202,6 +232,8 @@ class Adapter:
             out.update(self.split_outputs(case, c))
         if self.fuses(c):
             out.update(self.fused_outputs(case, c))
+        if self.shards(c):
+            out.update(self.sharded_outputs(case, c))
         return out
 
 
@@ -356,6 +388,8 @@ class JaxAdapter(Adapter):
                 out.update(self.split_outputs(case, c))
             if self.fuses(c):
                 out.update(self.fused_outputs(case, c))
+            if self.shards(c):
+                out.update(self.sharded_outputs(case, c))
             return out
 
 
@@ -406,6 +440,9 @@ class KerasAdapter(Adapter):
 
     def fuses(self, c: Any) -> bool:
         return False  # the fused linear loss has no Keras form yet (docs/api.md)
+
+    def shards(self, c: Any) -> bool:
+        return False  # the class-sharded loss is PyTorch's and JAX's (docs/large-vocabulary.md)
 
     def split(self, c: Any, zs: list, ys: list, sws: list, dtype: str) -> dict[str, Any]:
         if self.backend == "jax":

@@ -19,7 +19,7 @@ import numpy as np
 
 from unihead.spec import ClassificationHead
 
-__all__ = ["Case", "generate", "split_pieces", "REGIMES", "DTYPES", "SPLITS"]
+__all__ = ["Case", "generate", "split_pieces", "sharded_bounds", "REGIMES", "DTYPES", "SPLITS"]
 
 #: The numbers of pieces a case's batch is split into (the "split" dimension: one per case)
 SPLITS = (2, 3, 7)
@@ -262,6 +262,14 @@ def _dead_rows(case: Case) -> np.ndarray:
     if case.sample_weight is not None:
         dead |= (case.sample_weight == 0).reshape(n, -1).all(-1)
     return dead
+
+
+def sharded_bounds(k: int) -> tuple[int, ...]:
+    """The class shards of the ``sharded`` column for ``k`` classes: ``(0, b1, ..., k)``, 2-3
+    uneven shards, the first holding one class (a shard without most rows' targets), the last
+    about a third."""
+    inner = sorted({1, max(2, (2 * k) // 3)} & set(range(1, k)))
+    return (0, *inner, k)
 
 
 def split_pieces(case: Case) -> list[np.ndarray]:

@@ -41,14 +41,15 @@ from .adapters import BUILTIN, KERAS_BACKENDS, make_adapter, missing
 from .cases import Case
 from .reference import DBL_MIN, FLT_MIN, F64Reference, MPReference, ulp_error
 
-__all__ = ["COLUMNS", "Results", "references", "compare", "run", "write_cases", "read_cases"]
+__all__ = ["SHARDED_NOTE", "COLUMNS", "Results", "references", "compare", "run", "write_cases", "read_cases"]
 
 COLUMNS = ("probabilities", "log_probabilities", "none", "loss", "predict", "grad", "split_loss", "split_grad",
-           "fused", "fused_grad")
+           "fused", "fused_grad", "sharded")
 TITLES = {
     "probabilities": "probabilities", "log_probabilities": "log-probs", "none": "per-example",
     "loss": "loss", "predict": "predictions", "grad": "gradient", "split_loss": "split loss",
     "split_grad": "split grad", "fused": "fused", "fused_grad": "fused grad",
+    "sharded": "sharded",
 }
 
 #: What the split columns are (the command's footnote, the JSON report's "split")
@@ -67,6 +68,15 @@ FUSED_NOTE = (
     "classes; fused = the worst of its loss and its per-example values (reduction='none'), fused grad = the "
     "gradient with respect to hidden (= d loss / d logits); softmax heads with class ids only, cases with "
     "finite logits (a -inf or NaN logit times 0 in the matmul is NaN); same tolerances as loss and grad"
+)
+
+#: What the sharded column is (the command's footnote, the JSON report's "sharded")
+SHARDED_NOTE = (
+    "sharded: the class-sharded (vocab-parallel) loss with the classes in 2-3 uneven shards (the first "
+    "holding one class), each shard's row statistics reduced by unihead._sharded.reduce_stats, the code the "
+    "collectives of class_sharded_loss run (here in one process, the shards stacked); the worst of its loss "
+    "and its per-example values (reduction='none'); softmax heads with class ids only, cases with finite "
+    "logits; same tolerances as loss"
 )
 
 # ----------------------------------------------------------------------------- references
@@ -127,6 +137,10 @@ def compare(case: Case, out: dict[str, np.ndarray], ref: dict[str, Any], ftz: bo
         errs["grad"] = None
     errs.update(_split_errors(case, out, ref, floor))
     errs.update(_fused_errors(case, out, ref, floor))
+    errs["sharded"] = None
+    if "sharded_loss" in out:
+        errs["sharded"] = max(_errors(out["sharded_loss"], ref["loss"], case.dtype, floor=floor),
+                              _errors(out["sharded_none"], ref["none"], case.dtype, floor=floor))
     got, want = np.asarray(out["predict"]), np.asarray(ref["predict"])
     if got.shape != want.shape:
         errs["predict"] = math.inf
@@ -283,6 +297,7 @@ class Results:
             "tolerance": "values 4 ulp, gradients 6 ulp at the scale of their terms (focal: +2 gamma); predictions exact",
             "split": SPLIT_NOTE,
             "fused": FUSED_NOTE,
+            "sharded": SHARDED_NOTE,
             "backends": {
                 name: {
                     "status": b.status, "detail": b.detail, "flushes_subnormals": b.ftz, "seconds": round(b.seconds, 2),
