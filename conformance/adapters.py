@@ -166,8 +166,6 @@ class Adapter:
         the collectives run), through the head's weights and reduction."""
         from unihead import _sharded
 
-        if not np.all(np.isfinite(case.logits)):
-            return {}
         k = case.head.num_outputs
         bounds = sharded_bounds(k)
         e = c._engine()

@@ -75,8 +75,8 @@ SHARDED_NOTE = (
     "sharded: the class-sharded (vocab-parallel) loss with the classes in 2-3 uneven shards (the first "
     "holding one class), each shard's row statistics reduced by unihead._sharded.reduce_stats, the code the "
     "collectives of class_sharded_loss run (here in one process, the shards stacked); the worst of its loss "
-    "and its per-example values (reduction='none'); softmax heads with class ids only, cases with finite "
-    "logits; same tolerances as loss"
+    "and its per-example values (reduction='none'); softmax heads with class ids only (-inf logits included); "
+    "same tolerances as loss"
 )
 
 # ----------------------------------------------------------------------------- references
