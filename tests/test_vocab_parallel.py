@@ -2,7 +2,7 @@
 the logits of its own classes, give the unsharded loss and gradients.
 
 * **PyTorch** (:func:`unihead.backends.torch.class_sharded_loss`): gloo on 127.0.0.1, 2 and 4
-  processes spawned by the test (``torch.multiprocessing.spawn``), uneven shards of 37 classes;
+  processes spawned by the test (``torch.multiprocessing.spawn``), uneven shards of 40 classes;
   every multiclass sparse option (ignore_index, smoothing, class weights, focal, sample weights,
   the three reductions, ``normalizer=``); the logits' gradient of each rank, and the gradients of
   a kernel split by columns and of the shared hidden state (its partial gradients all-reduced).
