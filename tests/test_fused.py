@@ -338,3 +338,23 @@ def test_hostile_inputs():
         k = head.num_outputs
         with pytest.raises(ValueError, match=r"compiled\.loss\(hidden @ kernel \+ bias, labels\)"):
             unihead.compile(head, "torch").linear_loss(th, torch.zeros(h.shape[1], k), torch.zeros(4, dtype=torch.long))
+
+
+def test_torch_compiled_chunk_kernels_match_eager():
+    """Inputs of at least FUSED_MIN_ELEMENTS logits run each chunk's elementwise work through
+    kernels compiled by torch.compile (fused="auto"); fused=False runs the same functions op by
+    op: the same numbers (Inductor keeps IEEE semantics, so the error-free steps survive)."""
+    from unihead.backends.torch import FUSED_MIN_ELEMENTS
+
+    head = CH.multiclass(4096, label_smoothing=0.1, ignore_index=-100)
+    h, w, b, y, sw = data(n=FUSED_MIN_ELEMENTS // 4096, d=16, k=4096, ignore=-100)
+    out = {}
+    for fused in ("auto", False):
+        c = unihead.compile(head, "torch", fused=fused)
+        th, tw, tb = (torch.tensor(a, requires_grad=True) for a in (h, w, b))
+        loss = c.linear_loss(th, tw, torch.tensor(y), tb, torch.tensor(sw), chunk_size=1000)
+        out[fused] = [loss.detach(), *torch.autograd.grad(loss, [th, tw, tb])]
+        if fused == "auto":
+            assert c.__dict__["_chunk_kernels"]._compiled is not None and not c.__dict__["_chunk_kernels"].failed
+    for a, e in zip(out["auto"], out[False]):
+        np.testing.assert_allclose(a.numpy(), e.numpy(), rtol=2e-6, atol=1e-9)
