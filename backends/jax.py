@@ -120,6 +120,16 @@ class JaxOps(Ops):
     def stop_gradient(self, x: Any) -> Any:
         return jax.lax.stop_gradient(x)
 
+    # chunks of the class axis at traced offsets (the fused linear loss's lax.fori_loop)
+    def columns(self, x: Any, start: Any, width: int) -> Any:
+        return jax.lax.dynamic_slice_in_dim(x, start, width, axis=x.ndim - 1)
+
+    def put_columns(self, buf: Any, start: Any, values: Any) -> Any:
+        return jax.lax.dynamic_update_slice_in_dim(buf, values.astype(buf.dtype), start, axis=buf.ndim - 1)
+
+    def empty_like_columns(self, x: Any) -> Any:
+        return jnp.zeros_like(x)
+
     def eager(self) -> Any:
         if jax.sharding.get_abstract_mesh().manual_axes:
             # inside `shard_map`, JAX evaluates at once the implicit `pvary` that makes such a
@@ -219,10 +229,63 @@ class JaxHead(CompiledHead):
         labels, sample_weight = self._inputs(z, labels, sample_weight)
         return self._loss_fn(z, labels, sample_weight)
 
+    def _fused_rows(self, h: Any, w: Any, b: Any, y: Any, chunk: int) -> Any:
+        key = (chunk, b is None)
+        fns = self.__dict__.setdefault("_fused_fns", {})
+        if key not in fns:
+            fns[key] = _fused_rows_fn(self._engine(), chunk)
+        return fns[key](h, w, b, y)
+
+    def linear_loss(
+        self, hidden: Any, kernel: Any, labels: Any, bias: Any = None, sample_weight: Any = None, *,
+        normalizer: Any = None, chunk_size: int | None = None,
+    ) -> Any:
+        """The loss of ``hidden @ kernel + bias`` without the ``(N, V)`` logits (see
+        :meth:`unihead.CompiledHead.linear_loss`): a pure function of its arrays with a
+        ``jax.custom_vjp`` whose backward pass recomputes each chunk's logits; the chunks run
+        through ``lax.fori_loop`` (one chunk's code in the traced program), under ``jax.jit``,
+        ``jax.grad`` and ``jax.value_and_grad``.  ``kernel`` is ``params["kernel"]`` of
+        :class:`Dense` (``flax.linen.Dense``'s layout)."""
+        return super().linear_loss(
+            hidden, kernel, labels, bias, sample_weight, normalizer=normalizer, chunk_size=chunk_size
+        )
+
     def layer(self, in_features: int, weights: Any = None, *, dtype: Any = jnp.float32) -> "Dense":
         """The output layer as pure functions: ``init(key[, x]) -> params``, ``apply(params, x)``
         (see :class:`Dense`)."""
         return Dense(self, in_features, weights, dtype=dtype)
+
+
+def _fori(n: int, body: Any, carry: Any) -> Any:
+    return jax.lax.fori_loop(0, n, body, carry)
+
+
+def _fused_rows_fn(engine: Any, chunk: int) -> Any:
+    """Per-row losses of ``h @ w + b`` for class ids ``y`` (:mod:`unihead._fused`) as a
+    ``jax.custom_vjp`` function ``(h, w, b, y) -> (N,)``; the backward pass recomputes the
+    chunks' logits (nothing of size ``(N, V)`` is saved)."""
+    from unihead import _fused
+
+    consts = dict(k=engine.head.num_outputs, eps=engine.eps, chunk=chunk)
+
+    def forward(h: Any, w: Any, b: Any, y: Any) -> Any:
+        return _fused.rows_forward(_OPS, h, w, b, y, gamma=engine.gamma, loop=_fori, **consts)
+
+    @jax.custom_vjp
+    def rows(h: Any, w: Any, b: Any, y: Any) -> Any:
+        return forward(h, w, b, y).loss
+
+    def fwd(h: Any, w: Any, b: Any, y: Any) -> Any:
+        fin = forward(h, w, b, y)
+        return fin.loss, (h, w, b, y, fin)
+
+    def bwd(saved: Any, g: Any) -> Any:
+        h, w, b, y, fin = saved
+        gh, gw, gb = _fused.rows_backward(_OPS, h, w, b, y, fin, g.astype(fin.m.dtype), loop=_fori, **consts)
+        return gh, gw, gb, None
+
+    rows.defvjp(fwd, bwd)
+    return rows
 
 
 class Dense:

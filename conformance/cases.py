@@ -49,8 +49,8 @@ class Case:
         """The tolerance of one output (docs/semantics.md §11): gradients get 2 ulp more than
         values (a gradient entry is a probability times w / sum(w) and the upstream gradient).
         The split dimension is held to the same: ``split_loss`` as ``loss``, ``split_grad`` as
-        ``grad``."""
-        return self.tolerance + (2.0 if column in ("grad", "split_grad") else 0.0)
+        ``grad``; so is the fused linear loss: ``fused`` as ``loss``, ``fused_grad`` as ``grad``."""
+        return self.tolerance + (2.0 if column in ("grad", "split_grad", "fused_grad") else 0.0)
 
 
 def _round_to(x: np.ndarray, dtype: str) -> np.ndarray:

@@ -98,7 +98,8 @@ def test_nan_is_compared_explicitly():
     out = {k: np.asarray(v, np.float64) for k, v in ref.items() if k != "grad_scale"}
     assert case.head.reduction == "mean"
     out.update(split_loss=out["loss"], split_grad=out["grad"], split_terms=out["loss"],
-               split_weight=np.asarray(3.0), split_W=np.asarray(3.0))
+               split_weight=np.asarray(3.0), split_W=np.asarray(3.0),
+               fused_loss=out["loss"], fused_none=out["none"], fused_grad=out["grad"])
     assert all(e in (0, 0.0) for e in compare(case, out, ref, ftz=False).values())
     bad = dict(out, probabilities=np.full_like(out["probabilities"], np.nan))
     assert compare(case, bad, ref, ftz=False)["probabilities"] == np.inf
@@ -110,6 +111,12 @@ def test_nan_is_compared_explicitly():
     assert compare(case, dict(out, split_grad=-out["grad"]), ref, ftz=False)["split_grad"] > 1
     plain = {k: v for k, v in out.items() if not k.startswith("split")}
     assert compare(case, plain, ref, ftz=False)["split_loss"] is None
+    # the fused columns: the loss and the per-example values each count; none given: not measured
+    for key in ("fused_loss", "fused_none"):
+        assert compare(case, dict(out, **{key: np.full_like(out[key], np.nan)}), ref, ftz=False)["fused"] > 1e3, key
+    assert compare(case, dict(out, fused_grad=-out["grad"]), ref, ftz=False)["fused_grad"] > 1
+    unfused = {k: v for k, v in out.items() if not k.startswith("fused")}
+    assert compare(case, unfused, ref, ftz=False)["fused"] is None
 
 
 def test_split_pieces_cover_each_case_unevenly_with_a_weightless_piece():
