@@ -122,8 +122,8 @@ class HeadLinear(nnx.Linear):
         ``(kernel, bias)`` pair, e.g. another backend's ``layer.get_canonical_weights()``), in
         this layer's ``param_dtype`` and on its parameters' devices."""
         kernel, bias = canonical_weights(self.head, self.in_features, weights)
-        self.kernel.value = _like(kernel, self.kernel[...])
-        self.bias.value = _like(bias, self.bias[...])
+        self.kernel[...] = _like(kernel, self.kernel[...])
+        self.bias[...] = _like(bias, self.bias[...])
 
     def compiled(self, **options: Any) -> FlaxHead:
         """The compiled head of this layer (its ``loss``, ``probabilities``, ``predict``): the one
