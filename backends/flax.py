@@ -105,6 +105,11 @@ class HeadLinear(nnx.Linear):
             )
         if isinstance(in_features, bool) or not isinstance(in_features, (int, np.integer)) or in_features < 1:
             raise ValueError(f"HeadLinear: in_features must be a positive int (the features' last dimension); got {in_features!r}.")
+        if not callable(getattr(rngs, "params", None)):
+            raise TypeError(
+                f"HeadLinear: rngs must be an nnx.Rngs, as for nnx.Linear (rngs=nnx.Rngs(0), or "
+                f"nnx.Rngs(params=key) for a jax.random key); got {type(rngs).__name__}."
+            )
         super().__init__(int(in_features), spec.num_outputs, use_bias=True, dtype=dtype,
                          param_dtype=param_dtype, rngs=rngs, **linear_options)
         self.head = spec

@@ -157,6 +157,8 @@ def test_wrong_weights_and_arguments_get_unihead_messages():
         HeadLinear(head, 5, out_features=4, rngs=nnx.Rngs(0))
     with pytest.raises(TypeError, match=r"use_bias cannot be set"):
         HeadLinear(head, 5, use_bias=False, rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match=r"rngs must be an nnx.Rngs.*nnx.Rngs\(params=key\)"):
+        HeadLinear(head, 5, rngs=jax.random.key(0))
     with pytest.raises(ValueError, match="in_features must be a positive int"):
         HeadLinear(head, 0, rngs=nnx.Rngs(0))
     with pytest.raises(TypeError, match="ClassificationHead or a FlaxHead"):
