@@ -31,7 +31,7 @@ import numpy as np
 from flax import linen, nnx
 
 from unihead.backends.jax import JaxHead, _like
-from unihead.compiled import canonical_weights
+from unihead.compiled import CompiledHead, canonical_weights
 from unihead.spec import ClassificationHead
 
 __all__ = ["compile_head", "FlaxHead", "HeadLinear", "HeadDense"]
@@ -46,6 +46,17 @@ class FlaxHead(JaxHead):
     :meth:`layer` is a Flax NNX module and :meth:`linen_layer` a ``linen`` one."""
 
     backend = "flax"
+
+    # Equal when they compute the same (class, spec, options): a Flax module holds its compiled
+    # head as static data, part of its graph definition, which nnx.jit compares to reuse a trace;
+    # a model rebuilt with the same head (a restore, another compile() call) reuses it.
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, CompiledHead):
+            return NotImplemented
+        return type(self) is type(other) and self.head == other.head and self.options() == other.options()
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.head, tuple(sorted(self.options().items()))))
 
     def layer(self, in_features: int, weights: Any = None, *, rngs: Any = None, **options: Any) -> "HeadLinear":
         """The output layer as :class:`HeadLinear` (an ``nnx.Module``) with ``weights`` (canonical
@@ -113,7 +124,7 @@ class HeadLinear(nnx.Linear):
         super().__init__(int(in_features), spec.num_outputs, use_bias=True, dtype=dtype,
                          param_dtype=param_dtype, rngs=rngs, **linear_options)
         self.head = spec
-        self._compiled_head = compiled
+        self._compiled_head = compiled if compiled is not None else FlaxHead(spec)  # static: see FlaxHead.__eq__
 
     def get_canonical_weights(self) -> dict[str, np.ndarray]:
         """``{"kernel": (in, out), "bias": (out,)}`` as NumPy arrays on the host (Flax's layout
@@ -133,8 +144,6 @@ class HeadLinear(nnx.Linear):
     def compiled(self, **options: Any) -> FlaxHead:
         """The compiled head of this layer (its ``loss``, ``probabilities``, ``predict``): the one
         it was built from, with its options; ``options`` change some of them."""
-        if self._compiled_head is None:
-            self._compiled_head = FlaxHead(self.head)
         return self._compiled_head._with_options(**options)
 
 

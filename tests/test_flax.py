@@ -123,6 +123,27 @@ def test_nnx_optimizer_trains_the_model_with_the_heads_loss():
     assert model.head.head == head  # the spec stays static through nnx.jit
 
 
+def test_a_rebuilt_model_reuses_the_nnx_jit_trace():
+    """The head is static in the module's graph definition: layers of equal heads (built by other
+    compile() calls, or directly) have equal graph definitions, and nnx.jit traces once."""
+    traces = []
+
+    @nnx.jit
+    def loss(layer, x, y):
+        traces.append(1)
+        return layer.compiled().loss(layer(x), y)
+
+    x, y = jnp.ones((2, 4)), jnp.array([0, 2])
+    layers = [unihead.compile(H.multiclass(3), "flax").layer(4, rngs=nnx.Rngs(i)) for i in range(2)]
+    layers.append(HeadLinear(H.multiclass(3), 4, rngs=nnx.Rngs(2)))
+    values = [float(loss(layer, x, y)) for layer in layers]
+    assert len(traces) == 1 and len(set(values)) == 3
+    assert unihead.compile(H.multiclass(3), "flax") == layers[2].compiled()
+    assert unihead.compile(H.multiclass(3), "flax") != unihead.compile(H.multiclass(3), "flax", keep="stats")
+    loss(unihead.compile(H.multiclass(3, label_smoothing=0.1), "flax").layer(4, rngs=nnx.Rngs(0)), x, y)
+    assert len(traces) == 2  # another head: another program
+
+
 # ------------------------------------------------------------------------------ canonical weights
 def test_canonical_weights_round_trip_and_move_between_backends():
     head = H.multiclass(3)
