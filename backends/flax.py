@@ -199,6 +199,8 @@ class HeadDense(linen.Module):
         return (compiled or FlaxHead(spec))._with_options(**options)
 
 
-def compile_head(head: ClassificationHead, *, validate: bool = True, keep: str = "inputs") -> FlaxHead:
-    """``unihead.compile(head, "flax", validate=True, keep="inputs")``: the JAX backend's options."""
-    return FlaxHead(head, validate=validate, keep=keep)
+def compile_head(head: ClassificationHead, *, validate: bool = True, keep: str = "inputs",
+                 checkify: bool = False) -> FlaxHead:
+    """``unihead.compile(head, "flax", validate=True, keep="inputs", checkify=False)``: the JAX
+    backend's options."""
+    return FlaxHead(head, validate=validate, keep=keep, checkify=checkify)

@@ -27,16 +27,19 @@ about the cost of its own ``exp(z - m)``; this module adds only ``2**n`` from ex
 Validation: shape and dtype checks always run (shapes are static).  Values are checked eagerly
 where they exist (eager calls; constants inside ``jit``, but not inside ``shard_map``, where
 they are traced like the rest: see ``JaxOps.eager``).  Where labels or weights are traced
-(``jit``, ``vmap``, ``scan``) the loss emits the same checks, with the same messages, as
-``jax.experimental.checkify`` checks (``checkify.debug_check``): they run when the caller wraps
-the function with ``checkify.checkify``, and are dropped otherwise (nothing of them is left in the
-compiled program, and a traced call never raises a ``ConcretizationTypeError``)::
+(``jit``, ``vmap``, ``scan``) they are not checked, unless the head is compiled with
+``checkify=True``: the loss then emits the same checks, with the same messages, as
+``jax.experimental.checkify`` checks (``checkify.debug_check``), which run when the caller wraps
+the function with ``checkify.checkify`` (a traced call never raises a
+``ConcretizationTypeError``)::
 
+    compiled = unihead.compile(head, "jax", checkify=True)
     step = checkify.checkify(jax.jit(train_step))
     err, out = step(params, x, y)
     err.throw()  # ValueError: labels[2] = 7 is not a class id: ... (`check` failed)
 
-Without ``checkify``, values inside ``jit`` are unchecked; ``validate=False`` (or
+They are opt-in because an effect in a jitted function takes its calls off ``jax.jit``'s C++
+dispatch path (+80 us a call here, checked or not); ``validate=False`` (or
 ``unihead.set_validation(False)`` when the function is traced) emits no checks at all
 (docs/semantics.md §9).
 """
@@ -63,8 +66,12 @@ class JaxOps(Ops):
     flushes_subnormals = True  # XLA on CPU
     half_dtypes = (jnp.float16, jnp.bfloat16)
 
-    def __init__(self) -> None:
+    def __init__(self, traced_checks: bool = False) -> None:
         super().__init__(jnp)
+        # value checks of traced labels and weights, as checkify checks: only on request
+        # (JaxHead's checkify=True), since an effect in a jitted function's jaxpr takes every call
+        # of it off jit's C++ dispatch path (measured: +80 us a step, 4x a small MLP's step)
+        self.traced_checks = traced_checks
 
     def device(self, x: Any) -> Any:
         return None  # JAX places results like their inputs (and on the default device otherwise)
@@ -125,8 +132,6 @@ class JaxOps(Ops):
     def is_concrete(self, x: Any) -> bool:
         return not isinstance(x, jax.core.Tracer)
 
-    traced_checks = True
-
     def check(self, ok: Any, message: str, **values: Any) -> None:
         # a no-op unless the caller functionalises the checks with checkify.checkify (a plain
         # checkify.check would make jit refuse to trace the loss); XLA drops its operands then
@@ -142,24 +147,35 @@ def _explicit_sharding(x: Any) -> Any:
 
 
 _OPS = JaxOps()
+_OPS_CHECKIFY = JaxOps(traced_checks=True)
 
 
 class JaxHead(CompiledHead):
     """The compiled head on JAX (see :class:`unihead.CompiledHead` for the methods).
 
     ``keep="inputs"`` (default) recomputes the softmax/sigmoid statistics in the backward pass,
-    which XLA fuses; ``keep="stats"`` saves them instead."""
+    which XLA fuses; ``keep="stats"`` saves them instead.
+
+    ``checkify=True``: where labels or weights are traced (``jit``, ``vmap``, ``scan``), the
+    loss emits its value checks as ``jax.experimental.checkify`` checks, which run when the
+    caller wraps the step with ``checkify.checkify``.  Off by default: such checks are an effect
+    of the traced function, and ``jax.jit`` dispatches a function with effects on its slower
+    Python path (about +80 us a call on CPU, whether or not ``checkify`` runs them)."""
 
     backend = "jax"
     ops = _OPS
 
-    def __init__(self, head: ClassificationHead, *, validate: bool = True, keep: str = "inputs"):
+    def __init__(self, head: ClassificationHead, *, validate: bool = True, keep: str = "inputs",
+                 checkify: bool = False):
         super().__init__(head, validate=validate)
         self.keep = check_choice("keep", keep, ("inputs", "stats"))
+        self.checkify = check_choice("checkify", checkify, (False, True))
+        if self.checkify:
+            self.ops = _OPS_CHECKIFY
         self._loss_fn = self._make_loss()
 
     def options(self) -> dict[str, Any]:
-        return {"validate": self.validate, "keep": self.keep}
+        return {"validate": self.validate, "keep": self.keep, "checkify": self.checkify}
 
     def _make_loss(self) -> Any:
         engine = self._engine()
@@ -397,5 +413,6 @@ def _hashable(x: Any) -> bool:
     return True
 
 
-def compile_head(head: ClassificationHead, *, validate: bool = True, keep: str = "inputs") -> JaxHead:
-    return JaxHead(head, validate=validate, keep=keep)
+def compile_head(head: ClassificationHead, *, validate: bool = True, keep: str = "inputs",
+                 checkify: bool = False) -> JaxHead:
+    return JaxHead(head, validate=validate, keep=keep, checkify=checkify)

@@ -279,26 +279,16 @@ class JaxAdapter(Adapter):
             self._cache[key] = jax.jit(outputs)
         return self._cache[key]
 
-    def piece_jitted(self, head: Any) -> tuple[Any, Any]:
-        """The split's two programs for one head (``jax.jit``; ``W`` traced), compiled once per
-        piece shape: a piece's weight, and a piece's loss, gradient and terms."""
-        key = ("piece", head)
+    def split(self, c: Any, zs: list, ys: list, sws: list, dtype: str) -> dict[str, Any]:
+        """The split as one ``jax.jit`` program per head and piece shapes (as a JAX step that
+        accumulates its micro-batches runs: ``W`` and every piece traced together), one
+        compilation per case instead of two per piece."""
+        key = ("split", c.head, dtype)
         if key not in self._cache:
             import jax
 
-            c = self.compiled(head)
-
-            def weight(y: Any, sw: Any) -> Any:
-                return c.loss_weight(y, sw, dtype="float64" if jax.config.jax_enable_x64 else "float32")
-
-            self._cache[key] = (jax.jit(weight), jax.jit(lambda z, y, sw, w: Adapter.piece(self, c, z, y, sw, w)))
-        return self._cache[key]
-
-    def piece_weight(self, c: Any, y: Any, sw: Any, dtype: str) -> Any:
-        return self.piece_jitted(c.head)[0](y, sw)
-
-    def piece(self, c: Any, z: Any, y: Any, sw: Any, big_w: Any) -> tuple[Any, Any, Any, Any]:
-        return self.piece_jitted(c.head)[1](z, y, sw, big_w)
+            self._cache[key] = jax.jit(lambda zs, ys, sws: Adapter.split(self, c, zs, ys, sws, dtype))
+        return self._cache[key](zs, ys, sws)
 
     def run(self, case: Case) -> dict[str, np.ndarray]:
         import jax
@@ -412,17 +402,11 @@ class KerasAdapter(Adapter):
         return super().run(case)
 
     jitted = JaxAdapter.jitted
-    piece_jitted = JaxAdapter.piece_jitted
 
-    def piece_weight(self, c: Any, y: Any, sw: Any, dtype: str) -> Any:
+    def split(self, c: Any, zs: list, ys: list, sws: list, dtype: str) -> dict[str, Any]:
         if self.backend == "jax":
-            return JaxAdapter.piece_weight(self, c, y, sw, dtype)
-        return super().piece_weight(c, y, sw, dtype)
-
-    def piece(self, c: Any, z: Any, y: Any, sw: Any, big_w: Any) -> tuple[Any, Any, Any, Any]:
-        if self.backend == "jax":
-            return JaxAdapter.piece(self, c, z, y, sw, big_w)
-        return super().piece(c, z, y, sw, big_w)
+            return JaxAdapter.split(self, c, zs, ys, sws, dtype)
+        return super().split(c, zs, ys, sws, dtype)
 
     def _run_xla(self, case: Case) -> dict[str, np.ndarray]:
         import tensorflow as tf

@@ -209,7 +209,7 @@ def test_loss_fn_is_a_keras_loss_carrying_the_compiled_heads_options(tmp_path):
     options = {"validate": False, "fused": False, "keep": "stats"}
     assert c.options() == options
     # the native head gets the options that apply to it
-    assert c.native.options() == {"jax": {"validate": False, "keep": "stats"},
+    assert c.native.options() == {"jax": {"validate": False, "keep": "stats", "checkify": False},
                                   "torch": {"validate": False, "fused": False},
                                   "tensorflow": {"validate": False}}[BACKEND]
     loss = c.loss_fn()
@@ -287,7 +287,7 @@ def test_compiled_heads_pickle_as_their_class_with_their_options():
     np.testing.assert_array_equal(numpy_of(again.probabilities(z)), numpy_of(native.probabilities(z)))
     # every backend's head
     for name, options in (("numpy", {"validate": False}), ("torch", {"validate": False, "fused": False}),
-                          ("jax", {"validate": False, "keep": "stats"}), ("keras", {"validate": False, "fused": True})):
+                          ("jax", {"validate": False, "keep": "stats", "checkify": True}), ("keras", {"validate": False, "fused": True})):
         h = unihead.compile(head, name, **options)
         b = pickle.loads(pickle.dumps(h))
         assert type(b) is type(h) and b.options() == options, name

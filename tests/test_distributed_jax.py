@@ -255,7 +255,7 @@ def _child() -> dict:
     # the value checks under the sharded jit: checkify's message names the global index
     from jax.experimental import checkify
 
-    c = unihead.compile(H.multiclass(5, class_weights=[1, 2, 3, 4, 5]), "jax")
+    c = unihead.compile(H.multiclass(5, class_weights=[1, 2, 3, 4, 5]), "jax", checkify=True)
     y = np.zeros(N, np.int32)
     y[45] = 9
     err, _ = checkify.checkify(jax.jit(c.loss))(jax.device_put(np.zeros((N, 5), np.float32), batch),

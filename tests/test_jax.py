@@ -257,11 +257,14 @@ def test_compiled_heads_and_layers_keep_their_options_through_pickling():
     import pickle
 
     head = H.multilabel(3, pos_weight=2.0)
-    c = compiled(head, validate=False, keep="stats")
+    c = compiled(head, validate=False, keep="stats", checkify=True)
     back = pickle.loads(pickle.dumps(c))
-    assert type(back) is type(c) and back.head == head and back.options() == {"validate": False, "keep": "stats"}
+    assert type(back) is type(c) and back.head == head
+    assert back.options() == {"validate": False, "keep": "stats", "checkify": True}
+    assert back.ops.traced_checks and not compiled(head).ops.traced_checks
     layer = c.layer(5)
-    assert layer.compiled() is c and layer.compiled(keep="inputs").options() == {"validate": False, "keep": "inputs"}
+    assert layer.compiled() is c
+    assert layer.compiled(keep="inputs").options() == {"validate": False, "keep": "inputs", "checkify": True}
     assert pickle.loads(pickle.dumps(layer)).compiled().options() == c.options()
     n = unihead.compile(head, "numpy", validate=False)
     assert pickle.loads(pickle.dumps(n)).options() == {"validate": False}

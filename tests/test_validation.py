@@ -332,7 +332,7 @@ def test_jax_checkify_catches_bad_values_inside_jit_with_the_eager_message(head,
 
     kind, message = _result("numpy", head, z, y, w)
     assert kind is ValueError
-    c = unihead.compile(head, "jax")
+    c = unihead.compile(head, "jax", checkify=True)
     args = tuple(_array("jax", a) for a in (z, y, w))
     for step in (jax.jit(c.loss), jax.jit(jax.grad(lambda t, *a: c.loss(t, *a).sum()))):
         err, _ = checkify.checkify(step)(*args)
@@ -357,7 +357,10 @@ def _ok_labels(head, y):
     return np.zeros(y.shape)
 
 
-def test_jax_without_checkify_the_checks_cost_nothing_and_validate_false_emits_none():
+def test_jax_checks_inside_jit_are_opt_in_and_validate_false_emits_none():
+    """Without checkify=True a jitted loss has no effects (jit keeps its fast dispatch path) and
+    nothing for checkify to find; with it, the compiled program is the same (the checks' operands
+    are dropped) but the function carries checkify's effect."""
     jax = require("jax")
     import re
 
@@ -368,27 +371,37 @@ def test_jax_without_checkify_the_checks_cost_nothing_and_validate_false_emits_n
     z, y = jnp.zeros((5, 4)), jnp.asarray([0, 1, 7, 2, 0])
     w = jnp.asarray([1.0, 1, 1, np.nan, 1])
 
-    def program(validate):
-        step = jax.jit(jax.value_and_grad(unihead.compile(head, "jax", validate=validate).loss))
-        text = re.sub(r", metadata=\{[^}]*\}", "", step.lower(z, y, w).compile().as_text())
+    def step(**options):
+        return jax.value_and_grad(unihead.compile(head, "jax", **options).loss)
+
+    def program(**options):
+        text = re.sub(r", metadata=\{[^}]*\}", "", jax.jit(step(**options)).lower(z, y, w).compile().as_text())
         ops = [line.strip() for line in text.splitlines() if re.match(r"\s*(ROOT )?%\S+ = ", line)]
         return sorted(re.sub(r"%([A-Za-z_]+)[.\d]*", r"%\1", op) for op in ops)  # names aside
 
-    # a plain jit step compiles to the same program with and without the checks
-    assert program(True) == program(False)
-    # plain jit: unchecked (docs/semantics.md §9), no error
-    jax.jit(unihead.compile(head, "jax").loss)(z, y, w)
-    # validate=False, or validation switched off while tracing: nothing for checkify to find
-    err, _ = checkify.checkify(jax.jit(unihead.compile(head, "jax", validate=False).loss))(z, y, w)
+    # the default: no effect in the traced function, nothing for checkify to find
+    assert not jax.make_jaxpr(step())(z, y, w).effects
+    err, _ = checkify.checkify(jax.jit(unihead.compile(head, "jax").loss))(z, y, w)
     assert err.get() is None
+    # checkify=True: an effect (the checks), and the same compiled program
+    assert jax.make_jaxpr(step(checkify=True))(z, y, w).effects
+    assert program(checkify=True) == program()
+    jax.jit(unihead.compile(head, "jax", checkify=True).loss)(z, y, w)  # plain jit: no error
+    # validate=False, or validation switched off while tracing: nothing for checkify to find
+    err, _ = checkify.checkify(jax.jit(unihead.compile(head, "jax", validate=False, checkify=True).loss))(z, y, w)
+    assert err.get() is None
+    assert not jax.make_jaxpr(step(validate=False, checkify=True))(z, y, w).effects
     with unihead.validation(False):
-        err, _ = checkify.checkify(jax.jit(unihead.compile(head, "jax").loss))(z, y, w)
+        err, _ = checkify.checkify(jax.jit(unihead.compile(head, "jax", checkify=True).loss))(z, y, w)
     assert err.get() is None
     # valid inputs: checkify finds nothing, and the loss is the eager one
     good = jnp.asarray([0, 1, -100, 2, 0])
-    err, out = checkify.checkify(jax.jit(unihead.compile(head, "jax").loss))(z, good, w.at[3].set(2.0))
+    c = unihead.compile(head, "jax", checkify=True)
+    err, out = checkify.checkify(jax.jit(c.loss))(z, good, w.at[3].set(2.0))
     assert err.get() is None
     assert float(out) == float(unihead.compile(head, "jax").loss(z, good, w.at[3].set(2.0)))
+    with pytest.raises(ValueError, match="checkify must be one of False, True"):
+        unihead.compile(head, "jax", checkify="yes")
 
 
 @pytest.mark.parametrize("backend", ["numpy", "torch", "jax"])
