@@ -26,8 +26,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from ._hf import HF_IGNORE_INDEX, HFInfo, effective_problem_type, hf_config, labels_are_int, pipeline_activation
 from ._native import native_lines, native_loss
 from ._readers import LossReading, Reading, read_model
+from ._untrusted import show
 from .errors import HeadSpecError
 from .labels import LabelSummary, describe_labels, read_labels
 from .spec import ClassificationHead
@@ -61,7 +63,7 @@ class Finding:
             out.append(f"    fix: {self.fix!r}" if self.fix is not None else "    fix:")
             for k, v in self.lines.items():
                 label = {"keras": "Keras", "torch": "PyTorch", "unihead": "unihead"}.get(k, k)
-                body = v.replace("\n", "\n" + " " * 15)
+                body = v.replace("\n", "\n" + " " * (7 + max(8, len(label) + 1)))  # under the first line
                 out.append(f"      {label + ':':<8} {body}")
         return "\n".join(out)
 
@@ -208,8 +210,7 @@ def infer(model: Any, loss: Any = None, labels: Any = None) -> Inferred:
     reads as the binary head it was meant to be; run :func:`diagnose` to see what is wrong), with
     its weights in the canonical layout.  ``loss``: the PyTorch criterion, or a Keras loss to
     use instead of the compiled one; ``labels`` (optional) settle the label format and width."""
-    r = read_model(model, loss)
-    s = _labels_summary(labels)
+    r, s, _, _ = _read(model, loss, labels)
     return Inferred(_head(r, s, []), _weights(r))
 
 
@@ -218,7 +219,45 @@ def _head(r: Reading, s: LabelSummary | None, notes: list[str]) -> Classificatio
         return r.head
     head, more = _structure(r, s)
     notes.extend(more)
-    return _with_options(head, r.loss, s, notes)
+    head = _with_options(head, r.loss, s, notes)
+    names = r.hf.class_names if r.hf is not None else None
+    if names is not None and head.class_names is None and \
+            len(names) == (2 if head.task == "binary" else head.num_classes):
+        try:
+            head = head.replace(class_names=names)  # the config's id2label
+        except HeadSpecError as e:
+            notes.append(f"id2label not carried as class names: {e}")
+    return head
+
+
+def _read(model: Any, loss: Any, labels: Any) -> tuple[Reading, LabelSummary | None, Any, bool]:
+    """The model's reading and its labels' summary.  A transformers model without ``loss`` is
+    read with its own ``forward``'s loss, which transformers chooses from the config and the
+    labels' dtype (unihead._hf); its token labels are read one per token.  Also returns whether
+    the labels are int64/int32 (transformers' class ids; ``None`` without labels) with their
+    dtype and shape, and whether the loss is the model's own."""
+    r = read_model(model, loss)
+    if r.hf is None:
+        return r, _labels_summary(labels), None, False
+    labels_int = labels_are_int(labels)
+    raw = None if labels is None else (
+        labels_int, str(labels.dtype if hasattr(labels, "dtype") else np.asarray(labels).dtype),
+        tuple(labels.shape) if hasattr(labels, "shape") else np.shape(labels))
+    if labels is not None and r.hf.kind == "token":
+        labels = np.reshape(labels.detach().cpu().numpy() if hasattr(labels, "detach") else np.asarray(labels),
+                            -1)  # one label per token
+    s = _labels_summary(labels)
+    own = r.loss is None
+    if own:
+        pt = effective_problem_type(r.hf, True if labels_int is None else labels_int)
+        r.loss = {
+            "regression": LossReading("other", None, "MSELoss"),
+            # the forward flattens the labels (labels.view(-1)): class ids only, never rows
+            "single_label_classification": LossReading("sparse_ce", True, "CrossEntropyLoss",
+                                                       ignore_index=HF_IGNORE_INDEX),
+            "multi_label_classification": LossReading("binary_ce", True, "BCEWithLogitsLoss"),
+        }.get(pt, LossReading("other", None, f"problem_type={pt!r}"))
+    return r, s, raw, own
 
 
 # ------------------------------------------------------------------------------ rules
@@ -230,8 +269,16 @@ class _Ctx:
 
     def add(self, code: str, severity: str, what: str, why: str, fix: ClassificationHead | None = None) -> None:
         fix = self.head if fix is None and severity != "info" else fix
-        lines = native_lines(fix, self.fw, self.r.in_features) if fix is not None else {}
+        if fix is None:
+            lines = {}
+        elif self.r.hf is not None:
+            lines = _hf_lines(fix, self.r.hf, self.r.units)
+        else:
+            lines = native_lines(fix, self.fw, self.r.in_features)
         self.findings.append(Finding(code, severity, what, why, fix, lines))
+
+    def errors_found(self) -> bool:
+        return any(f.severity == "error" for f in self.findings)
 
     @property
     def loss_name(self) -> str:
@@ -424,6 +471,155 @@ def _native_differences(c: _Ctx, L: LossReading) -> None:
               "the loss and its gradients are alpha times unihead's.")
 
 
+# ------------------------------------------------------------------------------ Hugging Face
+def _hf_lines(fix: ClassificationHead, info: HFInfo, width: int) -> dict[str, str]:
+    """The fix as transformers' own lines (the config fields, the labels the model's forward then
+    needs) and with unihead (its Trainer loss).  A fix of another width than the layer's
+    (``width``) loads the checkpoint with a new classification layer."""
+    fields = hf_config(fix)
+    args = ", ".join(f"{k}={v!r}" for k, v in fields.items())
+    new = fields["num_labels"] != width
+    lines = [f"model = {info.model_class}.from_pretrained(checkpoint, {args}"
+             + (", ignore_mismatched_sizes=True)  # a new classifier: the old one is not this head's" if new else ")")]
+    if fix.task == "multiclass" and fix.label_format != "sparse" or fix.task == "binary" and \
+            fix.binary_units == 2 and fix.label_format != "binary":
+        lines.append("labels = labels.argmax(-1)  # int64 class ids: the forward's CrossEntropyLoss")
+    elif fix.task == "binary" and fix.binary_units == 1:
+        lines.append("labels = labels.float().reshape(-1, 1)  # one float 0/1 per example: BCEWithLogitsLoss")
+    elif fix.task == "multilabel":
+        lines.append("labels = labels.float()  # float 0/1 rows: BCEWithLogitsLoss")
+    else:
+        lines.append("labels = labels.long()  # int64 class ids: the forward's CrossEntropyLoss")
+    plain = fix.replace(label_format=None, ignore_index=None, class_names=None)
+    options = plain != type(fix)(fix.task, fix.num_classes, binary_units=fix.binary_units)
+    if options:
+        lines.append("# the model's own loss has none of the head's options: train with unihead's (below)")
+    # without options the config's head (trainer_loss(model)) is the fix; with them, the fix itself
+    of = f"unihead.{fix!r}" if options else "model"
+    return {"transformers": "\n".join(lines),
+            "unihead": "from unihead.backends.transformers import trainer_loss\n"
+                       f"trainer = Trainer(model, args, train_dataset=..., compute_loss_func=trainer_loss({of}))"}
+
+
+def _inverse(mapping: dict) -> dict | None:
+    """``{value: key}`` of ``mapping``, or None when its values are not distinct and hashable."""
+    try:
+        inverse = {v: k for k, v in mapping.items()}
+    except TypeError:
+        return None
+    return inverse if len(inverse) == len(mapping) else None
+
+
+def _hf_rules(c: _Ctx, raw: Any, own: bool) -> None:
+    """The traps of transformers' models (unihead._hf has the rules they follow).  ``raw``: the
+    labels as given, ``(is int64/int32, dtype, shape)``, or None."""
+    r, s, info = c.r, c.s, c.r.hf
+    u = r.units
+    labels_int = None if raw is None else raw[0]
+    if info.num_labels != u:
+        c.add("hf_num_labels_mismatch", "error",
+              f"config.num_labels = {info.num_labels}, but the model's {info.layer_path} has {u} outputs.",
+              "the config was changed after the model was built (num_labels is len(id2label)): the forward still "
+              f"computes {u} logits, while pipelines and id2label name {info.num_labels} classes, and a model "
+              "saved now does not load back with its weights. Build the model from the config you mean "
+              "(from_pretrained(checkpoint, num_labels=...)).",
+              c.head)
+    ids = info.id2label
+    if ids is not None and set(ids) != set(range(len(ids))):
+        c.add("hf_id2label_mismatch", "error",
+              f"config.id2label has the ids {show(sorted(ids, key=str))}, not 0..{len(ids) - 1}.",
+              "output i of the model is named id2label[i]: an output without an entry fails in pipelines "
+              "(KeyError), and the names are shifted against the outputs. Number the classes from 0.")
+    elif ids is not None and (_inverse(ids) is None or not all(isinstance(v, str) and v for v in ids.values())):
+        c.add("hf_id2label_mismatch", "error",
+              f"config.id2label does not give each output a name of its own: {show(ids)}.",
+              "pipelines report id2label[i] for output i: two outputs with one name (or a name that is not a "
+              "string) make a prediction that does not say which class it is. Give every class its own name.")
+    elif ids is not None and info.label2id is not None and info.label2id != _inverse(ids):
+        c.add("hf_id2label_mismatch", "error",
+              "config.label2id is not the inverse of config.id2label.",
+              "datasets are encoded with label2id and predictions decoded with id2label: a class encoded as "
+              "one id comes back under another name. Write label2id = {name: i for i, name in id2label.items()}.")
+    if own:
+        pt = effective_problem_type(info, True if labels_int is None else labels_int)
+        if pt == "regression":
+            one = u == 1
+            c.add("hf_regression_head", "error",
+                  f"{info.describe()}: its forward trains a regression (MSELoss on the "
+                  f"{'logit' if one else 'logits'}), not a classifier"
+                  + (" (num_labels=1 with problem_type unset is 'regression', whatever the labels)."
+                     if info.problem_type is None else "."),
+                  "the output is never turned into a probability: mean squared error on 0/1 targets learns "
+                  "a score, not P(class), and the text/image-classification pipelines apply a sigmoid to it "
+                  "before the first training step but nothing after it (the forward sets problem_type="
+                  "'regression' in the config). For two classes: num_labels=2 (softmax), or num_labels=1 with "
+                  "problem_type='multi_label_classification' (one sigmoid).",
+                  ClassificationHead.binary(binary_units=2) if one else c.head)
+        elif info.kind == "sequence" and pt == "multi_label_classification" and s is not None and \
+                s.kind in ("one_hot", "probability_rows"):
+            implicit = info.problem_type is None
+            fix = ClassificationHead.multiclass(u, label_format="one_hot" if s.kind == "one_hot" else "probabilities")
+            what = (f"{info.describe()} gets float labels ({s.describe()}), so its forward trains a multi-label "
+                    "BCEWithLogitsLoss (problem_type unset: any labels but int64/int32 mean multi-label).")
+            why = ("the labels say every example has exactly one class, but each output is trained as an "
+                   "independent yes/no: softmax semantics are lost, the probabilities need not sum to 1, and "
+                   "the forward writes problem_type='multi_label_classification' into the config, so pipelines "
+                   "apply sigmoids from then on.")
+            if implicit:
+                c.add("hf_one_hot_multilabel", "error", what, why, fix)
+            else:
+                c.add("hf_one_hot_multilabel", "warning",
+                      f"{info.describe()} is a multi-label model, but every label row has exactly one 1 "
+                      f"({s.describe()}).", why, fix)
+        elif info.kind == "sequence" and info.problem_type is None and u >= 2:
+            c.add("hf_problem_type_unset", "info",
+                  f"{info.describe()}: the forward picks its loss from the dtype of the first labels it sees and "
+                  "writes it into config.problem_type for every later call.",
+                  "int64/int32 labels make it CrossEntropyLoss (softmax), any other dtype (float, but also uint8, "
+                  "int16 or bool) BCEWithLogitsLoss (sigmoids); pipelines follow what was written. Set "
+                  "problem_type in the config (unihead.backends.transformers.hf_config(head) gives it).")
+        if raw is not None and not c.errors_found() and pt in ("single_label_classification",
+                                                               "multi_label_classification"):
+            dtype, shape = raw[1].replace("torch.", ""), raw[2]
+            single = pt == "single_label_classification"
+            # PyTorch's cross-entropy takes int64 (or uint8) targets: int32, which transformers counts
+            # as class ids when it picks the loss, then fails inside it (measured, torch 2.13)
+            fits = dtype in ("int64", "uint8") if single else (dtype.startswith(("float", "bfloat"))
+                                                              and len(shape) == 2 and shape[-1] == u)
+            if not fits:
+                c.add("hf_labels_mismatch", "error",
+                      f"{info.describe()}'s forward trains {c.loss_name} on these labels ({dtype}, shape {shape}), "
+                      "which it cannot take: "
+                      + ("its CrossEntropyLoss needs int64 class ids, one per example (int32 ids make "
+                         "transformers pick it, and PyTorch's cross-entropy then refuses them)." if single else
+                         f"its BCEWithLogitsLoss needs float 0/1 rows of shape (N, {u}), one column per output."),
+                      "the first training step fails with a dtype or shape error from inside the model's forward. "
+                      + ("Pass labels.long()." if single else f"Pass labels.float(), shape (N, {u})."))
+        if info.kind == "token" and info.problem_type not in (None, "single_label_classification"):
+            c.add("hf_problem_type_ignored", "warning",
+                  f"{info.describe()}: a token classifier's forward ignores problem_type; it always trains "
+                  "CrossEntropyLoss over the tokens (softmax).",
+                  "the config says one thing, the loss does another: a multi-label or regression token model "
+                  "needs a loss of its own (compute_loss_func=trainer_loss(head)).")
+    elif info.kind == "token" or info.problem_type != "regression":
+        act, expected = pipeline_activation(info), c.head.activation
+        if act != expected and info.kind == "token":
+            c.add("hf_pipeline_activation", "error",
+                  f"the token classifier is trained as {c.head!r} ({expected} probabilities), but the "
+                  "token-classification pipeline applies a softmax to every token's logits.",
+                  "that pipeline has no function_to_apply and ignores problem_type: its scores are a softmax of "
+                  f"logits trained for a {expected}. Post-process the logits yourself "
+                  "(compiled.probabilities(logits), compiled.predict_names(logits)) instead of the pipeline.")
+        elif act != expected:
+            c.add("hf_pipeline_activation", "error",
+                  f"the model is trained as {c.head!r} ({expected} probabilities), but its config "
+                  f"(num_labels={info.num_labels}, problem_type={info.problem_type!r}) makes the "
+                  f"text/image-classification pipelines apply a {act}.",
+                  f"pipelines choose function_to_apply from the config, not from the loss: every score they "
+                  f"return is a {act} of logits trained for a {expected}. Write the config for the head "
+                  "(unihead.backends.transformers.hf_config(head)).")
+
+
 def _without_loss(c: _Ctx) -> None:
     """No loss: say what was not checked, and what the output layer alone shows."""
     r = c.r
@@ -462,15 +658,21 @@ def diagnose(model: Any, loss: Any = None, labels: Any = None) -> Diagnosis:
     activation or a following ``Activation``/``Softmax`` layer, and its compiled loss, or
     ``loss``), or a PyTorch module/``nn.Linear`` with its criterion as ``loss``.  ``labels``
     (a label array, optional) enable the label checks.  A correct head gives no finding."""
-    r = read_model(model, loss)
-    s = _labels_summary(labels)
+    r, s, raw, own = _read(model, loss, labels)
     notes: list[str] = []
     head = _head(r, s, notes)
     ctx = _Ctx(r, s, head)
     _rules(ctx)
+    if r.hf is not None:
+        _hf_rules(ctx, raw, own)
+        if own and labels is None and r.hf.kind == "sequence" and r.hf.problem_type is None and r.units >= 2:
+            notes.append("no labels given: read with int64 class ids, which make the model's forward use "
+                         "CrossEntropyLoss (float labels would make it BCEWithLogitsLoss)")
     if r.loss is None:
         _without_loss(ctx)
     where = r.where + (f" + {ctx.loss_name}" if r.loss is not None else " (no loss given)")
+    if own:
+        where = r.where + f" + its forward's {ctx.loss_name}"
     return Diagnosis(head, _weights(r), tuple(ctx.findings), where, ctx.fw, tuple(notes))
 
 

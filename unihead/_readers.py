@@ -55,6 +55,7 @@ class Reading:
     loss: LossReading | None
     head: ClassificationHead | None = None  # a unihead layer carries its spec
     layer: Any = None
+    hf: Any = None  # a transformers model: its config's reading (unihead._hf.HFInfo)
 
 
 def _name(fn: Any) -> str:
@@ -202,17 +203,60 @@ def _torch_loss(loss: Any) -> LossReading:
     return LossReading("other", None, cls, reduction=red)
 
 
+# ------------------------------------------------------------------------------ Hugging Face
+def _hf_reading(model: Any, loss: Any) -> Reading:
+    """A transformers ``PreTrainedModel``: its classification layer (the last ``nn.Linear`` of
+    ``classifier``, ``score``, ``classification_head`` or ``head``), read as a PyTorch layer,
+    with its config (:class:`unihead._hf.HFInfo`).  The loss is the one passed; the model's own
+    (which depends on the labels) is read by :func:`unihead.diagnose`."""
+    from torch import nn
+
+    from ._hf import HEAD_ATTRIBUTES, hf_info
+
+    for attr in HEAD_ATTRIBUTES:
+        module = getattr(model, attr, None)
+        if not isinstance(module, nn.Module):
+            continue
+        if isinstance(module, nn.Linear):
+            layer, path = module, attr
+            break
+        named = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+        if named:
+            layer, path = named[-1][1], f"{attr}.{named[-1][0]}"
+            break
+    else:
+        raise ValueError(
+            f"{type(model).__name__} has no classification layer unihead knows: it reads the last nn.Linear "
+            f"of the model's {', '.join(HEAD_ATTRIBUTES)} attribute (transformers' *ForSequenceClassification, "
+            "*ForImageClassification and *ForTokenClassification models). For another model, pass its output "
+            "nn.Linear itself."
+        )
+    r = _torch_reading(layer, loss)
+    info = hf_info(model, path)
+    r.hf = info
+    r.where = f"{info.describe()}.{path} = {r.where}"
+    return r
+
+
 # ------------------------------------------------------------------------------ entry points
 def read_loss(loss: Any) -> LossReading:
     if isinstance(loss, LossReading):
         return loss
+    head = getattr(loss, "head", None)
+    if isinstance(head, ClassificationHead) and type(loss).__name__ == "TrainerLoss":
+        return LossReading("unihead", True, "trainer_loss", head=head)
     if _is_torch(loss):
         return _torch_loss(loss)
     return _keras_loss(loss)
 
 
 def read_model(model: Any, loss: Any = None) -> Reading:
-    """The :class:`Reading` of a Keras model/``Dense`` or a PyTorch module/``nn.Linear``."""
+    """The :class:`Reading` of a Keras model/``Dense``, a PyTorch module/``nn.Linear`` or a
+    Hugging Face transformers ``PreTrainedModel``."""
+    from ._hf import is_hf_model
+
+    if _is_torch(model) and is_hf_model(model):
+        return _hf_reading(model, loss)
     if _is_keras(model):
         return _keras_reading(model, loss)
     if _is_torch(model):
@@ -223,5 +267,6 @@ def read_model(model: Any, loss: Any = None) -> Reading:
         return Reading("numpy", head.num_outputs, int(k.shape[0]), k, np.asarray(model.bias), "linear",
                        "unihead Dense", read_loss(loss) if loss is not None else None, head, model)
     raise TypeError(
-        f"unihead reads Keras models and layers and PyTorch modules; got {type(model).__name__}."
+        f"unihead reads Keras models and layers, PyTorch modules and Hugging Face transformers models; "
+        f"got {type(model).__name__}."
     )

@@ -106,6 +106,28 @@ class CompiledHead:
     def predict(self, logits: Any) -> Any:
         return self._engine().predict(self._logits(logits))
 
+    def predict_names(self, logits: Any) -> np.ndarray:
+        """The predicted classes by name (the head's ``class_names``), as a NumPy array on the
+        host: binary and multiclass heads ``(...)`` of ``str`` (the name of :meth:`predict`'s
+        class id); multilabel heads ``(...)`` of ``object``, each a tuple of the names of the
+        labels predicted on, in class order (``()`` for none), like scikit-learn's
+        ``MultiLabelBinarizer.inverse_transform``.  Names are for people and files, not for
+        graphs: this always returns host data, also under ``jax.jit`` (where it cannot run)."""
+        names = self.head.class_names
+        if names is None:
+            raise ValueError(
+                f"predict_names needs the head's class names, and {self.head!r} has none: compile "
+                "head.replace(class_names=[...]) (one name per class), or use predict(logits) for class ids."
+            )
+        ids = np.asarray(self.ops.to_numpy(self.predict(logits)))
+        table = np.asarray(names, dtype=str)
+        if self.head.task != "multilabel":
+            return table[ids.astype(np.intp)]
+        flat = ids.reshape(-1, ids.shape[-1]).astype(bool)
+        out = np.empty(len(flat), dtype=object)
+        out[:] = [tuple(table[row].tolist()) for row in flat]
+        return out.reshape(ids.shape[:-1])
+
     def loss(self, logits: Any, labels: Any, sample_weight: Any = None, *, normalizer: Any = None) -> Any:
         raise NotImplementedError  # pragma: no cover
 

@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping, Sequence
 from ._untrusted import loads as _loads, show as _show
 from .errors import HeadSpecError
 
-__all__ = ["ClassificationHead", "TASKS", "LABEL_FORMATS", "REDUCTIONS", "SPEC_VERSION", "MAX_INDEX"]
+__all__ = ["ClassificationHead", "TASKS", "LABEL_FORMATS", "REDUCTIONS", "SPEC_VERSION", "MAX_INDEX", "MAX_NAME_LENGTH"]
 
 TASKS = ("binary", "multiclass", "multilabel")
 LABEL_FORMATS = {
@@ -33,8 +33,10 @@ LABEL_FORMATS = {
 _DEFAULT_FORMAT = {"binary": "binary", "multiclass": "sparse", "multilabel": "multi_hot"}
 REDUCTIONS = ("mean", "sum", "none")
 
-#: Version of the dict/JSON form written by :meth:`ClassificationHead.to_dict`.
-SPEC_VERSION = 1
+#: The newest version of the dict/JSON form :meth:`ClassificationHead.to_dict` writes (and
+#: :meth:`~ClassificationHead.from_dict` reads).  Version 2 adds ``class_names``; a head without
+#: class names is written as version 1, so older unihead versions still read it.
+SPEC_VERSION = 2
 _FORMAT_TAG = "unihead.ClassificationHead"
 
 _ALL_FORMATS = tuple(sorted({f for fs in LABEL_FORMATS.values() for f in fs}))
@@ -121,6 +123,50 @@ def _as_reals(
     return tuple(_as_real(f"{name}[{i}]", v) for i, v in enumerate(items))
 
 
+#: The longest class name a spec takes (in characters): names are labels for people, and a head
+#: file's JSON header stays small enough to read before it is checked.
+MAX_NAME_LENGTH = 1000
+
+
+def _as_names(value: Any, task: str, expected: int) -> tuple[str, ...] | None:
+    """``class_names`` as a tuple of ``expected`` distinct non-empty strings (or ``None``)."""
+    if value is None:
+        return None
+    what = {"binary": "2 (the negative class, then the positive one)",
+            "multiclass": f"{expected} (one per class)", "multilabel": f"{expected} (one per label)"}[task]
+    if isinstance(value, (str, bytes, Mapping)) or not hasattr(value, "__iter__"):
+        hint = (" For Hugging Face's id2label write [id2label[i] for i in range(len(id2label))]."
+                if isinstance(value, Mapping) else "")
+        raise HeadSpecError(
+            f"class_names must be a sequence of {what} strings (a list or tuple), got "
+            f"{type(value).__name__}.{hint}"
+        )
+    names = tuple(itertools.islice(value, expected + 1))
+    if len(names) != expected:
+        n = len(value) if hasattr(value, "__len__") else f"more than {expected}"
+        raise HeadSpecError(f"class_names must have length {what}, got {n if len(names) > expected else len(names)}.")
+    for i, name in enumerate(names):
+        if not isinstance(name, str):
+            raise HeadSpecError(
+                f"class_names[{i}] must be a string, got {_show(name)} ({type(name).__name__})."
+            )
+        if not name.strip():
+            raise HeadSpecError(f"class_names[{i}] is empty: every class needs a name people can read.")
+        if len(name) > MAX_NAME_LENGTH:
+            raise HeadSpecError(
+                f"class_names[{i}] has {len(name)} characters; a class name has at most {MAX_NAME_LENGTH}."
+            )
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if name in seen:
+            raise HeadSpecError(
+                f"class_names[{seen[name]}] and class_names[{i}] are both {_show(name)}: each class needs "
+                "its own name, or a predicted name would not say which class it is."
+            )
+        seen[name] = i
+    return tuple(str(n) for n in names)
+
+
 @dataclasses.dataclass(frozen=True)
 class ClassificationHead:
     """One classification output head: the output layer's width and activation, the label format,
@@ -151,6 +197,10 @@ class ClassificationHead:
     - ``focal_gamma``: focal-loss exponent (0 = plain cross-entropy).
     - ``reduction``: ``"mean"`` (weighted mean), ``"sum"`` or ``"none"`` (per example).
     - ``threshold``: decision threshold on P(positive) for binary and multilabel heads.
+    - ``class_names``: optional names of the classes, distinct non-empty strings, one per class:
+      multiclass K, multilabel K (one per label), binary 2 (the negative class, then the
+      positive one).  They change no number; ``predict_names`` returns them, and they travel
+      with the head (head files, ports, Hugging Face ``id2label``).
     """
 
     task: str
@@ -164,6 +214,7 @@ class ClassificationHead:
     focal_gamma: float = 0.0
     reduction: str = "mean"
     threshold: float = 0.5
+    class_names: tuple[str, ...] | None = None
 
     # ------------------------------------------------------------------ construction
     def __post_init__(self) -> None:
@@ -375,6 +426,7 @@ class ClassificationHead:
                 "multiclass head predicts the most probable class. Remove threshold."
             )
         set_(self, "threshold", thr)
+        set_(self, "class_names", _as_names(self.class_names, task, 2 if task == "binary" else num_classes))
 
     # ------------------------------------------------------------------ readable constructors
     @classmethod
@@ -390,6 +442,7 @@ class ClassificationHead:
         focal_gamma: float = 0.0,
         reduction: str = "mean",
         threshold: float = 0.5,
+        class_names: Sequence[str] | None = None,
     ) -> "ClassificationHead":
         """A two-class head.  ``binary_units=1``: one logit + sigmoid; ``2``: two logits + softmax.
         Labels are 0/1 per example either way."""
@@ -404,6 +457,7 @@ class ClassificationHead:
             focal_gamma=focal_gamma,
             reduction=reduction,
             threshold=threshold,
+            class_names=class_names,
         )
 
     @classmethod
@@ -417,6 +471,7 @@ class ClassificationHead:
         ignore_index: int | None = None,
         focal_gamma: float = 0.0,
         reduction: str = "mean",
+        class_names: Sequence[str] | None = None,
     ) -> "ClassificationHead":
         """Exactly one of ``num_classes`` classes per example: K logits + softmax."""
         return cls(
@@ -428,6 +483,7 @@ class ClassificationHead:
             ignore_index=ignore_index,
             focal_gamma=focal_gamma,
             reduction=reduction,
+            class_names=class_names,
         )
 
     @classmethod
@@ -442,6 +498,7 @@ class ClassificationHead:
         focal_gamma: float = 0.0,
         reduction: str = "mean",
         threshold: float = 0.5,
+        class_names: Sequence[str] | None = None,
     ) -> "ClassificationHead":
         """Any subset of ``num_classes`` independent labels per example: K logits + sigmoid each."""
         return cls(
@@ -454,6 +511,7 @@ class ClassificationHead:
             focal_gamma=focal_gamma,
             reduction=reduction,
             threshold=threshold,
+            class_names=class_names,
         )
 
     @classmethod
@@ -505,11 +563,14 @@ class ClassificationHead:
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
-        """Plain, versioned, JSON-compatible form.  ``from_dict(to_dict())`` gives an equal head."""
+        """Plain, versioned, JSON-compatible form.  ``from_dict(to_dict())`` gives an equal head.
+        A head without ``class_names`` is written as version 1 (without the key), which every
+        unihead reads; with them, as version 2."""
         pw = self.pos_weight
+        names = {} if self.class_names is None else {"class_names": list(self.class_names)}
         return {
             "format": _FORMAT_TAG,
-            "version": SPEC_VERSION,
+            "version": 2 if names else 1,
             "task": self.task,
             "num_classes": self.num_classes,
             "label_format": self.label_format,
@@ -521,6 +582,7 @@ class ClassificationHead:
             "focal_gamma": self.focal_gamma,
             "reduction": self.reduction,
             "threshold": self.threshold,
+            **names,
         }
 
     @classmethod
@@ -550,6 +612,11 @@ class ClassificationHead:
                 )
         if "task" not in data:
             raise HeadSpecError("Head description has no 'task' key.")
+        if "class_names" in data and version < 2:
+            raise HeadSpecError(
+                f"'class_names' is a key of spec version 2, but this description says version {version}: "
+                "write version 2 (ClassificationHead.to_dict() does)."
+            )
 
         def check(key: str, ok: bool, expected: str) -> None:
             if not ok:
@@ -578,6 +645,8 @@ class ClassificationHead:
             "focal_gamma": (is_num, "a number"),
             "reduction": (lambda v: isinstance(v, str), "a string"),
             "threshold": (is_num, "a number"),
+            "class_names": (lambda v: v is None or isinstance(v, list) and all(isinstance(x, str) for x in v),
+                            "a list of strings or null"),
         }
         for key, value in data.items():
             ok, expected = schema[key]
