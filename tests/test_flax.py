@@ -275,6 +275,25 @@ def test_port_from_keras_into_flax_holds_the_check():
     np.testing.assert_array_equal(ported.layer.get_canonical_weights()["kernel"], np.asarray(model.layers[-1].kernel))
 
 
+def test_port_from_a_hugging_face_classifier_into_flax_keeps_the_check_and_class_names(monkeypatch):
+    """A tiny RoBERTa sequence classifier built from a config (nothing downloaded): its
+    classifier.out_proj is an nn.Linear, ported like any PyTorch head, with id2label as the
+    head's class names."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # nothing is downloaded
+    torch = require("torch")
+    transformers = require("transformers")
+    torch.manual_seed(0)
+    config = transformers.RobertaConfig(vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                        intermediate_size=16, max_position_embeddings=16, num_labels=3,
+                                        id2label={0: "neg", 1: "neutral", 2: "pos"})
+    model = transformers.RobertaForSequenceClassification(config).eval()
+    ported = unihead.port(model, "flax")
+    assert ported.check.passed and ported.check.logits_identical and ported.check.worst_ulp <= 4
+    assert isinstance(ported.layer, HeadLinear) and ported.layer.head.class_names == ("neg", "neutral", "pos")
+    np.testing.assert_array_equal(ported.layer.get_canonical_weights()["kernel"],
+                                  model.classifier.out_proj.weight.detach().numpy().T)
+
+
 # ------------------------------------------------------------------------------ digits
 def test_an_nnx_model_with_the_head_learns_digits():
     """64 -> 128 -> unihead head on scikit-learn's digits (shipped inside scikit-learn): 30 epochs
