@@ -39,6 +39,7 @@ BUILTIN = {
     "numpy": ("numpy", ()),
     "torch": ("torch", ("torch",)),
     "jax": ("jax", ("jax",)),
+    "flax": ("flax", ("jax", "flax")),
     "keras-jax": ("keras (jax)", ("keras", "jax")),
     "keras-torch": ("keras (torch)", ("keras", "torch")),
     "keras-tensorflow": ("keras (tensorflow)", ("keras", "tensorflow")),
@@ -391,6 +392,62 @@ class JaxAdapter(Adapter):
             return out
 
 
+class FlaxAdapter(JaxAdapter):
+    """The Flax layer in the loop: each case's logits are computed by the head's ``nnx`` layer
+    (:class:`unihead.backends.flax.HeadLinear` of ``K`` inputs holding the known kernel ``I`` and
+    bias ``0``: ``x @ I + 0`` is ``x`` exactly, in every dtype), under ``nnx.jit``, and the
+    gradient is the one with respect to the layer's input (``jax.grad`` through the layer, the
+    loss's ``custom_vjp`` and the matmul's transpose: ``g @ I``, exact).  A case with infinite
+    logits (the masked regime) cannot come out of a finite layer (``-inf * 0`` is NaN): it runs
+    on the compiled head directly, as on ``jax``.  The split columns run the compiled head's
+    ``loss_weight``/``loss_terms`` as on ``jax``."""
+
+    name = "flax"
+
+    def compile(self, head: Any) -> Any:
+        import unihead
+
+        return unihead.compile(head, "flax")
+
+    def layered(self, head: Any, dtype: str) -> tuple[Any, Any]:
+        """``(layer, program)``: the identity layer of ``head`` in ``dtype`` and the ``nnx.jit``
+        program of all outputs from the layer's input."""
+        key = ("layer", head, dtype)
+        if key not in self._cache:
+            import jax
+            import jax.numpy as jnp
+            from flax import nnx
+
+            c, none = self.compiled(head), self.compiled(head.replace(reduction="none"))
+            k = head.num_outputs
+            layer = c.layer(k, weights=(np.eye(k), np.zeros(k)), param_dtype=getattr(jnp, dtype))
+
+            @nnx.jit
+            def outputs(layer: Any, x: Any, y: Any, sw: Any) -> dict[str, Any]:
+                z = layer(x)
+                grad = jax.grad(lambda t: c.loss(layer(t), y, sw).sum())(x)
+                return {"probabilities": c.probabilities(z), "log_probabilities": c.log_probabilities(z),
+                        "none": none.loss(z, y, sw), "predict": c.predict(z), "loss": c.loss(z, y, sw),
+                        "grad": grad}
+
+            self._cache[key] = (layer, outputs)
+        return self._cache[key]
+
+    def run(self, case: Case) -> dict[str, np.ndarray]:
+        if not np.all(np.isfinite(case.logits)):
+            return JaxAdapter.run(self, case)
+        import jax
+
+        with jax.enable_x64(case.dtype == "float64"):
+            layer, outputs = self.layered(case.head, case.dtype)
+            out = outputs(layer, self.logits(case.logits, case.dtype), case.labels, case.sample_weight)
+            out = {k: self.to_numpy(v) for k, v in out.items()}
+            c = self.compiled(case.head)
+            if self.splits(c):
+                out.update(self.split_outputs(case, c))
+            return out
+
+
 class KerasAdapter(Adapter):
     """Keras on the backend this process runs (``KERAS_BACKEND``)."""
 
@@ -505,6 +562,8 @@ def make_adapter(name: str) -> Adapter:
         return TorchAdapter()
     if name == "jax":
         return JaxAdapter()
+    if name == "flax":
+        return FlaxAdapter()
     if name.startswith("keras"):
         return KerasAdapter()
     from unihead._registry import load_backend

@@ -19,7 +19,7 @@ TASKS = ("binary", "multiclass", "multilabel")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--backend", action="append", metavar="NAME",
-        help="a backend to run (repeatable): numpy, torch, jax, keras-jax, keras-torch, keras-tensorflow, "
+        help="a backend to run (repeatable): numpy, torch, jax, flax, keras-jax, keras-torch, keras-tensorflow, "
              "a name registered in the 'unihead.backends' entry-point group, or package.module:compile_head. "
              "Default: every built-in backend and every registered one.")
     parser.add_argument("--task", action="append", choices=TASKS, help="only cases of this task (repeatable)")
