@@ -227,6 +227,13 @@ class Adapter:
         loss, grad = self.value_and_grad(c, self.logits(case.logits, case.dtype), y, sw)
         out["loss"], out["grad"] = loss, grad
         out = {k: self.to_numpy(v) for k, v in out.items() if v is not None}
+        out.update(self.contract_outputs(case, c))
+        return out
+
+    def contract_outputs(self, case: Case, c: Any) -> dict[str, np.ndarray]:
+        """The case through the contract's other routes, where this backend's head has them:
+        in pieces (split), as a fused linear + loss, over class shards."""
+        out: dict[str, np.ndarray] = {}
         if self.splits(c):
             out.update(self.split_outputs(case, c))
         if self.fuses(c):
@@ -382,13 +389,7 @@ class JaxAdapter(Adapter):
         with jax.enable_x64(case.dtype == "float64"):
             out = self.jitted(case.head)(self.logits(case.logits, case.dtype), case.labels, case.sample_weight)
             out = {k: self.to_numpy(v) for k, v in out.items()}
-            c = self.compiled(case.head)
-            if self.splits(c):
-                out.update(self.split_outputs(case, c))
-            if self.fuses(c):
-                out.update(self.fused_outputs(case, c))
-            if self.shards(c):
-                out.update(self.sharded_outputs(case, c))
+            out.update(self.contract_outputs(case, self.compiled(case.head)))
             return out
 
 

@@ -297,6 +297,26 @@ class CompiledHead:
         ones = lambda: xp.ones(tuple(like.shape[:-1]), dtype=like.dtype, device=like.device)
         return total, self.ops.stop_gradient(self._engine().loss_weight(y, sw, like, ones=ones))
 
+    def _rows_of(self, x: Any, labels: Any, sample_weight: Any) -> tuple[Any, Any, Any, Any, Any, Any]:
+        """What the fused and class-sharded paths need of the labels, for rows ``x`` of shape
+        ``(..., width)`` (hidden states, or one worker's logits): ``(lead, like, labels,
+        sample_weight, weights, ids)`` with ``lead`` the rows' shape, ``like`` a stand-in for the
+        full logits (shape, dtype, device), the checked labels and sample weight, the example
+        weights (None where every weight is 1) and the target ids in the index dtype."""
+        ops, xp, head = self.ops, self.ops.xp, self.head
+        lead = tuple(x.shape[:-1])
+        dtype = xp.float32 if ops.is_half(x) else x.dtype
+        like = _LogitsLike(lead + (head.num_outputs,), dtype, ops.device(x))
+        with ops.eager():
+            y = ops.convert(labels, x)
+            sw = None if sample_weight is None else ops.convert(sample_weight, x)
+        y, sw = check_inputs(ops, head, like, y, sw, validate=self._validate_values())
+        ones = lambda: xp.ones(lead, dtype=dtype, device=ops.device(x))
+        weights, q = self._engine().example_weights(y, sw, like, ones=ones)
+        if q.dtype != ops.index_dtype():
+            q = xp.astype(q, ops.index_dtype())
+        return lead, like, y, sw, weights, q
+
     def _linear_rows(
         self, hidden: Any, kernel: Any, labels: Any, bias: Any, sample_weight: Any, chunk_size: Any
     ) -> tuple[Any, Any, Any, Any, Any]:
@@ -306,22 +326,12 @@ class CompiledHead:
         and the checked labels and sample weight."""
         from . import _fused
 
-        ops, xp, head = self.ops, self.ops.xp, self.head
+        xp, head = self.ops.xp, self.head
         problem = _fused.unsupported(head)
         if problem is not None:
             raise ValueError(problem)
         h, w, b = self._linear_arrays(hidden, kernel, bias)
-        lead = tuple(h.shape[:-1])
-        dtype = xp.float32 if ops.is_half(h) else h.dtype
-        like = _LogitsLike(lead + (head.num_outputs,), dtype, ops.device(h))
-        with ops.eager():
-            y = ops.convert(labels, h)
-            sw = None if sample_weight is None else ops.convert(sample_weight, h)
-        y, sw = check_inputs(ops, head, like, y, sw, validate=self._validate_values())
-        ones = lambda: xp.ones(lead, dtype=dtype, device=ops.device(h))
-        weights, q = self._engine().example_weights(y, sw, like, ones=ones)
-        if q.dtype != ops.index_dtype():
-            q = xp.astype(q, ops.index_dtype())
+        lead, like, y, sw, weights, q = self._rows_of(h, labels, sample_weight)
         n = _count(lead)
         d, v = w.shape
         chunk = _fused.chunk_size_for(n, v) if chunk_size is None else _fused.check_chunk_size(chunk_size)
@@ -394,17 +404,7 @@ class CompiledHead:
         if isinstance(class_start, (int, np.integer)) or not hasattr(class_start, "dtype"):
             _sharded.check_shard(name, head.num_outputs, width, class_start)
             class_start = int(class_start)
-        lead = tuple(z.shape[:-1])
-        dtype = xp.float32 if ops.is_half(z) else z.dtype
-        like = _LogitsLike(lead + (head.num_outputs,), dtype, ops.device(z))
-        with ops.eager():
-            y = ops.convert(labels, z)
-            sw = None if sample_weight is None else ops.convert(sample_weight, z)
-        y, sw = check_inputs(ops, head, like, y, sw, validate=self._validate_values())
-        ones = lambda: xp.ones(lead, dtype=dtype, device=ops.device(z))
-        weights, q = self._engine().example_weights(y, sw, like, ones=ones)
-        if q.dtype != ops.index_dtype():
-            q = xp.astype(q, ops.index_dtype())
+        lead, like, y, sw, weights, q = self._rows_of(z, labels, sample_weight)
         n = _count(lead)
         per = rows(xp.reshape(z, (n, width)), xp.reshape(q, (n,)), class_start)
         return self._engine()._reduce(xp.reshape(per, lead), weights)[0]
