@@ -21,9 +21,6 @@ and held to the same bound.
 from __future__ import annotations
 
 import pickle
-import socket
-import time
-from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -34,6 +31,7 @@ from unihead import ClassificationHead as H
 from unihead._ulp import ulp_error
 
 from .conftest import require
+from .spawned import gloo_group, spawn_gloo
 
 torch = require("torch")
 from unihead.backends.torch import class_sharded_loss  # noqa: E402
@@ -84,42 +82,24 @@ def _worker_steps(rank: int, world: int) -> dict:
 def _worker(rank: int, world: int, port: int, path: str) -> None:
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
-    try:
+    with gloo_group(rank, world, port):
         res = _worker_steps(rank, world)
         seen: list[Any] = [None] * world
         dist.all_gather_object(seen, res)
         if rank == 0:
             with open(path, "wb") as f:
                 pickle.dump(seen, f)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 TIMEOUT = 180  # seconds; the workers take a few (2 shared cores)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"{w} processes")
 def gloo_run(request, tmp_path_factory) -> tuple[int, list]:
     world = request.param
     path = str(tmp_path_factory.mktemp("vocab") / "ranks.pkl")
-    start = time.perf_counter()
-    ctx = torch.multiprocessing.spawn(_worker, args=(world, _free_port(), path), nprocs=world, join=False)
-    while not ctx.join(timeout=5):
-        if time.perf_counter() - start > TIMEOUT:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"the {world} class-sharded workers did not finish in {TIMEOUT} s")
-    print(f"\n[vocab] {world} processes in {time.perf_counter() - start:.1f} s")
+    seconds = spawn_gloo(_worker, world, path, TIMEOUT, "class-sharded")
+    print(f"\n[vocab] {world} processes in {seconds:.1f} s")
     with open(path, "rb") as f:
         return world, pickle.load(f)
 

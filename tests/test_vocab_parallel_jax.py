@@ -21,10 +21,7 @@ float32 jit's own error plus 4 ulp.
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -36,6 +33,7 @@ from unihead import ClassificationHead as H
 from unihead._ulp import ulp_error
 
 from .conftest import require
+from .spawned import device_child
 from .vocab_cases import CASES, D, N, V, data, reference, tolerance
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,15 +133,7 @@ if __name__ == "__main__":
 @pytest.fixture(scope="module")
 def devices() -> dict:
     require("jax")
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES}", JAX_PLATFORMS="cpu")
-    start = time.perf_counter()
-    run = subprocess.run([sys.executable, "-m", "tests.test_vocab_parallel_jax"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, f"the 8-device child failed:\n{run.stderr[-4000:]}"
-    report = json.loads(run.stdout.strip().splitlines()[-1])
-    report["wall"] = time.perf_counter() - start
-    print(f"\n8-device child: {report['wall']:.1f} s wall ({report['seconds']:.1f} s of checks)")
-    return report
+    return device_child("tests.test_vocab_parallel_jax", DEVICES, timeout=300)
 
 
 @pytest.mark.parametrize("name", list(CASES))
