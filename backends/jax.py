@@ -58,7 +58,7 @@ from unihead._ops import Ops
 from unihead.compiled import CompiledHead, canonical_weights, check_choice
 from unihead.spec import ClassificationHead
 
-__all__ = ["compile_head", "JaxHead", "JaxOps", "Dense", "global_normalizer"]
+__all__ = ["compile_head", "JaxHead", "JaxOps", "Dense", "global_normalizer", "class_sharded_loss"]
 
 class JaxOps(Ops):
     name = "jax"
@@ -119,6 +119,16 @@ class JaxOps(Ops):
 
     def stop_gradient(self, x: Any) -> Any:
         return jax.lax.stop_gradient(x)
+
+    # chunks of the class axis at traced offsets (the fused linear loss's lax.fori_loop)
+    def columns(self, x: Any, start: Any, width: int) -> Any:
+        return jax.lax.dynamic_slice_in_dim(x, start, width, axis=x.ndim - 1)
+
+    def put_columns(self, buf: Any, start: Any, values: Any) -> Any:
+        return jax.lax.dynamic_update_slice_in_dim(buf, values.astype(buf.dtype), start, axis=buf.ndim - 1)
+
+    def empty_like_columns(self, x: Any) -> Any:
+        return jnp.zeros_like(x)
 
     def eager(self) -> Any:
         if jax.sharding.get_abstract_mesh().manual_axes:
@@ -219,10 +229,63 @@ class JaxHead(CompiledHead):
         labels, sample_weight = self._inputs(z, labels, sample_weight)
         return self._loss_fn(z, labels, sample_weight)
 
+    def _fused_rows(self, h: Any, w: Any, b: Any, y: Any, chunk: int) -> Any:
+        key = (chunk, b is None)
+        fns = self.__dict__.setdefault("_fused_fns", {})
+        if key not in fns:
+            fns[key] = _fused_rows_fn(self._engine(), chunk)
+        return fns[key](h, w, b, y)
+
+    def linear_loss(
+        self, hidden: Any, kernel: Any, labels: Any, bias: Any = None, sample_weight: Any = None, *,
+        normalizer: Any = None, chunk_size: int | None = None,
+    ) -> Any:
+        """The loss of ``hidden @ kernel + bias`` without the ``(N, V)`` logits (see
+        :meth:`unihead.CompiledHead.linear_loss`): a pure function of its arrays with a
+        ``jax.custom_vjp`` whose backward pass recomputes each chunk's logits; the chunks run
+        through ``lax.fori_loop`` (one chunk's code in the traced program), under ``jax.jit``,
+        ``jax.grad`` and ``jax.value_and_grad``.  ``kernel`` is ``params["kernel"]`` of
+        :class:`Dense` (``flax.linen.Dense``'s layout)."""
+        return super().linear_loss(
+            hidden, kernel, labels, bias, sample_weight, normalizer=normalizer, chunk_size=chunk_size
+        )
+
     def layer(self, in_features: int, weights: Any = None, *, dtype: Any = jnp.float32) -> "Dense":
         """The output layer as pure functions: ``init(key[, x]) -> params``, ``apply(params, x)``
         (see :class:`Dense`)."""
         return Dense(self, in_features, weights, dtype=dtype)
+
+
+def _fori(n: int, body: Any, carry: Any) -> Any:
+    return jax.lax.fori_loop(0, n, body, carry)
+
+
+def _fused_rows_fn(engine: Any, chunk: int) -> Any:
+    """Per-row losses of ``h @ w + b`` for class ids ``y`` (:mod:`unihead._fused`) as a
+    ``jax.custom_vjp`` function ``(h, w, b, y) -> (N,)``; the backward pass recomputes the
+    chunks' logits (nothing of size ``(N, V)`` is saved)."""
+    from unihead import _fused
+
+    consts = dict(k=engine.head.num_outputs, eps=engine.eps, chunk=chunk)
+
+    def forward(h: Any, w: Any, b: Any, y: Any) -> Any:
+        return _fused.rows_forward(_OPS, h, w, b, y, gamma=engine.gamma, loop=_fori, **consts)
+
+    @jax.custom_vjp
+    def rows(h: Any, w: Any, b: Any, y: Any) -> Any:
+        return forward(h, w, b, y).loss
+
+    def fwd(h: Any, w: Any, b: Any, y: Any) -> Any:
+        fin = forward(h, w, b, y)
+        return fin.loss, (h, w, b, y, fin)
+
+    def bwd(saved: Any, g: Any) -> Any:
+        h, w, b, y, fin = saved
+        gh, gw, gb = _fused.rows_backward(_OPS, h, w, b, y, fin, g.astype(fin.m.dtype), loop=_fori, **consts)
+        return gh, gw, gb, None
+
+    rows.defvjp(fwd, bwd)
+    return rows
 
 
 class Dense:
@@ -403,6 +466,93 @@ def global_normalizer(weight: Any, axis_name: Any, *, average_gradients: bool = 
         ) from None
     total = jax.lax.psum(w, axis_name)
     return jax.lax.stop_gradient(total / size if average_gradients else total)
+
+
+# ------------------------------------------------------------- the class-sharded (vocab-parallel) loss
+def class_sharded_loss(
+    compiled: Any, local_logits: Any, labels: Any, sample_weight: Any = None, *, axis_name: Any,
+    class_start: Any = None, normalizer: Any = None,
+) -> Any:
+    """The loss of a head whose classes are split over the devices of the mesh axis
+    ``axis_name``, called inside ``jax.shard_map``: each device passes the logits of its own
+    classes, ``local_logits`` ``(..., local_classes)`` (e.g. ``hidden @ kernel_shard`` with the
+    kernel's spec ``P(None, axis_name)``), and the same ``labels`` (global class ids) and
+    ``sample_weight``; every device gets the loss of the whole row, exactly ``compiled.loss`` of
+    the full logits (every option of the head, ``reduction``, ``normalizer=``).
+
+    The collectives are explicit (docs/large-vocabulary.md): one ``lax.pmax`` of the row maxima and
+    target logits, one ``lax.psum`` of the shifted sums of exponentials (and label smoothing's
+    sums) over ``axis_name``; the ``jax.custom_vjp``'s backward pass is local (each device's
+    gradient of its own logits).  A hidden state replicated over ``axis_name`` gets the sum of the
+    devices' partial gradients from JAX itself (the transpose of its implicit broadcast under
+    ``shard_map``'s default ``check_vma=True``).  ``class_start``: the id of this device's first
+    class; by default ``lax.axis_index(axis_name) * local_classes`` (equal shards, in the axis's
+    order, covering the head's ``num_outputs``: checked).  Under a plain ``jax.jit`` over logits
+    sharded on the class axis of a mesh of automatic axes, ``compiled.loss`` needs none of this
+    (XLA partitions it)."""
+    from unihead import _sharded
+
+    name = "class_sharded_loss"
+    if not isinstance(compiled, JaxHead):
+        raise TypeError(
+            f"{name}: compiled must be a JAX head (unihead.compile(head, 'jax')); got {type(compiled).__name__}."
+        )
+    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    if not names or any(n is None or not _hashable(n) for n in names):
+        raise TypeError(
+            f"{name}: axis_name is the name of the mesh axis the classes are split over (a string "
+            f"such as 'vocab'); got {axis_name!r}."
+        )
+    try:
+        size = jax.lax.axis_size(axis_name)
+    except NameError:
+        raise ValueError(
+            f"{name}(..., axis_name={axis_name!r}): no axis {axis_name!r} is bound here. Call it inside "
+            f"jax.shard_map(step, mesh=mesh, in_specs=..., out_specs=...) with the classes split over the "
+            f"mesh axis {axis_name!r} (the kernel's spec P(None, {axis_name!r}))."
+        ) from None
+    if class_start is None:
+        width = jnp.shape(local_logits)[-1] if jnp.ndim(local_logits) else 0
+        k = compiled.head.num_outputs
+        if width * size != k and _sharded.unsupported(compiled.head, name) is None:
+            raise ValueError(
+                f"{name}: {size} devices of {width} classes each hold {width * size} classes and the head "
+                f"has num_outputs={k}: split the kernel's classes evenly over {axis_name!r}, or pass "
+                f"class_start= (the id of each device's first class) for uneven shards."
+            )
+        class_start = jax.lax.axis_index(axis_name) * width
+    fns = compiled.__dict__.setdefault("_sharded_fns", {})
+    if axis_name not in fns:
+        fns[axis_name] = _sharded_rows_fn(compiled._engine(), axis_name)
+    return compiled._class_sharded(name, local_logits, labels, sample_weight, class_start, fns[axis_name], normalizer)
+
+
+def _sharded_rows_fn(engine: Any, axis_name: Any) -> Any:
+    """Per-row losses over every class from this device's logits (:mod:`unihead._sharded`) as a
+    ``jax.custom_vjp`` function ``(z, y, start) -> (N,)``, the collectives over ``axis_name``."""
+    from unihead import _sharded
+
+    consts = dict(k=engine.head.num_outputs, eps=engine.eps)
+    pmax = lambda *xs: jax.lax.pmax(xs, axis_name)
+    psum = lambda *xs: jax.lax.psum(xs, axis_name)
+
+    def forward(z: Any, y: Any, start: Any) -> Any:
+        return _sharded.rows_forward(_OPS, z, y, start, gamma=engine.gamma, pmax=pmax, psum=psum, **consts)[0]
+
+    @jax.custom_vjp
+    def rows(z: Any, y: Any, start: Any) -> Any:
+        return forward(z, y, start).loss
+
+    def fwd(z: Any, y: Any, start: Any) -> tuple:
+        fin = forward(z, y, start)
+        return fin.loss, (z, y, start, fin)
+
+    def bwd(res: tuple, g: Any) -> tuple:
+        z, y, start, fin = res
+        return _sharded.rows_grad(_OPS, z, y, start, fin, g, **consts), None, None
+
+    rows.defvjp(fwd, bwd)
+    return rows
 
 
 def _hashable(x: Any) -> bool:

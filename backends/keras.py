@@ -89,6 +89,13 @@ def _as_head(head: Any) -> ClassificationHead:
     return head if isinstance(head, ClassificationHead) else ClassificationHead.from_dict(head)
 
 
+_NO_FUSED = (
+    "linear_loss (the fused linear + loss) has no Keras form yet: compute the logits and use "
+    "compiled.loss(keras.ops.matmul(hidden, kernel) + bias, labels), or, in PyTorch or JAX code, "
+    "unihead.compile(head, 'torch').linear_loss(...) / unihead.compile(head, 'jax').linear_loss(...)."
+)
+
+
 class KerasHead(CompiledHead):
     """The compiled head on Keras (see :class:`unihead.CompiledHead` for the methods).
 
@@ -107,6 +114,20 @@ class KerasHead(CompiledHead):
             self._native_options["keep"] = check_choice("keep", keep, ("inputs", "stats"))
         self.native = _native(head, self.validate, self._native_options)
         self.ops = self.native.ops
+
+    def linear_loss(
+        self, hidden: Any, kernel: Any, labels: Any, bias: Any = None, sample_weight: Any = None, *,
+        normalizer: Any = None, chunk_size: int | None = None,
+    ) -> Any:
+        """Not on Keras yet (docs/api.md, "The fused linear + loss"): refused with what to use."""
+        raise NotImplementedError(_NO_FUSED)
+
+    def linear_loss_terms(
+        self, hidden: Any, kernel: Any, labels: Any, bias: Any = None, sample_weight: Any = None, *,
+        chunk_size: int | None = None,
+    ) -> tuple[Any, Any]:
+        """Not on Keras yet: refused with what to use (see :meth:`linear_loss`)."""
+        raise NotImplementedError(_NO_FUSED)
 
     def options(self) -> dict[str, Any]:
         return {"validate": self.validate, **self._native_options}

@@ -150,6 +150,17 @@ class NumpyHead(CompiledHead):
         return np.asarray(self._engine().loss_and_grad(z, labels, sample_weight, grad=False)[0])
 
     @_quiet
+    def linear_loss(
+        self, hidden: Any, kernel: Any, labels: Any, bias: Any = None, sample_weight: Any = None, *,
+        normalizer: Any = None, chunk_size: int | None = None,
+    ) -> np.ndarray:
+        """The loss of ``hidden @ kernel + bias`` computed through chunks of classes (see
+        :meth:`unihead.CompiledHead.linear_loss`; NumPy has no autodiff: the value only)."""
+        return np.asarray(super().linear_loss(
+            hidden, kernel, labels, bias, sample_weight, normalizer=normalizer, chunk_size=chunk_size
+        ))
+
+    @_quiet
     def loss_and_gradient(
         self, logits: Any, labels: Any, sample_weight: Any = None, upstream: Any = None
     ) -> tuple[np.ndarray, np.ndarray]:

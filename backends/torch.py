@@ -40,13 +40,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from unihead import _fused, _sharded
 from unihead._engine import Engine, broadcast_prefix
 from unihead._ops import Ops
 from unihead.compiled import CompiledHead, canonical_weights, check_choice, compiled_head, weights_mismatch
 from unihead.spec import ClassificationHead
 from unihead._validation import has_class_axis, label_kinds, validation_enabled
 
-__all__ = ["compile_head", "TorchHead", "TorchOps", "HeadLinear", "HeadLoss", "global_normalizer", "global_loss"]
+__all__ = [
+    "compile_head", "TorchHead", "TorchOps", "HeadLinear", "HeadLoss", "global_normalizer", "global_loss",
+    "class_sharded_loss",
+]
 
 
 def _namespace() -> Any:
@@ -102,6 +106,11 @@ class TorchOps(Ops):
         if self.wide and x.dtype == torch.float32 and x.device.type == "cpu":
             return torch.float64
         return None
+
+    def add_matmul(self, acc: Any, a: Any, b: Any) -> Any:
+        if a.dtype == acc.dtype and (self.writes_in_place or _inplace_ok(acc)):
+            return acc.addmm_(a, b)  # the accumulator the fused loss made: no temporary
+        return acc + self.widen_half(torch.matmul(a, b))
 
     def reciprocal(self, x: Any) -> Any:
         return torch.reciprocal(x)  # Python's 1.0 / tensor is two kernels and a Python frame
@@ -414,6 +423,101 @@ class _Loss(torch.autograd.Function):
 _APPLY = super(torch.autograd.Function, _Loss).apply  # torch._C._FunctionBase.apply, bound to _Loss
 
 
+class _LinearRows(torch.autograd.Function):
+    """Per-row losses of ``h @ w + b`` (:func:`unihead._fused.rows_forward`) with the chunked
+    backward pass (:func:`unihead._fused.rows_backward`): nothing of size ``(N, V)`` is saved,
+    only the inputs and four numbers a row.  Inputs: ``h (N, D)``, ``w (D, V)`` (any strides:
+    ``linear.weight.T`` is a view), ``b (V,)`` or None, class ids ``y (N,)``, and the head's
+    constants ``(k, eps, gamma, chunk)``.  Outputs: the losses and the per-row values of the
+    backward pass (non-differentiable)."""
+
+    @staticmethod
+    def forward(h: Any, w: Any, b: Any, y: Any, k: int, eps: float, gamma: float, chunk: int, kernels: Any):
+        fin = _fused.rows_forward(
+            _OPS, h, w, b, y, k=k, eps=eps, gamma=gamma, chunk=chunk,
+            kernels=None if kernels is None else kernels.fns(),
+        )
+        return tuple(fin)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        h, w, b, y, k, eps, gamma, chunk, kernels = inputs
+        ctx.consts = (k, eps, chunk)
+        ctx.kernels = kernels
+        ctx.has_bias = b is not None
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(h, w, *((b,) if b is not None else ()), y, *output[1:])
+
+    @staticmethod
+    def backward(ctx: Any, g: Any, *_: Any):
+        if g is None:
+            return (None,) * 9
+        saved = ctx.saved_tensors
+        h, w = saved[0], saved[1]
+        b = saved[2] if ctx.has_bias else None
+        y = saved[3 if ctx.has_bias else 2]
+        fin = _fused.RowFinal(g.new_zeros(()), *saved[4 if ctx.has_bias else 3 :])
+        k, eps, chunk = ctx.consts
+        needs = ctx.needs_input_grad
+        gh, gw, gb = _fused.rows_backward(
+            _OPS, h, w, b, y, fin, g.to(fin.m.dtype), k=k, eps=eps, chunk=chunk,
+            kernels=None if ctx.kernels is None else ctx.kernels.fns(),
+        )
+        return (gh if needs[0] else None, gw if needs[1] else None, gb if needs[2] else None,
+                None, None, None, None, None, None)
+
+
+def _stats_kernel(zmm: Any, bc: Any, y: Any, start: Any, smoothing: bool) -> Any:
+    return _fused.logits_stats(_OPS, zmm, bc, y, start, smoothing)
+
+
+def _grad_kernel(zmm: Any, bc: Any, y: Any, start: Any, fin: Any, g: Any, live: Any, eps: float, k: int) -> Any:
+    return _fused.logits_grad(_OPS, zmm, bc, y, start, fin, g, live, eps, k)
+
+
+class _ChunkKernels:
+    """The elementwise part of each chunk of the fused linear loss (:func:`unihead._fused.logits_stats`,
+    :func:`~unihead._fused.logits_grad`: a dozen passes over the chunk op by op) compiled by
+    ``torch.compile`` (dynamic shapes) into one loop each, for :meth:`TorchHead.linear_loss` on
+    inputs of at least :data:`FUSED_MIN_ELEMENTS` logits (``fused`` not False).  The same
+    functions run eagerly when compilation fails (once, with a warning), as :class:`_Kernels`."""
+
+    def __init__(self) -> None:
+        self._compiled: tuple[Any, Any] | None = None
+        self.failed = False
+
+    def fns(self) -> tuple[Any, Any]:
+        if self._compiled is None:
+            # per head: Dynamo keeps one cache per code object (see _Kernels._compiled)
+            self._compiled = tuple(
+                torch.compile(_own_code(fn), dynamic=True, fullgraph=True) for fn in (_stats_kernel, _grad_kernel)
+            )
+        return tuple(self._guarded(i) for i in range(2))
+
+    def _guarded(self, which: int) -> Any:
+        eager = (_stats_kernel, _grad_kernel)[which]
+
+        def run(*args: Any) -> Any:
+            if self.failed:
+                return eager(*args)
+            try:
+                return self._compiled[which](*args)
+            except Exception as exc:
+                out = eager(*args)  # the same math (raises its own error if the inputs are at fault)
+                self.failed = True
+                warnings.warn(
+                    f"unihead: compiling the fused linear loss's chunk kernels failed ({type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0] if str(exc) else ''}); they run eagerly from now on "
+                    f"(slower, the same numbers). Pass fused=False to unihead.compile(..., 'torch') to skip this.",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+                return out
+
+        return run
+
+
 class _Kernel(torch.autograd.Function):
     """The compiled kernel of the wide formulas, called with the fewest Python steps (the common
     case of :meth:`TorchHead.loss`): ``(runner, check, z, labels) -> loss``; the gradient it
@@ -484,6 +588,41 @@ class TorchHead(CompiledHead):
 
     def options(self) -> dict[str, Any]:
         return {"validate": self.validate, "fused": self.fused}
+
+    def _validate_values(self) -> bool:
+        return self.validate and not torch.compiler.is_compiling()  # no values while tracing
+
+    def _fused_rows(self, h: Any, w: Any, b: Any, y: Any, chunk: int) -> Any:
+        # the autograd.Function: works in eager mode and under torch.compile(fullgraph=True), whose
+        # trace holds every chunk's code (a Python loop over the chunks)
+        e = self._engine()
+        kernels = None
+        if (
+            self.fused is not False
+            and h.shape[0] * w.shape[1] >= FUSED_MIN_ELEMENTS
+            and h.device.type in ("cpu", "cuda")
+            and not torch.compiler.is_compiling()  # inside torch.compile: Inductor fuses them itself
+            and not torch._C._are_functorch_transforms_active()
+        ):
+            kernels = self.__dict__.get("_chunk_kernels")
+            if kernels is None:
+                kernels = self.__dict__["_chunk_kernels"] = _ChunkKernels()
+        return _LinearRows.apply(h, w, b, y, self.head.num_outputs, e.eps, e.gamma, chunk, kernels)[0]
+
+    def linear_loss(
+        self, hidden: Any, kernel: Any, labels: Any, bias: Any = None, sample_weight: Any = None, *,
+        normalizer: Any = None, chunk_size: int | None = None,
+    ) -> torch.Tensor:
+        """The loss of ``hidden @ kernel + bias`` without the ``(N, V)`` logits (see
+        :meth:`unihead.CompiledHead.linear_loss`), differentiable with respect to ``hidden``,
+        ``kernel`` and ``bias`` by a ``torch.autograd.Function`` whose backward pass recomputes
+        each chunk's logits.  With an ``nn.Linear`` ``linear`` (weight ``(out, in)``) pass
+        ``kernel=linear.weight.T`` and ``bias=linear.bias``: the view costs nothing, and its
+        gradient lands in ``linear.weight.grad``.  bfloat16/float16 ``hidden``/``kernel``: half
+        matmuls (float32 accumulation inside, as PyTorch's), statistics and the loss in float32."""
+        return super().linear_loss(
+            hidden, kernel, labels, bias, sample_weight, normalizer=normalizer, chunk_size=chunk_size
+        )
 
     def _use_fused(self, z: Any) -> bool:
         """Whether ``z`` takes the fused float32 kernels (large plain tensors on CPU and CUDA)."""
@@ -859,3 +998,111 @@ def global_loss(loss: Any, group: Any = None, *, average_gradients: bool = True)
     hint = 'A per-example loss (reduction="none") has no global counterpart: log the 0-d loss of reduction="mean".'
     total, world = _all_reduce_sum(_scalar(loss, "global_loss", example, hint), group, "global_loss")
     return total / world if average_gradients and world > 1 else total
+
+
+# ------------------------------------------------------------- the class-sharded (vocab-parallel) loss
+class _ShardedRows(torch.autograd.Function):
+    """Per-row losses over every class from this process's logits ``z (N, C)`` (the classes from
+    ``start``) and the group's collectives (:func:`unihead._sharded.rows_forward`: one
+    ``all_reduce`` MAX, one SUM); the backward pass is local (:func:`unihead._sharded.rows_grad`).
+    Outputs: the losses, the number of classes over the group, and the per-row values of the
+    backward pass (non-differentiable)."""
+
+    @staticmethod
+    def forward(z: Any, y: Any, start: int, k: int, eps: float, gamma: float, group: Any):
+        pmax, psum = _group_collectives(group)
+        width = torch.full((1,), float(z.shape[-1]), dtype=torch.float64, device=z.device)
+        fin, (classes,) = _sharded.rows_forward(
+            _OPS, z, y, start, k=k, eps=eps, gamma=gamma, pmax=pmax, psum=psum, extra=(width,)
+        )
+        return (fin.loss, classes, *fin[1:])
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        z, y, start, k, eps, gamma, group = inputs
+        ctx.consts = (start, k, eps)
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(z, y, *output[2:])
+
+    @staticmethod
+    def backward(ctx: Any, g: Any, *_: Any):
+        if g is None:
+            return (None,) * 7
+        z, y, *fin = ctx.saved_tensors
+        start, k, eps = ctx.consts
+        fin = _fused.RowFinal(g.new_zeros(()), *fin)
+        dz = _sharded.rows_grad(_OPS, z, y, start, fin, g.to(fin.m.dtype), k=k, eps=eps)
+        return (dz, None, None, None, None, None, None)
+
+
+def _group_collectives(group: Any) -> tuple[Any, Any]:
+    """``(pmax, psum)`` over the processes of ``group`` (:func:`unihead._sharded.reduce_stats`):
+    each stacks its arrays (one dtype each call) into one tensor, one ``all_reduce``; the
+    identity without ``torch.distributed`` initialised (one process holds every class)."""
+    import torch.distributed as dist
+
+    on = dist.is_available() and dist.is_initialized()
+
+    def reduce(op: Any) -> Any:
+        def collective(*xs: Any) -> list:
+            if not on:
+                return list(xs)
+            sizes = [x.numel() for x in xs]
+            dtype = torch.promote_types(xs[0].dtype, xs[-1].dtype)
+            flat = torch.cat([x.reshape(-1).to(dtype) for x in xs])
+            if flat.device.type == "cpu" and dist.get_backend(group) == "nccl":
+                flat = flat.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.all_reduce(flat, op=op, group=group)
+            flat = flat.to(xs[0].device)
+            return [p.reshape(x.shape).to(x.dtype) for p, x in zip(flat.split(sizes), xs)]
+
+        return collective
+
+    return reduce(dist.ReduceOp.MAX if on else None), reduce(dist.ReduceOp.SUM if on else None)
+
+
+def class_sharded_loss(
+    compiled: Any, local_logits: Any, labels: Any, sample_weight: Any = None, *, class_start: int,
+    group: Any = None, normalizer: Any = None,
+) -> torch.Tensor:
+    """The loss of a head whose classes are split over the processes of ``group`` (the default
+    group when None): each process passes the logits of its own classes, ``local_logits`` ``(...,
+    local_classes)`` (e.g. ``hidden @ kernel[:, shard]``), the classes ``class_start ..
+    class_start + local_classes - 1`` (contiguous; the shards together are the head's
+    ``num_outputs``, any sizes), and the same ``labels`` (global class ids) and
+    ``sample_weight``.  Every process gets the loss of the whole row, exactly ``compiled.loss``
+    of the full logits (every option of the head, ``reduction``, ``normalizer=``), without any
+    process holding them.
+
+    The collectives (docs/large-vocabulary.md): one ``all_reduce`` MAX of the row maxima and of
+    the target logits (held by one process, ``-inf`` elsewhere), one ``all_reduce`` SUM of the
+    shifted sums of exponentials, label smoothing's sums and the number of classes (validation
+    compares it with the head's ``num_outputs``).  The backward pass is local: each process gets
+    the gradient of its own logits.  The gradient of a hidden state the processes share is the
+    sum of their partial gradients ``dz @ kernel[:, shard].T``: all-reduce it (``hidden.grad``,
+    or in the backward pass of a column-parallel linear, as Megatron's does).
+
+    ``compiled``: a PyTorch softmax head with class ids (multiclass ``sparse``; others are
+    refused with what to write instead).  Every process of the group calls this (a collective).
+    Without ``torch.distributed`` initialised it is ``compiled.loss`` of the logits it is given
+    (which must then be every class)."""
+    if not isinstance(compiled, TorchHead):
+        raise TypeError(
+            f"class_sharded_loss: compiled must be a PyTorch head (unihead.compile(head, 'torch')); "
+            f"got {type(compiled).__name__}."
+        )
+    e = compiled._engine()
+    name = "class_sharded_loss"
+
+    def rows(z: Any, y: Any, start: int) -> Any:
+        loss, classes, *_ = _ShardedRows.apply(z, y, start, compiled.head.num_outputs, e.eps, e.gamma, group)
+        if compiled._validate_values() and float(classes[0]) != compiled.head.num_outputs:
+            raise ValueError(
+                f"{name}: the processes' local logits hold {int(classes[0])} classes together and the "
+                f"head has num_outputs={compiled.head.num_outputs}: each process passes the logits of "
+                f"its own classes (class_start, local_classes), the shards covering every class once."
+            )
+        return loss
+
+    return compiled._class_sharded(name, local_logits, labels, sample_weight, class_start, rows, normalizer)

@@ -22,8 +22,17 @@ refuses them under a plain ``Trainer``: :class:`HeadTrainer` (or :class:`HeadTra
 Trainer subclass of your own) counts the head's own weight, ``compiled.loss_weight``, over the
 step's micro-batches instead, and reads sample weights from the batches.
 
+**The head a model's config implies.**  ``trainer_loss(model)`` takes a transformers model and
+computes the head its config means (:func:`unihead._hf.config_head`: ``num_labels``,
+``problem_type``, ``id2label``), the one line a Trainer user writes.  Where the model's own
+``forward`` would silently change its loss with the labels (float one-hot rows turning a
+single-label model into a multi-label one, ``num_labels=1`` into a regression), the callable
+refuses instead: labels that do not fit the config's head raise unihead's error, naming the
+config, before anything is trained.  :func:`hf_config` is the reverse: the config fields that
+make a model agree with a head.
+
 Nothing here is imported by ``import unihead`` or ``unihead.backends.torch``; importing this
-module imports ``transformers`` (``pip install unihead[transformers]``).
+module imports ``transformers`` (``pip install unihead[hf]``).
 """
 
 from __future__ import annotations
@@ -40,11 +49,14 @@ except ImportError as e:  # pragma: no cover - the test extra installs it
         "pip install unihead[transformers]"
     ) from e
 
+from unihead._hf import HFInfo, config_head, hf_config, is_hf_model
 from unihead.backends.torch import TorchHead
 from unihead.compiled import compiled_head
+from unihead.errors import HeadSpecError
 from unihead.spec import ClassificationHead
 
-__all__ = ["HF_IGNORE_INDEX", "trainer_loss", "TrainerLoss", "HeadTrainerMixin", "HeadTrainer"]
+__all__ = ["HF_IGNORE_INDEX", "trainer_loss", "TrainerLoss", "HeadTrainerMixin", "HeadTrainer", "hf_config",
+           "config_head_of"]
 
 HF_IGNORE_INDEX = -100
 """The label value Hugging Face leaves out: Trainer's ``num_items_in_batch`` counts labels
@@ -77,7 +89,7 @@ class TrainerLoss:
     :class:`HeadTrainer` passes the head's own weight instead, and sample weights.
     ``num_items_in_batch=None`` (Trainer counted nothing) gives the micro-batch's own mean."""
 
-    def __init__(self, compiled: TorchHead):
+    def __init__(self, compiled: TorchHead, config: HFInfo | None = None):
         head = compiled.head
         if head.reduction == "none":
             raise ValueError(
@@ -93,6 +105,26 @@ class TrainerLoss:
             )
         self.compiled = compiled
         self.head = head
+        self.config = config  # the model config the head was read from (trainer_loss(model)), or None
+
+    def _checked(self, compute: Any, labels: Any) -> Any:
+        """``compute()``, with labels that do not fit a head read from a model's config reported
+        against the config (transformers' own forward would have changed its loss instead)."""
+        if self.config is None:
+            return compute()
+        try:
+            return compute()
+        except (HeadSpecError, ValueError, TypeError) as e:
+            shape = tuple(getattr(labels, "shape", ()))
+            dtype = str(getattr(labels, "dtype", type(labels).__name__)).replace("torch.", "")
+            raise ValueError(
+                f"trainer_loss: the labels ({dtype}, shape {shape}) do not fit {self.head!r}, the head "
+                f"{self.config.describe()}'s config implies: {e} Not trained: transformers' own forward would "
+                "silently switch its loss instead (float rows: multi-label BCE). Either make the labels fit the "
+                "config (int64 class ids for single_label_classification), or build the model with the config of "
+                "the head the labels mean: from_pretrained(checkpoint, **hf_config(head)) "
+                "(unihead.backends.transformers.hf_config), then trainer_loss(model) again."
+            ) from None
 
     # -- what Trainer's count means for this head -------------------------------------------
     def count_is_weight(self) -> bool:
@@ -110,7 +142,7 @@ class TrainerLoss:
     def weight(self, labels: Any, sample_weight: Any = None) -> torch.Tensor:
         """The head's weight of one micro-batch, ``compiled.loss_weight(labels, sample_weight)``:
         what :class:`HeadTrainer` adds up over a step."""
-        return self.compiled.loss_weight(labels, sample_weight)
+        return self._checked(lambda: self.compiled.loss_weight(labels, sample_weight), labels)
 
     # -- the loss ---------------------------------------------------------------------------
     def loss(self, outputs: Any, labels: Any, normalizer: Any = None, sample_weight: Any = None) -> torch.Tensor:
@@ -124,7 +156,8 @@ class TrainerLoss:
         logits = _logits_of(outputs)
         if self.head.reduction == "sum":  # nothing to normalize: the step's gradient is the sum's
             normalizer = None
-        return self.compiled.loss(logits, labels, sample_weight, normalizer=normalizer)
+        return self._checked(lambda: self.compiled.loss(logits, labels, sample_weight, normalizer=normalizer),
+                             labels)
 
     def __call__(self, outputs: Any, labels: Any, num_items_in_batch: Any = None) -> torch.Tensor:
         if num_items_in_batch is None:
@@ -140,7 +173,8 @@ class TrainerLoss:
         return self.loss(outputs, labels, _count_to_weight(num_items_in_batch, self._per_example()))
 
     def __repr__(self) -> str:
-        return f"trainer_loss({self.compiled!r})"
+        of = f", from {self.config.describe()}" if self.config is not None else ""
+        return f"trainer_loss({self.compiled!r}{of})"
 
 
 def _count_to_weight(count: Any, per_example: int) -> Any:
@@ -149,18 +183,43 @@ def _count_to_weight(count: Any, per_example: int) -> Any:
     return count if per_example == 1 else count / per_example
 
 
+def config_head_of(model: Any) -> ClassificationHead:
+    """The head a transformers model's config implies (what ``trainer_loss(model)`` computes):
+    ``num_labels`` outputs; softmax cross-entropy for ``problem_type`` unset (``num_labels >= 2``)
+    or ``"single_label_classification"`` and for token classifiers (labels -100 ignored,
+    ``binary(binary_units=2)`` for 2 labels); sigmoids for ``"multi_label_classification"``
+    (``binary()`` for one label); ``class_names`` from ``id2label``.  A regression config
+    (``num_labels=1`` without ``problem_type``, or ``"regression"``) is refused with a
+    :class:`~unihead.HeadSpecError` that says which config to write."""
+    from unihead._readers import read_model
+
+    if not is_hf_model(model):
+        raise TypeError(f"config_head_of takes a transformers PreTrainedModel; got {type(model).__name__}.")
+    return config_head(read_model(model).hf)
+
+
 def trainer_loss(head: Any) -> TrainerLoss:
     """The ``compute_loss_func`` for ``transformers.Trainer(compute_loss_func=...)`` computing
-    ``head``'s loss (a :class:`ClassificationHead`, or a head compiled for ``"torch"``), divided
-    by the weight of the whole optimizer step (gradient accumulation and processes included):
-    see :class:`TrainerLoss`.  Ignored labels must be -100, as in Hugging Face's data."""
+    ``head``'s loss, divided by the weight of the whole optimizer step (gradient accumulation and
+    processes included): see :class:`TrainerLoss`.  Ignored labels must be -100, as in Hugging
+    Face's data.
+
+    ``head``: a :class:`ClassificationHead`, a head compiled for ``"torch"``, or the transformers
+    model itself: then the head its config implies (:func:`config_head_of`), and labels that do
+    not fit it are refused (a ``ValueError`` naming the config) rather than trained with another
+    loss, as the model's own ``forward`` would."""
+    if is_hf_model(head):
+        from unihead._readers import read_model
+
+        info = read_model(head).hf
+        return TrainerLoss(compiled_head(config_head(info), TorchHead, {}), config=info)
     if isinstance(head, ClassificationHead):
         return TrainerLoss(compiled_head(head, TorchHead, {}))
     if isinstance(head, TorchHead):
         return TrainerLoss(head)
     raise TypeError(
-        "trainer_loss takes a ClassificationHead or a head compiled for torch "
-        f"(unihead.compile(head, 'torch')); got {type(head).__name__}."
+        "trainer_loss takes a ClassificationHead, a head compiled for torch "
+        f"(unihead.compile(head, 'torch')) or a transformers model; got {type(head).__name__}."
     )
 
 

@@ -28,6 +28,9 @@ multilabel; the native call is the native-equivalence table's (docs/semantics.md
    CPU; probe: exp(-100) == 0) errors are measured after the conformance suite's allowance of K
    times the smallest normal float32 (docs/semantics.md §11), for unihead and native alike.
 4. Overhead: per-call time at (32, 10), where Python dispatch dominates.
+5. Large vocabulary (``--sections large-vocab``, paths ``torch`` and ``jax``): the fused
+   ``compiled.linear_loss`` against the dense path and PyTorch's ``F.linear_cross_entropy``
+   (benchmarks/large_vocab.py says what is measured).
 
 Targets: speed ratio <= 1.25 for PyTorch eager, <= 1.10 for compiled paths; memory ratio <= 1.0;
 accuracy <= 4 ulp.  A miss is marked in the table.
@@ -430,11 +433,15 @@ def adapter(path: str) -> Adapter:
 # ------------------------------------------------------------------------------ worker
 def worker(path: str, quick: bool, sections: set[str]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
     if "train" in sections:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         import train
 
         rows += train.run(path, quick)
+    if "large-vocab" in sections:
+        import large_vocab
+
+        rows += large_vocab.run(path, quick)
     if "loss" not in sections:
         return rows
     a = adapter(path)
@@ -571,6 +578,10 @@ def table(rows: list[dict[str, Any]], info: dict[str, Any], seconds: float, quic
             [[r["path"], r["task"], r["mode"], f"{r['ratio']:.2f}",
               "" if r.get("target") is None else ("ok" if r["met"] else "MISS"), f"{r['extra_us']:+.1f}",
               f"{r['unihead_us']:.1f}", f"{r['native_us']:.1f}"] for r in ov])
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import large_vocab
+
+    large_vocab.table(rows, section)
     skipped = info.get("skipped", [])
     if skipped:
         out.append("")
@@ -584,7 +595,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", metavar="FILE", help="write every measurement and the machine to FILE")
     ap.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated subset of {','.join(PATHS)}")
     ap.add_argument("--sections", default="train,loss",
-                    help="comma-separated: train (training step), loss (speed, memory, accuracy, overhead)")
+                    help="comma-separated: train (training step), loss (speed, memory, accuracy, overhead), "
+                         "large-vocab (the fused linear_loss against the dense path: benchmarks/large_vocab.py)")
     ap.add_argument("--cache", metavar="DIR",
                     help="reuse compiled PyTorch kernels from DIR (default: a new directory, so that "
                          "first-call and build times are those of a new machine)")

@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .cases import Case, split_pieces
+from .cases import Case, sharded_bounds, split_pieces
 
 __all__ = ["BUILTIN", "Adapter", "make_adapter", "KERAS_BACKENDS"]
 
@@ -39,6 +39,7 @@ BUILTIN = {
     "numpy": ("numpy", ()),
     "torch": ("torch", ("torch",)),
     "jax": ("jax", ("jax",)),
+    "flax": ("flax", ("jax", "flax")),
     "keras-jax": ("keras (jax)", ("keras", "jax")),
     "keras-torch": ("keras (torch)", ("keras", "torch")),
     "keras-tensorflow": ("keras (tensorflow)", ("keras", "tensorflow")),
@@ -127,6 +128,60 @@ class Adapter:
         total, weight = c.loss_terms(z, y, sw)
         return loss, grad, total, weight
 
+    def fuses(self, c: Any) -> bool:
+        """Whether this backend's head ``c`` has the fused linear loss (``linear_loss``)."""
+        from unihead import _fused
+
+        return hasattr(c, "linear_loss") and _fused.unsupported(c.head) is None
+
+    def fused_value_and_grad(self, c: Any, h: Any, w: Any, y: Any, sw: Any, chunk: int) -> tuple[Any, Any]:
+        """``c.linear_loss(h, w, y, None, sw)`` and its gradient with respect to ``h`` (of the sum
+        for ``reduction="none"``) by the framework's autodiff; None where it has none."""
+        return c.linear_loss(h, w, y, None, sw, chunk_size=chunk), None
+
+    def fused_outputs(self, case: Case, c: Any) -> dict[str, Any]:
+        """The fused columns (``FUSED_NOTE`` in the suite): the case's logits as ``hidden`` times
+        the identity kernel, in chunks of a third of the classes (the last one narrower)."""
+        if not np.all(np.isfinite(case.logits)):
+            return {}
+        k = case.head.num_outputs
+        h = self.logits(case.logits, case.dtype)
+        w = self.logits(np.eye(k, dtype=np.float32), case.dtype)
+        chunk = max(1, (k + 2) // 3)
+        y, sw = case.labels, case.sample_weight
+        per = self.compiled(case.head.replace(reduction="none")).linear_loss(h, w, y, None, sw, chunk_size=chunk)
+        loss, grad = self.fused_value_and_grad(c, h, w, y, sw, chunk)
+        out = {"fused_none": per, "fused_loss": loss, "fused_grad": grad}
+        return {k_: self.to_numpy(v) for k_, v in out.items() if v is not None}
+
+    def shards(self, c: Any) -> bool:
+        """Whether this backend's head ``c`` has the class-sharded loss (``CompiledHead._class_sharded``
+        with the backend's ops: the public functions add only their collectives)."""
+        from unihead import _sharded
+
+        return hasattr(c, "_class_sharded") and hasattr(c, "ops") and _sharded.unsupported(c.head, "") is None
+
+    def sharded_outputs(self, case: Case, c: Any) -> dict[str, Any]:
+        """The sharded column (``SHARDED_NOTE`` in the suite): the case's classes in 2-3 uneven
+        shards, their statistics merged by :func:`unihead._sharded.stacked_rows` (the reduction
+        the collectives run), through the head's weights and reduction."""
+        from unihead import _sharded
+
+        k = case.head.num_outputs
+        bounds = sharded_bounds(k)
+        e = c._engine()
+
+        def rows(z: Any, y: Any, start: Any) -> Any:
+            shards = [z[:, a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+            return _sharded.stacked_rows(c.ops, shards, y, list(bounds[:-1]), k=k, eps=e.eps, gamma=e.gamma).loss
+
+        z = self.logits(case.logits, case.dtype)
+        y, sw = case.labels, case.sample_weight
+        none = self.compiled(case.head.replace(reduction="none"))
+        out = {"sharded_none": none._class_sharded("sharded", z, y, sw, 0, rows),
+               "sharded_loss": c._class_sharded("sharded", z, y, sw, 0, rows)}
+        return {k_: self.to_numpy(v) for k_, v in out.items()}
+
     def split_outputs(self, case: Case, c: Any) -> dict[str, Any]:
         """:meth:`split` of :func:`split_pieces` of ``case`` (on the host, NumPy)."""
         pieces = split_pieces(case)
@@ -172,8 +227,19 @@ class Adapter:
         loss, grad = self.value_and_grad(c, self.logits(case.logits, case.dtype), y, sw)
         out["loss"], out["grad"] = loss, grad
         out = {k: self.to_numpy(v) for k, v in out.items() if v is not None}
+        out.update(self.contract_outputs(case, c))
+        return out
+
+    def contract_outputs(self, case: Case, c: Any) -> dict[str, np.ndarray]:
+        """The case through the contract's other routes, where this backend's head has them:
+        in pieces (split), as a fused linear + loss, over class shards."""
+        out: dict[str, np.ndarray] = {}
         if self.splits(c):
             out.update(self.split_outputs(case, c))
+        if self.fuses(c):
+            out.update(self.fused_outputs(case, c))
+        if self.shards(c):
+            out.update(self.sharded_outputs(case, c))
         return out
 
 
@@ -239,6 +305,12 @@ class TorchAdapter(Adapter):
         loss.sum().backward()
         return loss.detach(), z.grad
 
+    def fused_value_and_grad(self, c: Any, h: Any, w: Any, y: Any, sw: Any, chunk: int) -> tuple[Any, Any]:
+        h = h.detach().requires_grad_()
+        loss = c.linear_loss(h, w, y, None, sw, chunk_size=chunk)
+        loss.sum().backward()
+        return loss.detach(), h.grad
+
 
 class JaxAdapter(Adapter):
     name = "jax"
@@ -289,11 +361,87 @@ class JaxAdapter(Adapter):
             self._cache[key] = jax.jit(lambda zs, ys, sws: Adapter.split(self, c, zs, ys, sws, dtype))
         return self._cache[key](zs, ys, sws)
 
+    def fused_outputs(self, case: Case, c: Any) -> dict[str, Any]:
+        key = ("fused", case.head)
+        if key not in self._cache:  # one jax.jit program per head (loss, per-example, gradient)
+            import jax
+
+            none = self.compiled(case.head.replace(reduction="none"))
+            k = case.head.num_outputs
+            chunk = max(1, (k + 2) // 3)
+
+            def outputs(h: Any, w: Any, y: Any, sw: Any) -> dict[str, Any]:
+                loss = lambda t: c.linear_loss(t, w, y, None, sw, chunk_size=chunk)
+                return {"fused_none": none.linear_loss(h, w, y, None, sw, chunk_size=chunk),
+                        "fused_loss": loss(h), "fused_grad": jax.grad(lambda t: loss(t).sum())(h)}
+
+            self._cache[key] = jax.jit(outputs)
+        if not np.all(np.isfinite(case.logits)):
+            return {}
+        k = case.head.num_outputs
+        out = self._cache[key](self.logits(case.logits, case.dtype), self.logits(np.eye(k, dtype=np.float32), case.dtype),
+                               case.labels, case.sample_weight)
+        return {k_: self.to_numpy(v) for k_, v in out.items()}
+
     def run(self, case: Case) -> dict[str, np.ndarray]:
         import jax
 
         with jax.enable_x64(case.dtype == "float64"):
             out = self.jitted(case.head)(self.logits(case.logits, case.dtype), case.labels, case.sample_weight)
+            out = {k: self.to_numpy(v) for k, v in out.items()}
+            out.update(self.contract_outputs(case, self.compiled(case.head)))
+            return out
+
+
+class FlaxAdapter(JaxAdapter):
+    """The Flax layer in the loop: each case's logits are computed by the head's ``nnx`` layer
+    (:class:`unihead.backends.flax.HeadLinear` of ``K`` inputs holding the known kernel ``I`` and
+    bias ``0``: ``x @ I + 0`` is ``x`` exactly, in every dtype), under ``nnx.jit``, and the
+    gradient is the one with respect to the layer's input (``jax.grad`` through the layer, the
+    loss's ``custom_vjp`` and the matmul's transpose: ``g @ I``, exact).  A case with infinite
+    logits (the masked regime) cannot come out of a finite layer (``-inf * 0`` is NaN): it runs
+    on the compiled head directly, as on ``jax``.  The split columns run the compiled head's
+    ``loss_weight``/``loss_terms`` as on ``jax``."""
+
+    name = "flax"
+
+    def compile(self, head: Any) -> Any:
+        import unihead
+
+        return unihead.compile(head, "flax")
+
+    def layered(self, head: Any, dtype: str) -> tuple[Any, Any]:
+        """``(layer, program)``: the identity layer of ``head`` in ``dtype`` and the ``nnx.jit``
+        program of all outputs from the layer's input."""
+        key = ("layer", head, dtype)
+        if key not in self._cache:
+            import jax
+            import jax.numpy as jnp
+            from flax import nnx
+
+            c, none = self.compiled(head), self.compiled(head.replace(reduction="none"))
+            k = head.num_outputs
+            layer = c.layer(k, weights=(np.eye(k), np.zeros(k)), param_dtype=getattr(jnp, dtype))
+
+            @nnx.jit
+            def outputs(layer: Any, x: Any, y: Any, sw: Any) -> dict[str, Any]:
+                z = layer(x)
+                grad = jax.grad(lambda t: c.loss(layer(t), y, sw).sum())(x)
+                return {"probabilities": c.probabilities(z), "log_probabilities": c.log_probabilities(z),
+                        "none": none.loss(z, y, sw), "predict": c.predict(z), "loss": c.loss(z, y, sw),
+                        "grad": grad}
+
+            self._cache[key] = (layer, outputs)
+        return self._cache[key]
+
+    def run(self, case: Case) -> dict[str, np.ndarray]:
+        if not np.all(np.isfinite(case.logits)):
+            return JaxAdapter.run(self, case)
+        import jax
+
+        with jax.enable_x64(case.dtype == "float64"):
+            layer, outputs = self.layered(case.head, case.dtype)
+            out = outputs(layer, self.logits(case.logits, case.dtype), case.labels, case.sample_weight)
             out = {k: self.to_numpy(v) for k, v in out.items()}
             c = self.compiled(case.head)
             if self.splits(c):
@@ -345,6 +493,12 @@ class KerasAdapter(Adapter):
         return super().run(case)
 
     jitted = JaxAdapter.jitted
+
+    def fuses(self, c: Any) -> bool:
+        return False  # the fused linear loss has no Keras form yet (docs/api.md)
+
+    def shards(self, c: Any) -> bool:
+        return False  # the class-sharded loss is PyTorch's and JAX's (docs/large-vocabulary.md)
 
     def split(self, c: Any, zs: list, ys: list, sws: list, dtype: str) -> dict[str, Any]:
         if self.backend == "jax":
@@ -409,6 +563,8 @@ def make_adapter(name: str) -> Adapter:
         return TorchAdapter()
     if name == "jax":
         return JaxAdapter()
+    if name == "flax":
+        return FlaxAdapter()
     if name.startswith("keras"):
         return KerasAdapter()
     from unihead._registry import load_backend

@@ -22,7 +22,7 @@ import numpy as np
 
 from unihead.spec import ClassificationHead
 
-__all__ = ["Case", "generate", "split_pieces", "REGIMES", "DTYPES", "SPLITS"]
+__all__ = ["Case", "generate", "split_pieces", "sharded_bounds", "REGIMES", "DTYPES", "SPLITS"]
 
 #: The numbers of pieces a case's batch is split into (the "split" dimension: one per case)
 SPLITS = (2, 3, 7)
@@ -52,8 +52,8 @@ class Case:
         """The tolerance of one output (docs/semantics.md §11): gradients get 2 ulp more than
         values (a gradient entry is a probability times w / sum(w) and the upstream gradient).
         The split dimension is held to the same: ``split_loss`` as ``loss``, ``split_grad`` as
-        ``grad``."""
-        return self.tolerance + (2.0 if column in ("grad", "split_grad") else 0.0)
+        ``grad``; so is the fused linear loss: ``fused`` as ``loss``, ``fused_grad`` as ``grad``."""
+        return self.tolerance + (2.0 if column in ("grad", "split_grad", "fused_grad") else 0.0)
 
 
 def _round_to(x: np.ndarray, dtype: str) -> np.ndarray:
@@ -337,6 +337,14 @@ def _dead_rows(case: Case) -> np.ndarray:
     if case.sample_weight is not None:
         dead |= (case.sample_weight == 0).reshape(n, -1).all(-1)
     return dead
+
+
+def sharded_bounds(k: int) -> tuple[int, ...]:
+    """The class shards of the ``sharded`` column for ``k`` classes: ``(0, b1, ..., k)``, 2-3
+    uneven shards, the first holding one class (a shard without most rows' targets), the last
+    about a third."""
+    inner = sorted({1, max(2, (2 * k) // 3)} & set(range(1, k)))
+    return (0, *inner, k)
 
 
 def split_pieces(case: Case) -> list[np.ndarray]:

@@ -11,7 +11,7 @@ from typing import Sequence
 
 from .adapters import BUILTIN
 from .cases import generate
-from .suite import SPLIT_NOTE, failure_details, matrix, references, run, write_cases
+from .suite import FUSED_NOTE, SHARDED_NOTE, SPLIT_NOTE, failure_details, matrix, references, run, write_cases
 
 TASKS = ("binary", "multiclass", "multilabel")
 
@@ -19,7 +19,7 @@ TASKS = ("binary", "multiclass", "multilabel")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--backend", action="append", metavar="NAME",
-        help="a backend to run (repeatable): numpy, torch, jax, keras-jax, keras-torch, keras-tensorflow, "
+        help="a backend to run (repeatable): numpy, torch, jax, flax, keras-jax, keras-torch, keras-tensorflow, "
              "a name registered in the 'unihead.backends' entry-point group, or package.module:compile_head. "
              "Default: every built-in backend and every registered one.")
     parser.add_argument("--task", action="append", choices=TASKS, help="only cases of this task (repeatable)")
@@ -56,6 +56,8 @@ def run_command(args: argparse.Namespace) -> int:
           "two terms); tolerance: values 4 ulp, gradients 6 ulp, focal loss +2*gamma, predictions exact "
           "(docs/semantics.md, section 11)")
     print(SPLIT_NOTE)
+    print(FUSED_NOTE)
+    print(SHARDED_NOTE)
     ftz = [BUILTIN.get(n, (n,))[0] for n, b in results.backends.items() if b.ftz]
     if ftz:
         print(f"flush subnormals to zero (absolute allowance K * smallest normal): {', '.join(ftz)}")

@@ -41,13 +41,15 @@ from .adapters import BUILTIN, KERAS_BACKENDS, make_adapter, missing
 from .cases import Case
 from .reference import DBL_MIN, FLT_MIN, F64Reference, MPReference, ulp_error
 
-__all__ = ["COLUMNS", "Results", "references", "compare", "run", "write_cases", "read_cases"]
+__all__ = ["SHARDED_NOTE", "COLUMNS", "Results", "references", "compare", "run", "write_cases", "read_cases"]
 
-COLUMNS = ("probabilities", "log_probabilities", "none", "loss", "predict", "grad", "split_loss", "split_grad")
+COLUMNS = ("probabilities", "log_probabilities", "none", "loss", "predict", "grad", "split_loss", "split_grad",
+           "fused", "fused_grad", "sharded")
 TITLES = {
     "probabilities": "probabilities", "log_probabilities": "log-probs", "none": "per-example",
     "loss": "loss", "predict": "predictions", "grad": "gradient", "split_loss": "split loss",
-    "split_grad": "split grad",
+    "split_grad": "split grad", "fused": "fused", "fused_grad": "fused grad",
+    "sharded": "sharded",
 }
 
 #: What the split columns are (the command's footnote, the JSON report's "split")
@@ -57,6 +59,24 @@ SPLIT_NOTE = (
     "loss(piece, normalizer=W) (reduction='sum': of the pieces' sums; 'none': the pieces' values in place), "
     "gradient = the pieces' gradients in place; against the whole batch's reference, same tolerances; "
     "split loss includes the pieces' loss_terms added up (total / weight) and their weights against W"
+)
+
+#: What the fused columns are (the command's footnote, the JSON report's "fused")
+FUSED_NOTE = (
+    "fused/fused grad: compiled.linear_loss(hidden, kernel, labels, None, sample_weight) with hidden = the "
+    "case's logits and kernel = the identity (hidden @ kernel is the logits exactly), chunks of 1/3 of the "
+    "classes; fused = the worst of its loss and its per-example values (reduction='none'), fused grad = the "
+    "gradient with respect to hidden (= d loss / d logits); softmax heads with class ids only, cases with "
+    "finite logits (a -inf or NaN logit times 0 in the matmul is NaN); same tolerances as loss and grad"
+)
+
+#: What the sharded column is (the command's footnote, the JSON report's "sharded")
+SHARDED_NOTE = (
+    "sharded: the class-sharded (vocab-parallel) loss with the classes in 2-3 uneven shards (the first "
+    "holding one class), each shard's row statistics reduced by unihead._sharded.reduce_stats, the code the "
+    "collectives of class_sharded_loss run (here in one process, the shards stacked); the worst of its loss "
+    "and its per-example values (reduction='none'); softmax heads with class ids only (-inf logits included); "
+    "same tolerances as loss"
 )
 
 # ----------------------------------------------------------------------------- references
@@ -116,6 +136,11 @@ def compare(case: Case, out: dict[str, np.ndarray], ref: dict[str, Any], ftz: bo
     else:
         errs["grad"] = None
     errs.update(_split_errors(case, out, ref, floor))
+    errs.update(_fused_errors(case, out, ref, floor))
+    errs["sharded"] = None
+    if "sharded_loss" in out:
+        errs["sharded"] = max(_errors(out["sharded_loss"], ref["loss"], case.dtype, floor=floor),
+                              _errors(out["sharded_none"], ref["none"], case.dtype, floor=floor))
     got, want = np.asarray(out["predict"]), np.asarray(ref["predict"])
     if got.shape != want.shape:
         errs["predict"] = math.inf
@@ -147,6 +172,20 @@ def _split_errors(case: Case, out: dict[str, np.ndarray], ref: dict[str, Any], f
         gdtype = "bfloat16" if dtype == "bfloat16" and _is_bf16_valued(out["split_grad"]) else dtype
         errs["split_grad"] = _errors(out["split_grad"], ref["grad"], gdtype, scale=ref["grad_scale"], floor=floor)
     return errs
+
+
+def _fused_errors(case: Case, out: dict[str, np.ndarray], ref: dict[str, Any], floor: float) -> dict[str, float | None]:
+    """The fused columns' errors (:data:`FUSED_NOTE`); ``None`` where the backend gave none."""
+    if "fused_loss" not in out:
+        return {"fused": None, "fused_grad": None}
+    dtype = case.dtype
+    loss = max(_errors(out["fused_loss"], ref["loss"], dtype, floor=floor),
+               _errors(out["fused_none"], ref["none"], dtype, floor=floor))
+    grad = None
+    if "fused_grad" in out:
+        gdtype = "bfloat16" if dtype == "bfloat16" and _is_bf16_valued(out["fused_grad"]) else dtype
+        grad = _errors(out["fused_grad"], ref["grad"], gdtype, scale=ref["grad_scale"], floor=floor)
+    return {"fused": loss, "fused_grad": grad}
 
 
 def passes(case: Case, errs: dict[str, float | None]) -> bool:
@@ -257,6 +296,8 @@ class Results:
             "seed": self.seed, "quick": self.quick, "cases": len(self.cases),
             "tolerance": "values 4 ulp, gradients 6 ulp at the scale of their terms (focal: +2 gamma); predictions exact",
             "split": SPLIT_NOTE,
+            "fused": FUSED_NOTE,
+            "sharded": SHARDED_NOTE,
             "backends": {
                 name: {
                     "status": b.status, "detail": b.detail, "flushes_subnormals": b.ftz, "seconds": round(b.seconds, 2),
@@ -452,7 +493,7 @@ def matrix(results: Results) -> str:
         for col in COLUMNS:
             w = results.worst(n, col)
             bad = any(not passes(c, {col: e.get(col)}) for c, e in zip(results.cases, b.errors) if e)
-            if col in ("grad", "split_grad") and not b.has_grad:
+            if col in ("grad", "split_grad", "fused_grad") and not b.has_grad:
                 cells.append("n/a")
             elif col == "predict":
                 cells.append("exact" if not bad else f"{int(w)} wrong")

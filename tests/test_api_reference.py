@@ -58,7 +58,10 @@ def backends() -> dict:
     from unihead.backends import numpy as bn
     from unihead.backends import torch as bt
 
-    return {"numpy": bn, "torch": bt, "jax": bj, "keras": bk}
+    require("flax")
+    from unihead.backends import flax as bf
+
+    return {"numpy": bn, "torch": bt, "jax": bj, "flax": bf, "keras": bk}
 
 
 # ----------------------------------------------------------------------------- rendering signatures
@@ -110,7 +113,7 @@ def _unbound(cls: type, name: str) -> object:
 def documented_callables(b: dict) -> list[tuple[str, object]]:
     """(how the page writes the callable, the callable) for every public callable."""
     H, C = ClassificationHead, unihead.CompiledHead
-    bn, bt, bj, bk = b["numpy"], b["torch"], b["jax"], b["keras"]
+    bn, bt, bj, bk, bf = b["numpy"], b["torch"], b["jax"], b["keras"], b["flax"]
     out: list[tuple[str, object]] = [
         ("unihead.compile", unihead.compile),
         ("unihead.available_backends", unihead.available_backends),
@@ -131,7 +134,7 @@ def documented_callables(b: dict) -> list[tuple[str, object]]:
     for name in ("probabilities", "log_probabilities", "loss", "predict", "loss_fn", "layer", "options"):
         out.append((f"compiled.{name}", _unbound(C, name)))
     # the compiled heads: constructors, and methods whose signature differs from the base class's
-    for cls in (bn.NumpyHead, bt.TorchHead, bj.JaxHead, bk.KerasHead):
+    for cls in (bn.NumpyHead, bt.TorchHead, bj.JaxHead, bf.FlaxHead, bk.KerasHead):
         out.append((cls.__name__, cls))
         for name in public(cls):
             fn = getattr(cls, name)
@@ -153,6 +156,12 @@ def documented_callables(b: dict) -> list[tuple[str, object]]:
         ("dense.set_weights", bj.Dense.set_weights), ("dense.compiled", bj.Dense.compiled),
         ("HeadDense", bk.HeadDense), ("HeadLoss", bk.HeadLoss), ("HeadAccuracy", bk.HeadAccuracy),
         ("GradientAccumulation", bk.GradientAccumulation),
+        ("HeadLinear", bf.HeadLinear.__init__), ("layer.get_canonical_weights", bf.HeadLinear.get_canonical_weights),
+        ("layer.set_canonical_weights", bf.HeadLinear.set_canonical_weights),
+        ("layer.compiled", bf.HeadLinear.compiled),
+        ("HeadDense.get_canonical_weights", _unbound(bf.HeadDense, "get_canonical_weights")),
+        ("dense.set_canonical_weights", bf.HeadDense.set_canonical_weights),
+        ("dense.compiled", bf.HeadDense.compiled),
     ]
     return out
 
@@ -184,6 +193,7 @@ def test_every_name_in_all_is_documented(code: str):
 def test_every_public_attribute_is_documented(code: str, backends: dict):
     import keras
     import torch
+    from flax import linen, nnx
 
     b = backends
     classes = [
@@ -196,6 +206,8 @@ def test_every_public_attribute_is_documented(code: str, backends: dict):
         (b["keras"].HeadDense, (keras.layers.Dense,)), (b["keras"].HeadLoss, (keras.losses.Loss,)),
         (b["keras"].HeadAccuracy, (keras.metrics.MeanMetricWrapper,)),
         (b["keras"].GradientAccumulation, (keras.optimizers.Optimizer,)),
+        (b["flax"].FlaxHead, ()), (b["flax"].HeadLinear, (nnx.Linear, nnx.Module)),
+        (b["flax"].HeadDense, (linen.Module,)),
         (unihead.Diagnosis, ()), (unihead.Finding, ()), (unihead.Ported, ()),
         (type(unihead.port((ClassificationHead.binary(), ([[1.0]], [0.0])), to="numpy").check), ()),
     ]

@@ -98,7 +98,9 @@ def test_nan_is_compared_explicitly():
     out = {k: np.asarray(v, np.float64) for k, v in ref.items() if k != "grad_scale"}
     assert case.head.reduction == "mean"
     out.update(split_loss=out["loss"], split_grad=out["grad"], split_terms=out["loss"],
-               split_weight=np.asarray(3.0), split_W=np.asarray(3.0))
+               split_weight=np.asarray(3.0), split_W=np.asarray(3.0),
+               fused_loss=out["loss"], fused_none=out["none"], fused_grad=out["grad"],
+               sharded_loss=out["loss"], sharded_none=out["none"])
     assert all(e in (0, 0.0) for e in compare(case, out, ref, ftz=False).values())
     bad = dict(out, probabilities=np.full_like(out["probabilities"], np.nan))
     assert compare(case, bad, ref, ftz=False)["probabilities"] == np.inf
@@ -110,6 +112,28 @@ def test_nan_is_compared_explicitly():
     assert compare(case, dict(out, split_grad=-out["grad"]), ref, ftz=False)["split_grad"] > 1
     plain = {k: v for k, v in out.items() if not k.startswith("split")}
     assert compare(case, plain, ref, ftz=False)["split_loss"] is None
+    # the fused columns: the loss and the per-example values each count; none given: not measured
+    for key in ("fused_loss", "fused_none"):
+        assert compare(case, dict(out, **{key: np.full_like(out[key], np.nan)}), ref, ftz=False)["fused"] > 1e3, key
+    assert compare(case, dict(out, fused_grad=-out["grad"]), ref, ftz=False)["fused_grad"] > 1
+    unfused = {k: v for k, v in out.items() if not k.startswith("fused")}
+    assert compare(case, unfused, ref, ftz=False)["fused"] is None
+    # the sharded column: likewise
+    for key in ("sharded_loss", "sharded_none"):
+        assert compare(case, dict(out, **{key: np.full_like(out[key], np.nan)}), ref, ftz=False)["sharded"] > 1e3, key
+    unsharded = {k: v for k, v in out.items() if not k.startswith("sharded")}
+    assert compare(case, unsharded, ref, ftz=False)["sharded"] is None
+
+
+def test_sharded_bounds_are_uneven_and_cover_every_class():
+    from unihead.conformance.cases import sharded_bounds
+
+    assert sharded_bounds(2) == (0, 1, 2)
+    for k in range(2, 40):
+        b = sharded_bounds(k)
+        assert b[0] == 0 and b[-1] == k and all(x < y for x, y in zip(b, b[1:])) and len(b) - 1 in (2, 3)
+        if k >= 4:
+            assert len({y - x for x, y in zip(b, b[1:])}) > 1  # uneven
 
 
 def test_split_pieces_cover_each_case_unevenly_with_a_weightless_piece():

@@ -288,7 +288,7 @@ def test_mismatched_unihead_layer_and_loss():
 
 
 def test_unreadable_models_are_explained():
-    with pytest.raises(TypeError, match="Keras models and layers and PyTorch modules"):
+    with pytest.raises(TypeError, match="Keras models and layers, PyTorch modules"):
         unihead.diagnose(object())
     torch = require("torch")
     with pytest.raises(ValueError, match="No nn.Linear found"):

@@ -43,9 +43,6 @@ gradients, ``max|g - ref| / max|ref|`` over each parameter (the worst parameter)
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -57,6 +54,7 @@ from unihead import ClassificationHead as H
 from unihead._ulp import ulp_errors
 
 from .conftest import require
+from .spawned import device_child
 
 ROOT = Path(__file__).resolve().parents[1]
 N, D, SHARDS = 64, 6, 8  # examples, features, devices (8 examples per device)
@@ -278,15 +276,7 @@ if __name__ == "__main__":
 @pytest.fixture(scope="module")
 def devices() -> dict:
     require("jax"), require("optax")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    start = time.perf_counter()
-    run = subprocess.run([sys.executable, "-m", "tests.test_distributed_jax"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, f"the 8-device child failed:\n{run.stderr[-4000:]}"
-    report = json.loads(run.stdout.strip().splitlines()[-1])
-    report["wall"] = time.perf_counter() - start
-    print(f"\n8-device child: {report['wall']:.1f} s wall ({report['seconds']:.1f} s of checks)")
-    return report
+    return device_child("tests.test_distributed_jax", 8, timeout=600)
 
 
 EXACT = ("jit, sharded batch", "shard_map, loss pmean'd, grad outside", "shard_map, grad inside (summed by JAX)",

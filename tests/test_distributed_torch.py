@@ -49,10 +49,7 @@ from __future__ import annotations
 
 import math
 import pickle
-import socket
-import time
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -63,6 +60,7 @@ from unihead import ClassificationHead as H
 from unihead._ulp import spacing, ulp_error
 
 from .conftest import require
+from .spawned import gloo_group, spawn_gloo
 
 torch = require("torch")
 F = torch.nn.functional
@@ -427,14 +425,9 @@ def _collectives(rank: int, world: int) -> dict[str, Any]:
 
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     """One rank of the gloo group; rank 0 pickles what it saw."""
-    import gc
-
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
-    try:
+    with gloo_group(rank, world, port):
         results = _ddp_steps(rank, world)
         seen: list[Any] = [None] * world
         dist.all_gather_object(seen, _collectives(rank, world))
@@ -442,21 +435,9 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
         if rank == 0:
             with open(out, "wb") as f:
                 pickle.dump(results, f)
-        # the DDP modules (and their reducers) gone, and every rank done, before the group goes:
-        # gloo can hang or abort at exit otherwise
-        gc.collect()
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 DDP_TIMEOUT = 240  # seconds; the workers take about 10 (2 shared cores)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"{w} processes")
@@ -464,14 +445,8 @@ def ddp_run(request, tmp_path_factory) -> tuple[int, dict]:
     """The DDP steps of every case on ``world`` gloo processes (spawned once) and their wall time."""
     world = request.param
     out = str(tmp_path_factory.mktemp("ddp") / "rank0.pkl")
-    start = time.perf_counter()
-    ctx = torch.multiprocessing.spawn(_ddp_worker, args=(world, _free_port(), out), nprocs=world, join=False)
-    while not ctx.join(timeout=5):  # raises what a worker raised
-        if time.perf_counter() - start > DDP_TIMEOUT:  # a hang fails this test, not the whole run
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"the {world} DDP workers did not finish in {DDP_TIMEOUT} s")
-    print(f"\n[ddp] {world} processes: spawned, all cases run, in {time.perf_counter() - start:.1f} s")
+    seconds = spawn_gloo(_ddp_worker, world, out, DDP_TIMEOUT, "DDP")
+    print(f"\n[ddp] {world} processes: spawned, all cases run, in {seconds:.1f} s")
     with open(out, "rb") as f:
         return world, pickle.load(f)
 

@@ -15,8 +15,12 @@
 
 A directive in an HTML comment just before a block sets its environment:
 ``<!-- docs-test: KERAS_BACKEND=torch -->``, or its expected exit status:
-``<!-- docs-test: status=1 -->``. Blocks that use Keras without a directive run on Keras' JAX
-backend (the fastest to start), which the reader's default TensorFlow gives the same numbers as.
+``<!-- docs-test: status=1 -->``, or the environment it runs in: ``<!-- docs-test: python=timm -->``
+marks the block ``timm`` (pytest's marker): the main run leaves it out and the timm environment
+runs it (``pytest -m timm tests/test_docs.py``, the README's test commands), since timm cannot
+load in the main environment (see tests/test_timm.py). Blocks that use Keras without a directive
+run on Keras' JAX backend (the fastest to start), which the reader's default TensorFlow gives the
+same numbers as.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```[ \t]*$", re.S | re.M)
 DIRECTIVE = re.compile(r"<!--\s*docs-test:\s*(.*?)\s*-->\s*$")
 LANGUAGES = {"python", "console", "bash", "text"}
+ENVIRONMENTS = ("timm",)  # the test environments besides the main one (python=NAME in a directive)
 
 
 @dataclass
@@ -46,6 +51,7 @@ class Block:
     code: str
     env: dict[str, str] = field(default_factory=dict)
     status: int = 0
+    python: str = ""  # "timm": runs in the timm environment (marker `timm`)
 
     @property
     def id(self) -> str:
@@ -65,6 +71,9 @@ def blocks(path: Path) -> list[Block]:
                 key, _, value = item.partition("=")
                 if key == "status":
                     b.status = int(value)
+                elif key == "python":
+                    assert value in ENVIRONMENTS, f"{b.id}: python={value!r}: one of {ENVIRONMENTS}"
+                    b.python = value
                 else:
                     b.env[key] = value
         out.append(b)
@@ -73,6 +82,7 @@ def blocks(path: Path) -> list[Block]:
 
 ALL = [b for p in DOCS for b in blocks(p)]
 RUNNABLE = [b for b in ALL if b.language in ("python", "console")]
+PARAMS = [pytest.param(b, id=b.id, marks=[getattr(pytest.mark, b.python)] if b.python else []) for b in RUNNABLE]
 
 
 def test_every_block_says_what_it_is():
@@ -169,7 +179,17 @@ def run_console(block: Block, cwd: Path) -> None:
             f"{block.id}: `{command}` printed\n" + "\n".join(actual) + "\n\nexpected\n" + "\n".join(expected))
 
 
-@pytest.mark.parametrize("block", RUNNABLE, ids=[b.id for b in RUNNABLE])
+def test_blocks_that_import_timm_run_in_its_environment():
+    """timm cannot load in the main environment: a block that imports it says python=timm, so the
+    main run leaves it out and the timm run runs it, rather than either failing or skipping it."""
+    from .test_packaging import imported_modules
+
+    wrong = [b.id for b in RUNNABLE if ("timm" in imported_modules(b.code)) != (b.python == "timm")]
+    assert not wrong, f"blocks that import timm need <!-- docs-test: python=timm --> (and only they): {wrong}"
+    assert any(b.python == "timm" for b in RUNNABLE), "docs/timm.md's blocks run in the timm environment"
+
+
+@pytest.mark.parametrize("block", PARAMS)
 def test_block_runs(block: Block, scratch):
     cwd = scratch(block.path)
     (run_python if block.language == "python" else run_console)(block, cwd)

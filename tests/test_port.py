@@ -394,6 +394,10 @@ SNIPPET_CASES = {  # name: (make the source, extra arguments, target, expected h
     "unihead layer's state_dict -> jax": (
         lambda t: unihead_layer_source(t, H.multiclass(3, label_smoothing=0.05)), [], "jax",
         H.multiclass(3, label_smoothing=0.05), False),
+    "state_dict + CrossEntropyLoss(label_smoothing=) -> flax, ported in Python": (
+        lambda t: torch_source(t, "sd.pt", 3), ["--loss", "nn.CrossEntropyLoss(label_smoothing=0.1)"],
+        "flax", H.multiclass(3, label_smoothing=0.1), False),
+    "keras file -> flax, head file": (keras_source, ["--out", "h.safetensors"], "flax", H.multiclass(4), False),
     "head file -> torch": (
         lambda t: head_file_source(t, H.multilabel(3, pos_weight=(1.0, 2.0, 3.0))), [], "torch",
         H.multilabel(3, pos_weight=(1.0, 2.0, 3.0)), False),
@@ -431,6 +435,8 @@ def test_the_snippet_port_prints_runs_and_gives_the_ported_layer(name, tmp_path,
                    else ns["compiled"].probabilities(z))
     p = p[..., 1:] if head.task == "binary" and head.binary_units == 2 else p
     assert ulp32(p, exact_p1(head, z)) <= 4
+    if to == "flax":  # an nnx module
+        assert type(ns["layer"]).__name__ == "HeadLinear" and isinstance(ns["layer"], require("flax.nnx").Linear)
     if to == "torch":  # the criterion line runs too
         assert type(ns["criterion"]).__name__ == "HeadLoss" and ns["criterion"].head == head
 

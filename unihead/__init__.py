@@ -2,7 +2,7 @@
 
     >>> import unihead
     >>> head = unihead.ClassificationHead.multiclass(4)
-    >>> compiled = unihead.compile(head, "numpy")       # or "torch", "jax", "keras"
+    >>> compiled = unihead.compile(head, "numpy")       # or "torch", "jax", "flax", "keras"
 
 ``import unihead`` imports no deep-learning framework; backends are loaded on first use.
 """

@@ -644,7 +644,7 @@ def add_port(sub: Any) -> None:
                     "in the target framework (--to). Without --out nothing is written, and the Python printed "
                     "ports the head from the model file itself.")
     p.add_argument("source", help=_MODEL_HELP + "; or a head file (.safetensors) written by 'unihead port --out'")
-    p.add_argument("--to", choices=["torch", "jax", "keras", "numpy"],
+    p.add_argument("--to", choices=["torch", "jax", "flax", "keras", "numpy"],
                    help="the framework to load the head in (checked here when it is installed)")
     p.add_argument("--out", help="write the head file (.safetensors: weights + spec)")
     p.add_argument("--loss", help="as for 'unihead diagnose'")
@@ -654,12 +654,15 @@ def add_port(sub: Any) -> None:
 
 
 _LAYERS = {"torch": "nn.Linear({d}, {k}) producing logits", "keras": "keras.layers.Dense({k}) producing logits",
-           "jax": "logits = layer.apply(params, x)", "numpy": "logits = layer(x)"}
+           "jax": "logits = layer.apply(params, x)",
+           "flax": "an nnx.Linear({d}, {k}) producing logits: logits = layer(x)", "numpy": "logits = layer(x)"}
 _USAGE = {
     "torch": ["criterion = compiled.loss_fn()  # loss = criterion(layer(x), labels)",
               "# probabilities = compiled.probabilities(layer(x))"],
     "jax": ["# loss = compiled.loss(layer.apply(params, x), labels)",
             "# probabilities = compiled.probabilities(layer.apply(params, x))"],
+    "flax": ["# loss = compiled.loss(layer(x), labels)  # in your nnx.Module: self.head = layer",
+             "# probabilities = compiled.probabilities(layer(x))"],
     "keras": ["# model.compile(optimizer, **compiled.compile_kwargs())  # the head's loss and accuracy",
               "# probabilities = compiled.probabilities(layer(x))"],
     "numpy": ["# probabilities = compiled.probabilities(layer(x))"],

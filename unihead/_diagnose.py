@@ -26,8 +26,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from ._hf import HF_IGNORE_INDEX, HFInfo, effective_problem_type, hf_config, labels_are_int, pipeline_activation
 from ._native import native_lines, native_loss
 from ._readers import LossReading, Reading, read_model
+from ._untrusted import show
 from .errors import HeadSpecError
 from .labels import LabelSummary, describe_labels, read_labels
 from .spec import ClassificationHead
@@ -36,6 +38,8 @@ __all__ = ["Finding", "Diagnosis", "Inferred", "infer", "diagnose", "diagnose_co
 
 _FRAMEWORK = {"torch": "PyTorch", "keras": "Keras"}
 _CATEGORICAL = ("categorical_ce", "sparse_ce", "ce", "nll")
+#: how a key of ``Finding.lines`` is printed: the framework's or the model library's name
+_LINES_LABEL = {"keras": "Keras", "torch": "PyTorch", "unihead": "unihead", "timm": "timm", "keras_hub": "keras-hub"}
 _PRODUCES = {"linear": "logits", "softmax": "probabilities", "sigmoid": "probabilities",
              "log_softmax": "log-probabilities"}
 
@@ -46,7 +50,8 @@ class Finding:
     ``"info"``), ``what`` is wrong, ``why`` it matters, the ``fix`` as a head, and ``lines``:
     how to write the fix natively and with unihead (``{"keras"|"torch": ..., "unihead": ...}``,
     from :func:`unihead._native.native_lines`: the native entry is code only where a native loss
-    gives the fix's numbers, otherwise the sentence saying that none does, and why)."""
+    gives the fix's numbers, otherwise the sentence saying that none does, and why), and for a
+    model of a model library also with that library (``"timm"``, ``"keras_hub"``)."""
 
     code: str
     severity: str
@@ -60,8 +65,8 @@ class Finding:
         if self.fix is not None or self.lines:
             out.append(f"    fix: {self.fix!r}" if self.fix is not None else "    fix:")
             for k, v in self.lines.items():
-                label = {"keras": "Keras", "torch": "PyTorch", "unihead": "unihead"}.get(k, k)
-                body = v.replace("\n", "\n" + " " * 15)
+                label = _LINES_LABEL.get(k, k)
+                body = v.replace("\n", "\n" + " " * (7 + max(8, len(label) + 1)))  # under the first line
                 out.append(f"      {label + ':':<8} {body}")
         return "\n".join(out)
 
@@ -208,9 +213,37 @@ def infer(model: Any, loss: Any = None, labels: Any = None) -> Inferred:
     reads as the binary head it was meant to be; run :func:`diagnose` to see what is wrong), with
     its weights in the canonical layout.  ``loss``: the PyTorch criterion, or a Keras loss to
     use instead of the compiled one; ``labels`` (optional) settle the label format and width."""
-    r = read_model(model, loss)
-    s = _labels_summary(labels)
-    return Inferred(_head(r, s, []), _weights(r))
+    r, s, _, _, notes = _read(model, loss, labels)
+    return Inferred(_head(r, s, notes), _weights(r))
+
+
+def _one_hot_ids(r: Reading, labels: Any, notes: list[str]) -> tuple[Reading, Any]:
+    """A loss that one-hot encodes integer ids over the outputs itself (timm's
+    ``BinaryCrossEntropy``) trains on 0/1 rows: the labels are read as those rows, and the
+    targets it smooths and thresholds them to decide the head's ``label_smoothing`` (none when
+    no unihead smoothing gives them; the rules say so)."""
+    from ._timm import bce_targets
+
+    L, u = r.loss, r.units
+    if labels is None:
+        ids = True
+        notes.append(f"{L.name} given integer class ids (timm's train.py without Mixup/CutMix): it one-hot "
+                     f"encodes them over the {u} output{'s' * (u != 1)}")
+    else:
+        if hasattr(labels, "detach"):
+            labels = labels.detach().cpu().numpy()
+        arr = np.asarray(labels)
+        ids = arr.ndim == 1 or arr.ndim == 2 and arr.shape[-1] != u
+        if ids and u >= 2 and arr.ndim == 1 and arr.size and np.issubdtype(arr.dtype, np.integer) \
+                and arr.min() >= 0 and arr.max() < u:
+            labels = np.eye(u, dtype=np.float32)[arr]
+    off, on = bce_targets(L.options, u, ids)
+    hard = (off, on) == (0.0, 1.0)
+    symmetric = not hard and off < on and abs(on + off - 1.0) < 1e-9
+    smoothing = 2.0 * off if symmetric else 0.0
+    smoothed = bce_targets(dict(L.options, target_threshold=None), u, ids)
+    opts = dict(L.options, ids=ids, targets=(off, on), smoothed=smoothed, representable=hard or symmetric)
+    return dataclasses.replace(r, loss=dataclasses.replace(L, label_smoothing=smoothing, options=opts)), labels
 
 
 def _head(r: Reading, s: LabelSummary | None, notes: list[str]) -> ClassificationHead:
@@ -218,7 +251,50 @@ def _head(r: Reading, s: LabelSummary | None, notes: list[str]) -> Classificatio
         return r.head
     head, more = _structure(r, s)
     notes.extend(more)
-    return _with_options(head, r.loss, s, notes)
+    head = _with_options(head, r.loss, s, notes)
+    names = r.hf.class_names if r.hf is not None else None
+    if names is not None and head.class_names is None and \
+            len(names) == (2 if head.task == "binary" else head.num_classes):
+        try:
+            head = head.replace(class_names=names)  # the config's id2label
+        except HeadSpecError as e:
+            notes.append(f"id2label not carried as class names: {e}")
+    return head
+
+
+def _read(model: Any, loss: Any, labels: Any) -> tuple[Reading, LabelSummary | None, Any, bool, list[str]]:
+    """The model's reading and its labels' summary.  A transformers model without ``loss`` is
+    read with its own ``forward``'s loss, which transformers chooses from the config and the
+    labels' dtype (unihead._hf); its token labels are read one per token.  Also returns whether
+    the labels are int64/int32 (transformers' class ids; ``None`` without labels) with their
+    dtype and shape, whether the loss is the model's own, and what was assumed (``notes``).  A
+    loss that one-hot encodes integer ids itself (timm's ``BinaryCrossEntropy``) has its labels
+    read as the rows it trains on (:func:`_one_hot_ids`)."""
+    r = read_model(model, loss)
+    notes: list[str] = []
+    if r.hf is None:
+        if r.loss is not None and r.loss.options.get("one_hot_ids"):
+            r, labels = _one_hot_ids(r, labels, notes)
+        return r, _labels_summary(labels), None, False, notes
+    labels_int = labels_are_int(labels)
+    raw = None if labels is None else (
+        labels_int, str(labels.dtype if hasattr(labels, "dtype") else np.asarray(labels).dtype),
+        tuple(labels.shape) if hasattr(labels, "shape") else np.shape(labels))
+    if labels is not None and r.hf.kind == "token":
+        labels = np.reshape(labels.detach().cpu().numpy() if hasattr(labels, "detach") else np.asarray(labels),
+                            -1)  # one label per token
+    s = _labels_summary(labels)
+    own = r.loss is None
+    if own:
+        pt = effective_problem_type(r.hf, True if labels_int is None else labels_int)
+        r.loss = {
+            "regression": LossReading("other", None, "MSELoss"),
+            # the forward flattens the labels (labels.view(-1)): class ids only, never rows
+            "single_label_classification": LossReading("sparse_ce", True, "CrossEntropyLoss",
+                                                       ignore_index=HF_IGNORE_INDEX),
+            "multi_label_classification": LossReading("binary_ce", True, "BCEWithLogitsLoss"),
+        }.get(pt, LossReading("other", None, f"problem_type={pt!r}"))
+    return r, s, raw, own, notes
 
 
 # ------------------------------------------------------------------------------ rules
@@ -230,14 +306,32 @@ class _Ctx:
 
     def add(self, code: str, severity: str, what: str, why: str, fix: ClassificationHead | None = None) -> None:
         fix = self.head if fix is None and severity != "info" else fix
-        lines = native_lines(fix, self.fw, self.r.in_features) if fix is not None else {}
+        if fix is None:
+            lines = {}
+        elif self.r.hf is not None:
+            lines = _hf_lines(fix, self.r.hf, self.r.units)
+        else:
+            lines = native_lines(fix, self.fw, self.r.in_features)
+        if fix is not None and self.r.library == "timm":
+            from ._timm import timm_lines
+
+            lines["timm"] = timm_lines(fix, self.r.options.get("architecture"))
+        elif fix is not None and self.r.library == "keras_hub":
+            from ._keras_hub import keras_hub_lines
+
+            lines["keras_hub"] = keras_hub_lines(fix, self.r.options.get("task"))
         self.findings.append(Finding(code, severity, what, why, fix, lines))
+
+    def errors_found(self) -> bool:
+        return any(f.severity == "error" for f in self.findings)
 
     @property
     def loss_name(self) -> str:
         lr = self.r.loss
         if lr is None:
             return ""
+        if lr.call:
+            return lr.call
         if self.fw == "keras" and lr.name[:1].islower():
             return f"'{lr.name}'"
         return lr.name + ("(from_logits=True)" if self.fw == "keras" and lr.from_logits and lr.kind != "unihead"
@@ -289,7 +383,12 @@ def _rules(c: _Ctx) -> None:
                   f"{r.where} outputs probabilities, but {c.loss_name} expects logits and applies the "
                   f"{'softmax' if kind in _CATEGORICAL else 'sigmoid'} itself.",
                   "the activation is applied twice: the loss sees squashed values in [0, 1], its gradient "
-                  "shrinks towards zero and training stalls (or is stuck at chance).")
+                  "shrinks towards zero and training stalls (or is stuck at chance)."
+                  + (" (Keras on TensorFlow takes the logits behind a softmax/sigmoid layer and only warns, so "
+                     "the same model trains right there and wrong on JAX and PyTorch.)" if c.fw == "keras" else "")
+                  + (" A keras-hub task compiles itself when built, before its activation is set, with "
+                     "from_logits=True: built with an activation and not compiled again, it trains so."
+                     if r.library == "keras_hub" and L.from_logits else ""))
         elif produces == "logits" and expects == "probabilities":
             c.add("loss_expects_probabilities", "error",
                   f"{r.where} outputs logits, but {c.loss_name} expects probabilities "
@@ -332,6 +431,11 @@ def _rules(c: _Ctx) -> None:
               "for exclusive classes the matching loss is categorical cross-entropy (and Keras' 'accuracy' "
               "becomes binary accuracy per output, which looks better than it is).")
 
+    # ---- a model library's own loss
+    if L is not None and L.library == "timm" and L.name == "BinaryCrossEntropy":
+        if _timm_bce_rules(c):
+            return
+
     # ---- labels
     if s is not None:
         _label_rules(c, s)
@@ -339,6 +443,59 @@ def _rules(c: _Ctx) -> None:
     # ---- where the framework's numbers differ from the spec's
     if L is not None:
         _native_differences(c, L)
+
+
+def _timm_bce_rules(c: _Ctx) -> bool:
+    """timm's ``BinaryCrossEntropy``: how it builds its targets (unihead/_timm.py).  True when
+    the targets it trains on are unusable (the label rules then have nothing to add)."""
+    r, L = c.r, c.r.loss
+    o, u = L.options, r.units
+    off, on = o["targets"]
+    s, t = o["smoothing"], o["target_threshold"]
+    if u == 1 and o["ids"]:
+        why = ("timm's BinaryCrossEntropy one-hot encodes integer targets over the outputs: over one output "
+               f"label 0 becomes the target {on:g} (a positive: every example is trained as class 1) and label 1 "
+               "is out of range (RuntimeError: index 1 is out of bounds). A one-output binary model needs its "
+               "0/1 labels as a float column of the logits' shape (N, 1).")
+        if c.s is not None:
+            c.add("timm_bce_ids_one_output", "error",
+                  f"{c.loss_name} on {r.where}, one output, with integer labels ({c.s.describe()}).", why)
+        else:
+            c.add("timm_bce_ids_one_output", "warning",
+                  f"{c.loss_name} on {r.where}, one output: integer labels (assumed: none given) are misread.", why)
+        return True
+    if off == on:
+        c.add("timm_bce_constant_targets", "error",
+              f"{c.loss_name}: target_threshold={t!r} turns every target into {on:g} (the smoothed targets are "
+              f"{o['smoothed'][0]:g} and {o['smoothed'][1]:g}, both {'above' if on else 'at or below'} it).",
+              "target > target_threshold is the same for positives and negatives, so the labels are lost and "
+              "the model learns a constant. The threshold must lie between the smoothed targets "
+              f"({o['smoothed'][0]:g} <= t < {o['smoothed'][1]:g}).")
+        return True
+    if s and t is not None and (off, on) == (0.0, 1.0) and (o["ids"] or o["smooth_dense"]):
+        c.add("timm_bce_smoothing_cancelled", "warning",
+              f"{c.loss_name}: target_threshold={t!r} turns the smoothed targets back into 0 and 1, so "
+              f"smoothing={s!r} has no effect.",
+              "the threshold is applied after the smoothing: the model trains on hard 0/1 targets (the head "
+              "shown has no smoothing). Drop one of the two: smoothing=0.0 says what is trained.")
+    elif s and not o["ids"] and not o["smooth_dense"]:
+        c.add("timm_bce_smoothing_ignored", "info",
+              f"{c.loss_name}: smoothing={s!r} is not applied: the targets already have the logits' shape.",
+              "timm smooths only the integer ids it one-hot encodes itself; targets of shape (N, K) (Mixup/CutMix "
+              "output, multi-hot rows) are used as given unless smooth_dense=True.")
+    elif not o["representable"]:
+        c.add("timm_bce_smoothing", "info",
+              f"{c.loss_name} on integer ids over {u} outputs trains towards {off:g} and {on:g}: no unihead "
+              "head gives these numbers (the head shown has no smoothing).",
+              f"timm spreads smoothing={s!r} like a categorical smoothing (off = s/K, on = 1 - s + s/K, so each "
+              "target row sums to 1); the binary and multilabel smoothing of unihead (and of Keras' "
+              "BinaryCrossentropy) is symmetric, y(1 - s) + s/2, the same only for K = 2.")
+    if o["sum_classes"]:
+        c.add("timm_bce_sum_classes", "info",
+              f"{c.loss_name} sums the loss over the {u} classes: it is {u}x unihead's mean.",
+              "unihead (and Keras) average the labels of an example, then the examples; sum_classes=True adds the "
+              f"labels instead, so the loss and its gradients are {u} times larger (the effective learning rate too).")
+    return False
 
 
 def _label_rules(c: _Ctx, s: LabelSummary) -> None:
@@ -406,15 +563,15 @@ def _native_differences(c: _Ctx, L: LossReading) -> None:
                   f"{c.loss_name or L.name} does not give the numbers of {h!r}, the head its options describe: "
                   + nl.note,
                   f"the same options give different losses and gradients in {_FRAMEWORK[c.fw]} and in unihead.")
-    if L.name == "BCEWithLogitsLoss" and h.task == "multilabel":
+    if L.name in ("BCEWithLogitsLoss", "BinaryCrossEntropy") and h.task == "multilabel":
         if L.reduction == "sum":
             c.add("differs_from_native", "info",
-                  f"BCEWithLogitsLoss(reduction='sum') sums over the {h.num_outputs} labels too: it is "
+                  f"{L.name}(reduction='sum') sums over the {h.num_outputs} labels too: it is "
                   f"{h.num_outputs}x unihead's 'sum' (docs/semantics.md §10, row ml2).",
                   "unihead (and Keras) average the labels of an example, then sum the examples.")
         if L.class_weights is not None:
             c.add("differs_from_native", "info",
-                  "BCEWithLogitsLoss(weight=w) divides by N*K, not by the weights: it is mean(w) times "
+                  f"{L.name}(weight=w) divides by N*K, not by the weights: it is mean(w) times "
                   "unihead's class_weights=w (docs/semantics.md §10, row ml5).",
                   "the loss scale (and so the effective learning rate) differs by mean(w).")
     if L.name == "CategoricalFocalCrossentropy":
@@ -422,6 +579,155 @@ def _native_differences(c: _Ctx, L: LossReading) -> None:
               "CategoricalFocalCrossentropy multiplies the loss by alpha (0.25 by default); unihead's focal "
               "loss has no alpha (it equals alpha=1.0, docs/semantics.md §10, row mc14).",
               "the loss and its gradients are alpha times unihead's.")
+
+
+# ------------------------------------------------------------------------------ Hugging Face
+def _hf_lines(fix: ClassificationHead, info: HFInfo, width: int) -> dict[str, str]:
+    """The fix as transformers' own lines (the config fields, the labels the model's forward then
+    needs) and with unihead (its Trainer loss).  A fix of another width than the layer's
+    (``width``) loads the checkpoint with a new classification layer."""
+    fields = hf_config(fix)
+    args = ", ".join(f"{k}={v!r}" for k, v in fields.items())
+    new = fields["num_labels"] != width
+    lines = [f"model = {info.model_class}.from_pretrained(checkpoint, {args}"
+             + (", ignore_mismatched_sizes=True)  # a new classifier: the old one is not this head's" if new else ")")]
+    if fix.task == "multiclass" and fix.label_format != "sparse" or fix.task == "binary" and \
+            fix.binary_units == 2 and fix.label_format != "binary":
+        lines.append("labels = labels.argmax(-1)  # int64 class ids: the forward's CrossEntropyLoss")
+    elif fix.task == "binary" and fix.binary_units == 1:
+        lines.append("labels = labels.float().reshape(-1, 1)  # one float 0/1 per example: BCEWithLogitsLoss")
+    elif fix.task == "multilabel":
+        lines.append("labels = labels.float()  # float 0/1 rows: BCEWithLogitsLoss")
+    else:
+        lines.append("labels = labels.long()  # int64 class ids: the forward's CrossEntropyLoss")
+    plain = fix.replace(label_format=None, ignore_index=None, class_names=None)
+    options = plain != type(fix)(fix.task, fix.num_classes, binary_units=fix.binary_units)
+    if options:
+        lines.append("# the model's own loss has none of the head's options: train with unihead's (below)")
+    # without options the config's head (trainer_loss(model)) is the fix; with them, the fix itself
+    of = f"unihead.{fix!r}" if options else "model"
+    return {"transformers": "\n".join(lines),
+            "unihead": "from unihead.backends.transformers import trainer_loss\n"
+                       f"trainer = Trainer(model, args, train_dataset=..., compute_loss_func=trainer_loss({of}))"}
+
+
+def _inverse(mapping: dict) -> dict | None:
+    """``{value: key}`` of ``mapping``, or None when its values are not distinct and hashable."""
+    try:
+        inverse = {v: k for k, v in mapping.items()}
+    except TypeError:
+        return None
+    return inverse if len(inverse) == len(mapping) else None
+
+
+def _hf_rules(c: _Ctx, raw: Any, own: bool) -> None:
+    """The traps of transformers' models (unihead._hf has the rules they follow).  ``raw``: the
+    labels as given, ``(is int64/int32, dtype, shape)``, or None."""
+    r, s, info = c.r, c.s, c.r.hf
+    u = r.units
+    labels_int = None if raw is None else raw[0]
+    if info.num_labels != u:
+        c.add("hf_num_labels_mismatch", "error",
+              f"config.num_labels = {info.num_labels}, but the model's {info.layer_path} has {u} outputs.",
+              "the config was changed after the model was built (num_labels is len(id2label)): the forward still "
+              f"computes {u} logits, while pipelines and id2label name {info.num_labels} classes, and a model "
+              "saved now does not load back with its weights. Build the model from the config you mean "
+              "(from_pretrained(checkpoint, num_labels=...)).",
+              c.head)
+    ids = info.id2label
+    if ids is not None and set(ids) != set(range(len(ids))):
+        c.add("hf_id2label_mismatch", "error",
+              f"config.id2label has the ids {show(sorted(ids, key=str))}, not 0..{len(ids) - 1}.",
+              "output i of the model is named id2label[i]: an output without an entry fails in pipelines "
+              "(KeyError), and the names are shifted against the outputs. Number the classes from 0.")
+    elif ids is not None and (_inverse(ids) is None or not all(isinstance(v, str) and v for v in ids.values())):
+        c.add("hf_id2label_mismatch", "error",
+              f"config.id2label does not give each output a name of its own: {show(ids)}.",
+              "pipelines report id2label[i] for output i: two outputs with one name (or a name that is not a "
+              "string) make a prediction that does not say which class it is. Give every class its own name.")
+    elif ids is not None and info.label2id is not None and info.label2id != _inverse(ids):
+        c.add("hf_id2label_mismatch", "error",
+              "config.label2id is not the inverse of config.id2label.",
+              "datasets are encoded with label2id and predictions decoded with id2label: a class encoded as "
+              "one id comes back under another name. Write label2id = {name: i for i, name in id2label.items()}.")
+    if own:
+        pt = effective_problem_type(info, True if labels_int is None else labels_int)
+        if pt == "regression":
+            one = u == 1
+            c.add("hf_regression_head", "error",
+                  f"{info.describe()}: its forward trains a regression (MSELoss on the "
+                  f"{'logit' if one else 'logits'}), not a classifier"
+                  + (" (num_labels=1 with problem_type unset is 'regression', whatever the labels)."
+                     if info.problem_type is None else "."),
+                  "the output is never turned into a probability: mean squared error on 0/1 targets learns "
+                  "a score, not P(class), and the text/image-classification pipelines apply a sigmoid to it "
+                  "before the first training step but nothing after it (the forward sets problem_type="
+                  "'regression' in the config). For two classes: num_labels=2 (softmax), or num_labels=1 with "
+                  "problem_type='multi_label_classification' (one sigmoid).",
+                  ClassificationHead.binary(binary_units=2) if one else c.head)
+        elif info.kind == "sequence" and pt == "multi_label_classification" and s is not None and \
+                s.kind in ("one_hot", "probability_rows"):
+            implicit = info.problem_type is None
+            fix = ClassificationHead.multiclass(u, label_format="one_hot" if s.kind == "one_hot" else "probabilities")
+            what = (f"{info.describe()} gets float labels ({s.describe()}), so its forward trains a multi-label "
+                    "BCEWithLogitsLoss (problem_type unset: any labels but int64/int32 mean multi-label).")
+            why = ("the labels say every example has exactly one class, but each output is trained as an "
+                   "independent yes/no: softmax semantics are lost, the probabilities need not sum to 1, and "
+                   "the forward writes problem_type='multi_label_classification' into the config, so pipelines "
+                   "apply sigmoids from then on.")
+            if implicit:
+                c.add("hf_one_hot_multilabel", "error", what, why, fix)
+            else:
+                c.add("hf_one_hot_multilabel", "warning",
+                      f"{info.describe()} is a multi-label model, but every label row has exactly one 1 "
+                      f"({s.describe()}).", why, fix)
+        elif info.kind == "sequence" and info.problem_type is None and u >= 2:
+            c.add("hf_problem_type_unset", "info",
+                  f"{info.describe()}: the forward picks its loss from the dtype of the first labels it sees and "
+                  "writes it into config.problem_type for every later call.",
+                  "int64/int32 labels make it CrossEntropyLoss (softmax), any other dtype (float, but also uint8, "
+                  "int16 or bool) BCEWithLogitsLoss (sigmoids); pipelines follow what was written. Set "
+                  "problem_type in the config (unihead.backends.transformers.hf_config(head) gives it).")
+        if raw is not None and not c.errors_found() and pt in ("single_label_classification",
+                                                               "multi_label_classification"):
+            dtype, shape = raw[1].replace("torch.", ""), raw[2]
+            single = pt == "single_label_classification"
+            # PyTorch's cross-entropy takes int64 (or uint8) targets: int32, which transformers counts
+            # as class ids when it picks the loss, then fails inside it (measured, torch 2.13)
+            fits = dtype in ("int64", "uint8") if single else (dtype.startswith(("float", "bfloat"))
+                                                              and len(shape) == 2 and shape[-1] == u)
+            if not fits:
+                c.add("hf_labels_mismatch", "error",
+                      f"{info.describe()}'s forward trains {c.loss_name} on these labels ({dtype}, shape {shape}), "
+                      "which it cannot take: "
+                      + ("its CrossEntropyLoss needs int64 class ids, one per example (int32 ids make "
+                         "transformers pick it, and PyTorch's cross-entropy then refuses them)." if single else
+                         f"its BCEWithLogitsLoss needs float 0/1 rows of shape (N, {u}), one column per output."),
+                      "the first training step fails with a dtype or shape error from inside the model's forward. "
+                      + ("Pass labels.long()." if single else f"Pass labels.float(), shape (N, {u})."))
+        if info.kind == "token" and info.problem_type not in (None, "single_label_classification"):
+            c.add("hf_problem_type_ignored", "warning",
+                  f"{info.describe()}: a token classifier's forward ignores problem_type; it always trains "
+                  "CrossEntropyLoss over the tokens (softmax).",
+                  "the config says one thing, the loss does another: a multi-label or regression token model "
+                  "needs a loss of its own (compute_loss_func=trainer_loss(head)).")
+    elif info.kind == "token" or info.problem_type != "regression":
+        act, expected = pipeline_activation(info), c.head.activation
+        if act != expected and info.kind == "token":
+            c.add("hf_pipeline_activation", "error",
+                  f"the token classifier is trained as {c.head!r} ({expected} probabilities), but the "
+                  "token-classification pipeline applies a softmax to every token's logits.",
+                  "that pipeline has no function_to_apply and ignores problem_type: its scores are a softmax of "
+                  f"logits trained for a {expected}. Post-process the logits yourself "
+                  "(compiled.probabilities(logits), compiled.predict_names(logits)) instead of the pipeline.")
+        elif act != expected:
+            c.add("hf_pipeline_activation", "error",
+                  f"the model is trained as {c.head!r} ({expected} probabilities), but its config "
+                  f"(num_labels={info.num_labels}, problem_type={info.problem_type!r}) makes the "
+                  f"text/image-classification pipelines apply a {act}.",
+                  f"pipelines choose function_to_apply from the config, not from the loss: every score they "
+                  f"return is a {act} of logits trained for a {expected}. Write the config for the head "
+                  "(unihead.backends.transformers.hf_config(head)).")
 
 
 def _without_loss(c: _Ctx) -> None:
@@ -462,15 +768,20 @@ def diagnose(model: Any, loss: Any = None, labels: Any = None) -> Diagnosis:
     activation or a following ``Activation``/``Softmax`` layer, and its compiled loss, or
     ``loss``), or a PyTorch module/``nn.Linear`` with its criterion as ``loss``.  ``labels``
     (a label array, optional) enable the label checks.  A correct head gives no finding."""
-    r = read_model(model, loss)
-    s = _labels_summary(labels)
-    notes: list[str] = []
+    r, s, raw, own, notes = _read(model, loss, labels)
     head = _head(r, s, notes)
     ctx = _Ctx(r, s, head)
     _rules(ctx)
+    if r.hf is not None:
+        _hf_rules(ctx, raw, own)
+        if own and labels is None and r.hf.kind == "sequence" and r.hf.problem_type is None and r.units >= 2:
+            notes.append("no labels given: read with int64 class ids, which make the model's forward use "
+                         "CrossEntropyLoss (float labels would make it BCEWithLogitsLoss)")
     if r.loss is None:
         _without_loss(ctx)
     where = r.where + (f" + {ctx.loss_name}" if r.loss is not None else " (no loss given)")
+    if own:
+        where = r.where + f" + its forward's {ctx.loss_name}"
     return Diagnosis(head, _weights(r), tuple(ctx.findings), where, ctx.fw, tuple(notes))
 
 

@@ -254,6 +254,27 @@ class Ops:
         xp = self.xp
         return xp.reshape(xp.take(table, xp.reshape(idx, (-1,))), idx.shape)
 
+    # -- chunks of the class axis (the fused linear loss, unihead._fused) -------------------------
+    def columns(self, x: Any, start: Any, width: int) -> Any:
+        """``x[..., start:start + width]``: ``start`` a number, or a 0-d integer array inside a
+        compiled loop (backends whose slices need static bounds override this)."""
+        return x[..., start : start + width]
+
+    def put_columns(self, buf: Any, start: Any, values: Any) -> Any:
+        """``buf`` with ``buf[..., start:start + width] = values``; may write into ``buf`` (callers
+        pass buffers they created, :meth:`empty_like_columns`)."""
+        buf[..., start : start + values.shape[-1]] = values
+        return buf
+
+    def add_matmul(self, acc: Any, a: Any, b: Any) -> Any:
+        """``acc + a @ b`` with ``acc`` in the compute dtype (float32 for half-precision ``a``,
+        ``b``: the product widened first); may write into ``acc`` (an accumulator the caller made)."""
+        return acc + self.widen_half(self.xp.matmul(a, b))
+
+    def empty_like_columns(self, x: Any) -> Any:
+        """An uninitialised array like ``x`` that :meth:`put_columns` fills chunk by chunk."""
+        return self.xp.empty_like(x)
+
     # -- reductions ---------------------------------------------------------------------------
     def accumulate64(self, x: Any) -> bool:
         """Whether sums of the float32 array ``x`` can accumulate in float64 (the namespace has

@@ -96,7 +96,8 @@ class PortCheck:
 @dataclasses.dataclass
 class Ported:
     """What :func:`port` returns.  ``layer`` is the target's output layer (``nn.Module``, Keras
-    ``Layer``, JAX ``Dense`` with ``params``, NumPy ``Dense``), ``compiled`` its compiled head
+    ``Layer``, JAX ``Dense`` with ``params``, Flax ``nnx`` module (``HeadLinear``), NumPy
+    ``Dense``), ``compiled`` its compiled head
     (loss, probabilities, predict), ``weights`` the canonical weights it holds."""
 
     head: ClassificationHead
@@ -258,7 +259,8 @@ def _features(d: int, rng: np.random.Generator, n: int = 512) -> np.ndarray:
 # ------------------------------------------------------------------------------ port
 def port(source: Any, to: str, loss: Any = None, *, binary_units: int | None = None,
          check: bool = True, seed: int = 0) -> Ported:
-    """Move a trained head to framework ``to`` (``"torch"``, ``"jax"``, ``"keras"``, ``"numpy"``).
+    """Move a trained head to framework ``to`` (``"torch"``, ``"jax"``, ``"flax"``, ``"keras"``,
+    ``"numpy"``).
 
     ``source``: a Keras model/``Dense``, a PyTorch module/``nn.Linear`` (with its criterion as
     ``loss``), a head-file path, or ``(head, weights)``.  ``binary_units`` converts a binary head

@@ -41,6 +41,11 @@ class LossReading:
     focal_gamma: float = 0.0
     reduction: str = "mean"
     head: ClassificationHead | None = None
+    #: the library the loss comes from when it is not the framework's own (``"timm"``), how it is
+    #: written (``"timm.loss.BinaryCrossEntropy(smoothing=0.1)"``) and its library-specific options
+    library: str | None = None
+    call: str = ""
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -55,6 +60,10 @@ class Reading:
     loss: LossReading | None
     head: ClassificationHead | None = None  # a unihead layer carries its spec
     layer: Any = None
+    hf: Any = None  # a transformers model: its config's reading (unihead._hf.HFInfo)
+    #: a model of a model library (``"timm"``, ``"keras_hub"``): its classifier is the layer read
+    library: str | None = None
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def _name(fn: Any) -> str:
@@ -202,19 +211,82 @@ def _torch_loss(loss: Any) -> LossReading:
     return LossReading("other", None, cls, reduction=red)
 
 
+# ------------------------------------------------------------------------------ Hugging Face
+def _hf_reading(model: Any, loss: Any) -> Reading:
+    """A transformers ``PreTrainedModel``: its classification layer (the last ``nn.Linear`` of
+    ``classifier``, ``score``, ``classification_head`` or ``head``), read as a PyTorch layer,
+    with its config (:class:`unihead._hf.HFInfo`).  The loss is the one passed; the model's own
+    (which depends on the labels) is read by :func:`unihead.diagnose`."""
+    from torch import nn
+
+    from ._hf import HEAD_ATTRIBUTES, hf_info
+
+    for attr in HEAD_ATTRIBUTES:
+        module = getattr(model, attr, None)
+        if not isinstance(module, nn.Module):
+            continue
+        if isinstance(module, nn.Linear):
+            layer, path = module, attr
+            break
+        named = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+        if named:
+            layer, path = named[-1][1], f"{attr}.{named[-1][0]}"
+            break
+    else:
+        raise ValueError(
+            f"{type(model).__name__} has no classification layer unihead knows: it reads the last nn.Linear "
+            f"of the model's {', '.join(HEAD_ATTRIBUTES)} attribute (transformers' *ForSequenceClassification, "
+            "*ForImageClassification and *ForTokenClassification models). For another model, pass its output "
+            "nn.Linear itself."
+        )
+    r = _torch_reading(layer, loss)
+    info = hf_info(model, path)
+    r.hf = info
+    r.where = f"{info.describe()}.{path} = {r.where}"
+    return r
+
+
 # ------------------------------------------------------------------------------ entry points
+def _library(obj: Any) -> str:
+    """The top-level package an object's class comes from (``"timm"``, ``"keras_hub"``): model
+    libraries are recognised by it, so that none of them is imported to check."""
+    return type(obj).__module__.partition(".")[0]
+
+
 def read_loss(loss: Any) -> LossReading:
     if isinstance(loss, LossReading):
         return loss
+    head = getattr(loss, "head", None)
+    if isinstance(head, ClassificationHead) and type(loss).__name__ == "TrainerLoss":
+        return LossReading("unihead", True, "trainer_loss", head=head)
+    if _library(loss) == "timm":
+        from ._timm import timm_loss
+
+        return timm_loss(loss)
     if _is_torch(loss):
         return _torch_loss(loss)
     return _keras_loss(loss)
 
 
 def read_model(model: Any, loss: Any = None) -> Reading:
-    """The :class:`Reading` of a Keras model/``Dense`` or a PyTorch module/``nn.Linear``."""
+    """The :class:`Reading` of a Keras model/``Dense``, a PyTorch module/``nn.Linear`` or a
+    Hugging Face transformers ``PreTrainedModel``; a timm model (its ``get_classifier()``) or a
+    keras-hub ``*Classifier`` task (its output ``Dense`` and ``activation``) is read through its
+    library's own accessors (unihead/_timm.py, unihead/_keras_hub.py)."""
+    from ._hf import is_hf_model
+
+    if _is_torch(model) and is_hf_model(model):
+        return _hf_reading(model, loss)
+    if _library(model) == "keras_hub" and _is_keras(model):
+        from ._keras_hub import keras_hub_reading
+
+        return keras_hub_reading(model, loss)
     if _is_keras(model):
         return _keras_reading(model, loss)
+    if _library(model) == "timm" and _is_torch(model):
+        from ._timm import timm_reading
+
+        return timm_reading(model, loss)
     if _is_torch(model):
         return _torch_reading(model, loss)
     head = getattr(model, "head", None)
@@ -223,5 +295,6 @@ def read_model(model: Any, loss: Any = None) -> Reading:
         return Reading("numpy", head.num_outputs, int(k.shape[0]), k, np.asarray(model.bias), "linear",
                        "unihead Dense", read_loss(loss) if loss is not None else None, head, model)
     raise TypeError(
-        f"unihead reads Keras models and layers and PyTorch modules; got {type(model).__name__}."
+        f"unihead reads Keras models and layers, PyTorch modules and Hugging Face transformers models; "
+        f"got {type(model).__name__}."
     )

@@ -17,6 +17,7 @@ BUILTIN_BACKENDS: dict[str, tuple[str, str | None, str | None]] = {
     "numpy": ("unihead.backends.numpy", None, None),
     "torch": ("unihead.backends.torch", "torch", "unihead[torch]"),
     "jax": ("unihead.backends.jax", "jax", "unihead[jax]"),
+    "flax": ("unihead.backends.flax", "flax", "unihead[flax]"),
     "keras": ("unihead.backends.keras", "keras", "unihead[keras]"),
 }
 
@@ -58,7 +59,7 @@ def load_backend(name: str) -> Callable[..., Any]:
 
 
 def compile(head: ClassificationHead, backend: str = "numpy", **options: Any) -> Any:
-    """Compile ``head`` for ``backend`` (``"numpy"``, ``"torch"``, ``"jax"``, ``"keras"`` or a
+    """Compile ``head`` for ``backend`` (``"numpy"``, ``"torch"``, ``"jax"``, ``"flax"``, ``"keras"`` or a
     registered third-party backend).  Returns a :class:`~unihead.CompiledHead`."""
     if not isinstance(head, ClassificationHead):
         raise TypeError(f"compile() takes a ClassificationHead, got {type(head).__name__}.")

@@ -106,6 +106,28 @@ class CompiledHead:
     def predict(self, logits: Any) -> Any:
         return self._engine().predict(self._logits(logits))
 
+    def predict_names(self, logits: Any) -> np.ndarray:
+        """The predicted classes by name (the head's ``class_names``), as a NumPy array on the
+        host: binary and multiclass heads ``(...)`` of ``str`` (the name of :meth:`predict`'s
+        class id); multilabel heads ``(...)`` of ``object``, each a tuple of the names of the
+        labels predicted on, in class order (``()`` for none), like scikit-learn's
+        ``MultiLabelBinarizer.inverse_transform``.  Names are for people and files, not for
+        graphs: this always returns host data, also under ``jax.jit`` (where it cannot run)."""
+        names = self.head.class_names
+        if names is None:
+            raise ValueError(
+                f"predict_names needs the head's class names, and {self.head!r} has none: compile "
+                "head.replace(class_names=[...]) (one name per class), or use predict(logits) for class ids."
+            )
+        ids = np.asarray(self.ops.to_numpy(self.predict(logits)))
+        table = np.asarray(names, dtype=str)
+        if self.head.task != "multilabel":
+            return table[ids.astype(np.intp)]
+        flat = ids.reshape(-1, ids.shape[-1]).astype(bool)
+        out = np.empty(len(flat), dtype=object)
+        out[:] = [tuple(table[row].tolist()) for row in flat]
+        return out.reshape(ids.shape[:-1])
+
     def loss(self, logits: Any, labels: Any, sample_weight: Any = None, *, normalizer: Any = None) -> Any:
         raise NotImplementedError  # pragma: no cover
 
@@ -184,6 +206,12 @@ class CompiledHead:
 
     def _normalized(self, logits: Any, labels: Any, sample_weight: Any, normalizer: Any) -> Any:
         """``loss(..., normalizer=W)``: the total over the examples over ``W``, 0 where ``W`` is 0."""
+        return self._divided(lambda: self._summed().loss(logits, labels, sample_weight), normalizer)
+
+    def _divided(self, total_fn: Any, normalizer: Any) -> Any:
+        """``total_fn()`` (the total over the examples: :meth:`loss` or :meth:`linear_loss` of the
+        ``reduction="sum"`` twin) over ``normalizer``, 0 where it is 0, the normalizer checked
+        first."""
         if self.head.reduction == "none":
             raise ValueError(
                 "normalizer= divides the total loss, and this head has reduction='none' (a loss "
@@ -201,7 +229,7 @@ class CompiledHead:
             raise ValueError(
                 f"normalizer must be finite and >= 0 (a sum of weights); got {normalizer!r}."
             )
-        total = self._summed().loss(logits, labels, sample_weight)
+        total = total_fn()
         ops, xp = self.ops, self.ops.xp
         if isinstance(normalizer, (int, float)):
             n = ops.scalar(float(normalizer), total)
@@ -227,6 +255,159 @@ class CompiledHead:
             n = ops.stop_gradient(ops.astype(n, total))
         safe = xp.where(n > 0, n, ops.scalar(1.0, n))
         return ops.where0(n > 0, total / safe)
+
+    # -- the fused linear + loss (unihead._fused; docs/api.md, "linear_loss") ---------------------
+    def linear_loss(
+        self, hidden: Any, kernel: Any, labels: Any, bias: Any = None, sample_weight: Any = None, *,
+        normalizer: Any = None, chunk_size: int | None = None,
+    ) -> Any:
+        """The loss of the logits ``hidden @ kernel + bias`` against ``labels``, exactly
+        :meth:`loss`'s (every option of the head, ``reduction``, ``normalizer=``), computed
+        through chunks of classes without holding the ``(..., num_outputs)`` logits or their
+        gradient; differentiable with respect to ``hidden``, ``kernel`` and ``bias``.
+
+        ``hidden``: ``(..., in_features)``; ``kernel``: ``(in_features, num_outputs)``, the
+        canonical layout (a PyTorch ``nn.Linear`` passes ``kernel=linear.weight.T``, a view, and
+        ``bias=linear.bias``); ``bias``: ``(num_outputs,)`` or None.  The matmuls run in the
+        inputs' dtype (half precision: half matmuls, statistics and results in float32).
+        ``chunk_size``: classes per chunk (default :func:`unihead._fused.chunk_size_for`: about
+        2**22 logits a chunk).  Softmax heads with integer class ids only (multiclass with
+        ``sparse`` labels, a 2-unit binary head without ``pos_weight``; focal loss without label
+        smoothing); others are refused with what to write instead."""
+        if normalizer is not None:
+            twin = self._summed()
+            return self._divided(
+                lambda: twin.linear_loss(hidden, kernel, labels, bias, sample_weight, chunk_size=chunk_size),
+                normalizer,
+            )
+        per, w = self._linear_rows(hidden, kernel, labels, bias, sample_weight, chunk_size)[:2]
+        return self._engine()._reduce(per, w)[0]
+
+    def linear_loss_terms(
+        self, hidden: Any, kernel: Any, labels: Any, bias: Any = None, sample_weight: Any = None, *,
+        chunk_size: int | None = None,
+    ) -> tuple[Any, Any]:
+        """``(total, weight)`` of the fused loss, as :meth:`loss_terms` is to :meth:`loss`: the
+        sum of the weighted per-example losses of ``hidden @ kernel + bias`` (differentiable) and
+        the weight a mean divides it by (not differentiated)."""
+        twin = self._summed()
+        per, w, like, y, sw = twin._linear_rows(hidden, kernel, labels, bias, sample_weight, chunk_size)
+        total = twin._engine()._reduce(per, w)[0]
+        xp = self.ops.xp
+        ones = lambda: xp.ones(tuple(like.shape[:-1]), dtype=like.dtype, device=like.device)
+        return total, self.ops.stop_gradient(self._engine().loss_weight(y, sw, like, ones=ones))
+
+    def _rows_of(self, x: Any, labels: Any, sample_weight: Any) -> tuple[Any, Any, Any, Any, Any, Any]:
+        """What the fused and class-sharded paths need of the labels, for rows ``x`` of shape
+        ``(..., width)`` (hidden states, or one worker's logits): ``(lead, like, labels,
+        sample_weight, weights, ids)`` with ``lead`` the rows' shape, ``like`` a stand-in for the
+        full logits (shape, dtype, device), the checked labels and sample weight, the example
+        weights (None where every weight is 1) and the target ids in the index dtype."""
+        ops, xp, head = self.ops, self.ops.xp, self.head
+        lead = tuple(x.shape[:-1])
+        dtype = xp.float32 if ops.is_half(x) else x.dtype
+        like = _LogitsLike(lead + (head.num_outputs,), dtype, ops.device(x))
+        with ops.eager():
+            y = ops.convert(labels, x)
+            sw = None if sample_weight is None else ops.convert(sample_weight, x)
+        y, sw = check_inputs(ops, head, like, y, sw, validate=self._validate_values())
+        ones = lambda: xp.ones(lead, dtype=dtype, device=ops.device(x))
+        weights, q = self._engine().example_weights(y, sw, like, ones=ones)
+        if q.dtype != ops.index_dtype():
+            q = xp.astype(q, ops.index_dtype())
+        return lead, like, y, sw, weights, q
+
+    def _linear_rows(
+        self, hidden: Any, kernel: Any, labels: Any, bias: Any, sample_weight: Any, chunk_size: Any
+    ) -> tuple[Any, Any, Any, Any, Any]:
+        """The checked inputs of :meth:`linear_loss` through the backend's fused function
+        (:meth:`_fused_rows`): the per-example losses ``(...)`` (differentiable), the example
+        weights (None where every weight is 1), a stand-in for the logits (shape, dtype, device),
+        and the checked labels and sample weight."""
+        from . import _fused
+
+        xp, head = self.ops.xp, self.head
+        problem = _fused.unsupported(head)
+        if problem is not None:
+            raise ValueError(problem)
+        h, w, b = self._linear_arrays(hidden, kernel, bias)
+        lead, like, y, sw, weights, q = self._rows_of(h, labels, sample_weight)
+        n = _count(lead)
+        d, v = w.shape
+        chunk = _fused.chunk_size_for(n, v) if chunk_size is None else _fused.check_chunk_size(chunk_size)
+        per = self._fused_rows(xp.reshape(h, (n, d)), w, b, xp.reshape(q, (n,)), min(chunk, v))
+        return xp.reshape(per, lead), weights, like, y, sw
+
+    def _validate_values(self) -> bool:
+        """Whether :meth:`linear_loss` checks the values of labels and weights (the head's
+        ``validate``; a backend turns it off where values do not exist, e.g. while tracing)."""
+        return self.validate
+
+    def _linear_arrays(self, hidden: Any, kernel: Any, bias: Any) -> tuple[Any, Any, Any]:
+        """``hidden``, ``kernel``, ``bias`` as the backend's arrays, their shapes and dtypes checked
+        (:func:`unihead._fused.check_linear`)."""
+        from . import _fused
+
+        ops = self.ops
+        with ops.eager():
+            h = ops.convert(hidden)
+            w = ops.convert(kernel, h)
+            b = None if bias is None else ops.convert(bias, h)
+        _fused.check_linear(ops, self.head, h, w, b)
+        return h, w, b
+
+    def _fused_rows(self, h: Any, w: Any, b: Any, y: Any, chunk: int) -> Any:
+        """Per-row losses ``(N,)`` of ``h @ w + b`` for class ids ``y`` (:func:`unihead._fused.rows_forward`),
+        differentiable with respect to ``h``, ``w`` and ``b`` where the framework differentiates:
+        what a backend wraps in its autodiff."""
+        from . import _fused
+
+        e = self._engine()
+        return _fused.rows_forward(
+            self.ops, h, w, b, y, k=self.head.num_outputs, eps=e.eps, gamma=e.gamma, chunk=chunk
+        ).loss
+
+    # -- the class-sharded loss (unihead._sharded; docs/large-vocabulary.md) ------------------
+    def _class_sharded(
+        self, name: str, local_logits: Any, labels: Any, sample_weight: Any, class_start: Any,
+        rows: Any, normalizer: Any = None,
+    ) -> Any:
+        """The head's loss over every class from this worker's ``local_logits`` ``(...,
+        local_classes)`` (the classes from ``class_start``): the checks, weights and reduction of
+        :meth:`loss` around ``rows(z, y, start) -> (N,)``, the backend's differentiable per-row
+        losses with its collectives (:func:`unihead._sharded.rows_forward`).  ``class_start``: an
+        int (checked), or a traced integer the backend computed (e.g. from the device's index).
+        ``name``: the public function's, for the errors."""
+        from . import _sharded
+        from ._validation import logits_dtype_error
+
+        if normalizer is not None:
+            twin = self._summed()
+            return self._divided(
+                lambda: twin._class_sharded(name, local_logits, labels, sample_weight, class_start, rows),
+                normalizer,
+            )
+        ops, xp, head = self.ops, self.ops.xp, self.head
+        problem = _sharded.unsupported(head, name)
+        if problem is not None:
+            raise ValueError(problem)
+        with ops.eager():
+            z = ops.convert(local_logits)
+        if not ops.is_floating(z):
+            raise logits_dtype_error(z.dtype)
+        if len(z.shape) == 0:
+            raise ValueError(
+                f"{name}: local_logits must have shape (..., local_classes): this worker's logits "
+                f"of its classes; got a 0-d array."
+            )
+        width = z.shape[-1]
+        if isinstance(class_start, (int, np.integer)) or not hasattr(class_start, "dtype"):
+            _sharded.check_shard(name, head.num_outputs, width, class_start)
+            class_start = int(class_start)
+        lead, like, y, sw, weights, q = self._rows_of(z, labels, sample_weight)
+        n = _count(lead)
+        per = rows(xp.reshape(z, (n, width)), xp.reshape(q, (n,)), class_start)
+        return self._engine()._reduce(xp.reshape(per, lead), weights)[0]
 
     def loss_fn(self) -> Any:
         """The loss as a plain function ``(logits, labels, sample_weight=None) -> loss`` (this
@@ -259,6 +440,13 @@ class CompiledHead:
 
     def __repr__(self) -> str:
         return f"<unihead {self.backend} head: {self.head!r}>"
+
+
+def _count(shape: tuple) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
 
 
 class _LogitsLike:

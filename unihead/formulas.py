@@ -49,6 +49,8 @@ __all__ = [
     "softmax_sparse_stats",
     "softmax_sparse_loss",
     "softmax_sparse_grad",
+    "sparse_loss_terms",
+    "sparse_target_grad",
     "softmax_dense_loss",
     "softmax_dense_grad",
     "sigmoid_probabilities",
@@ -291,11 +293,24 @@ def softmax_sparse_loss(ops: Ops, z: Any, st: SparseStats, eps: float) -> Any:
 
     Every term is non-negative, so the sum keeps full relative accuracy.
     """
-    xp = ops.xp
-    k = z.shape[-1]
+    dsum = None if eps == 0.0 else ops.xp.sum(z - st.m, axis=-1)
+    return sparse_loss_terms(ops, st.L, st.gap, eps, z.shape[-1], dsum)
+
+
+def sparse_loss_terms(ops: Ops, L: Any, gap: Any, eps: float, k: int, dsum: Any = None) -> Any:
+    """:func:`softmax_sparse_loss` from its per-row terms: ``L = log sum exp(z - m)``, ``gap = z_y -
+    m`` and (with smoothing ``eps``) ``dsum = sum_c (z_c - m)`` over the ``k`` classes; shared with
+    the fused linear loss (:mod:`unihead._fused`), which has the terms but not the logits."""
     if eps == 0.0:
-        return st.L - st.gap
-    return (st.L - (1.0 - eps) * st.gap) - (eps / k) * xp.sum(z - st.m, axis=-1)
+        return L - gap
+    return (L - (1.0 - eps) * gap) - (eps / k) * dsum
+
+
+def sparse_target_grad(ops: Ops, q: Any, py: Any, gap: Any, eps: float, k: int) -> Any:
+    """``p_y - t'_y`` at the target for a unit scale, from ``q = S / den`` (the other classes'
+    share, ``1 - p_y`` without cancellation) and ``py = Yy / den``: ``eps (k-1)/k - q`` where the
+    target is a maximum (``gap == 0``), else ``py - (1 - eps + eps / k)`` (``py <= 1/2``, exact)."""
+    return ops.xp.where(gap == 0, (eps * (k - 1) / k) - q, py - (1.0 - eps + eps / k))
 
 
 def softmax_sparse_grad(
@@ -317,9 +332,7 @@ def softmax_sparse_grad(
         g = A * c
     else:
         g = ops.mul_add(xp.expand_dims(scale * (-eps / k), axis=-1), A, c)
-    g_top = (eps * (k - 1) / k) - S / den
-    g_else = Yy / den - (1.0 - eps + eps / k)
-    g_y = scale * xp.where(gap == 0, g_top, g_else)
+    g_y = scale * sparse_target_grad(ops, S / den, Yy / den, gap, eps, k)
     if live is not None:
         g = ops.where0(xp.expand_dims(live, axis=-1), g)
         g_y = ops.where0(live, g_y)

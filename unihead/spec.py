@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping, Sequence
 from ._untrusted import loads as _loads, show as _show
 from .errors import HeadSpecError
 
-__all__ = ["ClassificationHead", "TASKS", "LABEL_FORMATS", "REDUCTIONS", "SPEC_VERSION", "MAX_INDEX"]
+__all__ = ["ClassificationHead", "TASKS", "LABEL_FORMATS", "REDUCTIONS", "SPEC_VERSION", "MAX_INDEX", "MAX_NAME_LENGTH"]
 
 TASKS = ("binary", "multiclass", "multilabel")
 LABEL_FORMATS = {
@@ -34,11 +34,12 @@ _DEFAULT_FORMAT = {"binary": "binary", "multiclass": "sparse", "multilabel": "mu
 REDUCTIONS = ("mean", "sum", "none")
 
 #: Version of the dict/JSON form written by :meth:`ClassificationHead.to_dict`: the newest this
-#: unihead reads.  Version 2 added ``z_loss`` and ``logit_softcap``; a head that uses neither is
-#: written as version 1 (without those keys), so that older unihead versions still read it, and
-#: one that uses them is refused by those with "written with spec version 2; upgrade unihead".
+#: unihead reads.  Version 2 added ``class_names``, ``z_loss`` and ``logit_softcap``; a head that
+#: uses none of them is written as version 1 (without those keys), so that older unihead versions
+#: still read it, and one that uses them is refused by those with "written with spec version 2;
+#: upgrade unihead".
 SPEC_VERSION = 2
-_SINCE = {"z_loss": 2, "logit_softcap": 2}  # the keys newer than version 1, and their version
+_SINCE = {"class_names": 2, "z_loss": 2, "logit_softcap": 2}  # keys newer than version 1
 _FORMAT_TAG = "unihead.ClassificationHead"
 
 _ALL_FORMATS = tuple(sorted({f for fs in LABEL_FORMATS.values() for f in fs}))
@@ -125,6 +126,50 @@ def _as_reals(
     return tuple(_as_real(f"{name}[{i}]", v) for i, v in enumerate(items))
 
 
+#: The longest class name a spec takes (in characters): names are labels for people, and a head
+#: file's JSON header stays small enough to read before it is checked.
+MAX_NAME_LENGTH = 1000
+
+
+def _as_names(value: Any, task: str, expected: int) -> tuple[str, ...] | None:
+    """``class_names`` as a tuple of ``expected`` distinct non-empty strings (or ``None``)."""
+    if value is None:
+        return None
+    what = {"binary": "2 (the negative class, then the positive one)",
+            "multiclass": f"{expected} (one per class)", "multilabel": f"{expected} (one per label)"}[task]
+    if isinstance(value, (str, bytes, Mapping)) or not hasattr(value, "__iter__"):
+        hint = (" For Hugging Face's id2label write [id2label[i] for i in range(len(id2label))]."
+                if isinstance(value, Mapping) else "")
+        raise HeadSpecError(
+            f"class_names must be a sequence of {what} strings (a list or tuple), got "
+            f"{type(value).__name__}.{hint}"
+        )
+    names = tuple(itertools.islice(value, expected + 1))
+    if len(names) != expected:
+        n = len(value) if hasattr(value, "__len__") else f"more than {expected}"
+        raise HeadSpecError(f"class_names must have length {what}, got {n if len(names) > expected else len(names)}.")
+    for i, name in enumerate(names):
+        if not isinstance(name, str):
+            raise HeadSpecError(
+                f"class_names[{i}] must be a string, got {_show(name)} ({type(name).__name__})."
+            )
+        if not name.strip():
+            raise HeadSpecError(f"class_names[{i}] is empty: every class needs a name people can read.")
+        if len(name) > MAX_NAME_LENGTH:
+            raise HeadSpecError(
+                f"class_names[{i}] has {len(name)} characters; a class name has at most {MAX_NAME_LENGTH}."
+            )
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if name in seen:
+            raise HeadSpecError(
+                f"class_names[{seen[name]}] and class_names[{i}] are both {_show(name)}: each class needs "
+                "its own name, or a predicted name would not say which class it is."
+            )
+        seen[name] = i
+    return tuple(str(n) for n in names)
+
+
 @dataclasses.dataclass(frozen=True)
 class ClassificationHead:
     """One classification output head: the output layer's width and activation, the label format,
@@ -159,6 +204,10 @@ class ClassificationHead:
       to each example's loss (softmax heads only: multiclass, binary with ``binary_units=2``).
     - ``logit_softcap``: ``s > 0`` or None: the logits become ``s * tanh(z / s)`` (Gemma 2) before
       everything else (probabilities, predictions, the loss and its gradient); every task.
+    - ``class_names``: optional names of the classes, distinct non-empty strings, one per class:
+      multiclass K, multilabel K (one per label), binary 2 (the negative class, then the
+      positive one).  They change no number; ``predict_names`` returns them, and they travel
+      with the head (head files, ports, Hugging Face ``id2label``).
     """
 
     task: str
@@ -174,6 +223,7 @@ class ClassificationHead:
     threshold: float = 0.5
     z_loss: float = 0.0
     logit_softcap: float | None = None
+    class_names: tuple[str, ...] | None = None
 
     # ------------------------------------------------------------------ construction
     def __post_init__(self) -> None:
@@ -385,6 +435,7 @@ class ClassificationHead:
                 "multiclass head predicts the most probable class. Remove threshold."
             )
         set_(self, "threshold", thr)
+        set_(self, "class_names", _as_names(self.class_names, task, 2 if task == "binary" else num_classes))
 
         # ---- z-loss, logit soft-capping
         zl = _as_real("z_loss", self.z_loss)
@@ -428,6 +479,7 @@ class ClassificationHead:
         threshold: float = 0.5,
         z_loss: float = 0.0,
         logit_softcap: float | None = None,
+        class_names: Sequence[str] | None = None,
     ) -> "ClassificationHead":
         """A two-class head.  ``binary_units=1``: one logit + sigmoid; ``2``: two logits + softmax.
         Labels are 0/1 per example either way."""
@@ -444,6 +496,7 @@ class ClassificationHead:
             threshold=threshold,
             z_loss=z_loss,
             logit_softcap=logit_softcap,
+            class_names=class_names,
         )
 
     @classmethod
@@ -459,6 +512,7 @@ class ClassificationHead:
         reduction: str = "mean",
         z_loss: float = 0.0,
         logit_softcap: float | None = None,
+        class_names: Sequence[str] | None = None,
     ) -> "ClassificationHead":
         """Exactly one of ``num_classes`` classes per example: K logits + softmax."""
         return cls(
@@ -472,6 +526,7 @@ class ClassificationHead:
             reduction=reduction,
             z_loss=z_loss,
             logit_softcap=logit_softcap,
+            class_names=class_names,
         )
 
     @classmethod
@@ -487,6 +542,7 @@ class ClassificationHead:
         reduction: str = "mean",
         threshold: float = 0.5,
         logit_softcap: float | None = None,
+        class_names: Sequence[str] | None = None,
     ) -> "ClassificationHead":
         """Any subset of ``num_classes`` independent labels per example: K logits + sigmoid each."""
         return cls(
@@ -500,6 +556,7 @@ class ClassificationHead:
             reduction=reduction,
             threshold=threshold,
             logit_softcap=logit_softcap,
+            class_names=class_names,
         )
 
     @classmethod
@@ -551,9 +608,13 @@ class ClassificationHead:
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
-        """Plain, versioned, JSON-compatible form.  ``from_dict(to_dict())`` gives an equal head."""
+        """Plain, versioned, JSON-compatible form.  ``from_dict(to_dict())`` gives an equal head.
+        A head without ``class_names`` is written as version 1 (without the key), which every
+        unihead reads; with them, as version 2."""
         pw = self.pos_weight
         newer = {k: getattr(self, k) for k in _SINCE if getattr(self, k) != _FIELD_DEFAULTS[k]}
+        if "class_names" in newer:
+            newer["class_names"] = list(self.class_names)
         return {
             "format": _FORMAT_TAG,
             "version": max((_SINCE[k] for k in newer), default=1),
@@ -634,6 +695,8 @@ class ClassificationHead:
             "threshold": (is_num, "a number"),
             "z_loss": (is_num, "a number"),
             "logit_softcap": (lambda v: v is None or is_num(v), "a number or null"),
+            "class_names": (lambda v: v is None or isinstance(v, list) and all(isinstance(x, str) for x in v),
+                            "a list of strings or null"),
         }
         for key, value in data.items():
             ok, expected = schema[key]
