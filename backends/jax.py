@@ -266,10 +266,10 @@ def _fused_rows_fn(engine: Any, chunk: int) -> Any:
     chunks' logits (nothing of size ``(N, V)`` is saved)."""
     from unihead import _fused
 
-    consts = dict(k=engine.head.num_outputs, eps=engine.eps, chunk=chunk)
+    consts = dict(spec=_fused.row_spec(engine), chunk=chunk)
 
     def forward(h: Any, w: Any, b: Any, y: Any) -> Any:
-        return _fused.rows_forward(_OPS, h, w, b, y, gamma=engine.gamma, loop=_fori, **consts)
+        return _fused.rows_forward(_OPS, h, w, b, y, loop=_fori, **consts)
 
     @jax.custom_vjp
     def rows(h: Any, w: Any, b: Any, y: Any) -> Any:
@@ -530,14 +530,14 @@ def class_sharded_loss(
 def _sharded_rows_fn(engine: Any, axis_name: Any) -> Any:
     """Per-row losses over every class from this device's logits (:mod:`unihead._sharded`) as a
     ``jax.custom_vjp`` function ``(z, y, start) -> (N,)``, the collectives over ``axis_name``."""
-    from unihead import _sharded
+    from unihead import _fused, _sharded
 
-    consts = dict(k=engine.head.num_outputs, eps=engine.eps)
+    consts = dict(spec=_fused.row_spec(engine))
     pmax = lambda *xs: jax.lax.pmax(xs, axis_name)
     psum = lambda *xs: jax.lax.psum(xs, axis_name)
 
     def forward(z: Any, y: Any, start: Any) -> Any:
-        return _sharded.rows_forward(_OPS, z, y, start, gamma=engine.gamma, pmax=pmax, psum=psum, **consts)[0]
+        return _sharded.rows_forward(_OPS, z, y, start, pmax=pmax, psum=psum, **consts)[0]
 
     @jax.custom_vjp
     def rows(z: Any, y: Any, start: Any) -> Any:

@@ -426,23 +426,23 @@ _APPLY = super(torch.autograd.Function, _Loss).apply  # torch._C._FunctionBase.a
 class _LinearRows(torch.autograd.Function):
     """Per-row losses of ``h @ w + b`` (:func:`unihead._fused.rows_forward`) with the chunked
     backward pass (:func:`unihead._fused.rows_backward`): nothing of size ``(N, V)`` is saved,
-    only the inputs and four numbers a row.  Inputs: ``h (N, D)``, ``w (D, V)`` (any strides:
-    ``linear.weight.T`` is a view), ``b (V,)`` or None, class ids ``y (N,)``, and the head's
-    constants ``(k, eps, gamma, chunk)``.  Outputs: the losses and the per-row values of the
+    only the inputs and five numbers a row.  Inputs: ``h (N, D)``, ``w (D, V)`` (any strides:
+    ``linear.weight.T`` is a view), ``b (V,)`` or None, class ids ``y (N,)``, the head's
+    constants (:class:`unihead._fused.RowSpec`) and the chunk width.  Outputs: the losses and the per-row values of the
     backward pass (non-differentiable)."""
 
     @staticmethod
-    def forward(h: Any, w: Any, b: Any, y: Any, k: int, eps: float, gamma: float, chunk: int, kernels: Any):
+    def forward(h: Any, w: Any, b: Any, y: Any, spec: Any, chunk: int, kernels: Any):
         fin = _fused.rows_forward(
-            _OPS, h, w, b, y, k=k, eps=eps, gamma=gamma, chunk=chunk,
+            _OPS, h, w, b, y, spec=spec, chunk=chunk,
             kernels=None if kernels is None else kernels.fns(),
         )
         return tuple(fin)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        h, w, b, y, k, eps, gamma, chunk, kernels = inputs
-        ctx.consts = (k, eps, chunk)
+        h, w, b, y, spec, chunk, kernels = inputs
+        ctx.consts = (spec, chunk)
         ctx.kernels = kernels
         ctx.has_bias = b is not None
         ctx.mark_non_differentiable(*output[1:])
@@ -452,28 +452,28 @@ class _LinearRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g: Any, *_: Any):
         if g is None:
-            return (None,) * 9
+            return (None,) * 7
         saved = ctx.saved_tensors
         h, w = saved[0], saved[1]
         b = saved[2] if ctx.has_bias else None
         y = saved[3 if ctx.has_bias else 2]
         fin = _fused.RowFinal(g.new_zeros(()), *saved[4 if ctx.has_bias else 3 :])
-        k, eps, chunk = ctx.consts
+        spec, chunk = ctx.consts
         needs = ctx.needs_input_grad
         gh, gw, gb = _fused.rows_backward(
-            _OPS, h, w, b, y, fin, g.to(fin.m.dtype), k=k, eps=eps, chunk=chunk,
+            _OPS, h, w, b, y, fin, g.to(fin.m.dtype), spec=spec, chunk=chunk,
             kernels=None if ctx.kernels is None else ctx.kernels.fns(),
         )
         return (gh if needs[0] else None, gw if needs[1] else None, gb if needs[2] else None,
-                None, None, None, None, None, None)
+                None, None, None, None)
 
 
-def _stats_kernel(zmm: Any, bc: Any, y: Any, start: Any, smoothing: bool) -> Any:
-    return _fused.logits_stats(_OPS, zmm, bc, y, start, smoothing)
+def _stats_kernel(zmm: Any, bc: Any, y: Any, start: Any, spec: Any) -> Any:
+    return _fused.logits_stats(_OPS, zmm, bc, y, start, spec)
 
 
-def _grad_kernel(zmm: Any, bc: Any, y: Any, start: Any, fin: Any, g: Any, live: Any, eps: float, k: int) -> Any:
-    return _fused.logits_grad(_OPS, zmm, bc, y, start, fin, g, live, eps, k)
+def _grad_kernel(zmm: Any, bc: Any, y: Any, start: Any, fin: Any, g: Any, live: Any, spec: Any) -> Any:
+    return _fused.logits_grad(_OPS, zmm, bc, y, start, fin, g, live, spec)
 
 
 class _ChunkKernels:
@@ -607,7 +607,7 @@ class TorchHead(CompiledHead):
             kernels = self.__dict__.get("_chunk_kernels")
             if kernels is None:
                 kernels = self.__dict__["_chunk_kernels"] = _ChunkKernels()
-        return _LinearRows.apply(h, w, b, y, self.head.num_outputs, e.eps, e.gamma, chunk, kernels)[0]
+        return _LinearRows.apply(h, w, b, y, _fused.row_spec(e), chunk, kernels)[0]
 
     def linear_loss(
         self, hidden: Any, kernel: Any, labels: Any, bias: Any = None, sample_weight: Any = None, *,
@@ -1009,18 +1009,18 @@ class _ShardedRows(torch.autograd.Function):
     backward pass (non-differentiable)."""
 
     @staticmethod
-    def forward(z: Any, y: Any, start: int, k: int, eps: float, gamma: float, group: Any):
+    def forward(z: Any, y: Any, start: int, spec: Any, group: Any):
         pmax, psum = _group_collectives(group)
         width = torch.full((1,), float(z.shape[-1]), dtype=torch.float64, device=z.device)
         fin, (classes,) = _sharded.rows_forward(
-            _OPS, z, y, start, k=k, eps=eps, gamma=gamma, pmax=pmax, psum=psum, extra=(width,)
+            _OPS, z, y, start, spec=spec, pmax=pmax, psum=psum, extra=(width,)
         )
         return (fin.loss, classes, *fin[1:])
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        z, y, start, k, eps, gamma, group = inputs
-        ctx.consts = (start, k, eps)
+        z, y, start, spec, group = inputs
+        ctx.consts = (start, spec)
         ctx.mark_non_differentiable(*output[1:])
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(z, y, *output[2:])
@@ -1028,12 +1028,12 @@ class _ShardedRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g: Any, *_: Any):
         if g is None:
-            return (None,) * 7
+            return (None,) * 5
         z, y, *fin = ctx.saved_tensors
-        start, k, eps = ctx.consts
+        start, spec = ctx.consts
         fin = _fused.RowFinal(g.new_zeros(()), *fin)
-        dz = _sharded.rows_grad(_OPS, z, y, start, fin, g.to(fin.m.dtype), k=k, eps=eps)
-        return (dz, None, None, None, None, None, None)
+        dz = _sharded.rows_grad(_OPS, z, y, start, fin, g.to(fin.m.dtype), spec=spec)
+        return (dz, None, None, None, None)
 
 
 def _group_collectives(group: Any) -> tuple[Any, Any]:
@@ -1096,7 +1096,7 @@ def class_sharded_loss(
     name = "class_sharded_loss"
 
     def rows(z: Any, y: Any, start: int) -> Any:
-        loss, classes, *_ = _ShardedRows.apply(z, y, start, compiled.head.num_outputs, e.eps, e.gamma, group)
+        loss, classes, *_ = _ShardedRows.apply(z, y, start, _fused.row_spec(e), group)
         if compiled._validate_values() and float(classes[0]) != compiled.head.num_outputs:
             raise ValueError(
                 f"{name}: the processes' local logits hold {int(classes[0])} classes together and the "

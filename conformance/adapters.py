@@ -165,15 +165,15 @@ class Adapter:
         """The sharded column (``SHARDED_NOTE`` in the suite): the case's classes in 2-3 uneven
         shards, their statistics merged by :func:`unihead._sharded.stacked_rows` (the reduction
         the collectives run), through the head's weights and reduction."""
-        from unihead import _sharded
+        from unihead import _fused, _sharded
 
         k = case.head.num_outputs
         bounds = sharded_bounds(k)
-        e = c._engine()
+        spec = _fused.row_spec(c._engine())
 
         def rows(z: Any, y: Any, start: Any) -> Any:
             shards = [z[:, a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-            return _sharded.stacked_rows(c.ops, shards, y, list(bounds[:-1]), k=k, eps=e.eps, gamma=e.gamma).loss
+            return _sharded.stacked_rows(c.ops, shards, y, list(bounds[:-1]), spec=spec).loss
 
         z = self.logits(case.logits, case.dtype)
         y, sw = case.labels, case.sample_weight

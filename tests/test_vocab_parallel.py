@@ -168,17 +168,17 @@ def test_gloo_shards_missing_classes_raise_on_every_rank(gloo_run):
 def test_stacked_shards_merge_like_the_collectives(name, shards):
     """The shards' statistics stacked and reduced in one process (the conformance column's code):
     per-example losses within the table of the float64 reference."""
-    from unihead import _sharded
+    from unihead import _fused, _sharded
     from unihead.backends.torch import _OPS
 
     z, y, sw = data(name, seed=3)
     c = unihead.compile(H(**dict(CASES[name], reduction="none")), "torch")
-    e = c._engine()
+    spec = _fused.row_spec(c._engine())
     b = BOUNDS[shards]
     zt = torch.tensor(z)
     yq = torch.tensor(np.where(y == (CASES[name].get("ignore_index") or -1), 0, y))
     fin = _sharded.stacked_rows(_OPS, [zt[:, b[i]:b[i + 1]] for i in range(shards)], yq, list(b[:-1]),
-                                k=V, eps=e.eps, gamma=e.gamma)
+                                spec=spec)
     ref = unihead.compile(H(**dict(CASES[name], reduction="none", class_weights=None, ignore_index=None)),
                           "torch").loss(torch.tensor(z, dtype=torch.float64), yq)
     assert ulp_error(fin.loss.numpy(), ref.numpy()) <= tolerance(name, "loss")

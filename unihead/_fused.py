@@ -28,10 +28,20 @@ row maximum, ``exp(m_chunk - m)``, is exactly 1 for the chunk holding the maximu
 other classes' mass for a confident row, the smoothing sum, ``1 - p`` of the target) are
 formed in the accumulation dtype from these sums and rounded once.
 
-Extension points (one place each): a transform of the logits (soft-capping) is applied to each
-chunk's logits in :func:`logits_stats` and :func:`logits_grad` (its derivative); a per-row
-term of the log-normaliser (z-loss, ``c * lse**2``, ``lse = m + L``) is added in
-:func:`finish_rows`, with its gradient ``2 c lse p_j`` a per-row multiplier of ``p`` there.
+The head's constants reach every step as one :class:`RowSpec` (:func:`row_spec`: the number of
+classes, label smoothing, the focal exponent, the z-loss coefficient and the soft-cap), so an
+option of the head cannot be dropped by one caller.  The two options (docs/semantics.md §5), each
+in one place, shared by the fused and the class-sharded paths:
+
+* ``logit_softcap = s``: each chunk's (each shard's) logits are capped, ``s tanh(z / s)``, before
+  their statistics (:func:`chunk_stats`) and before the gradient's recomputation
+  (:func:`chunk_grad`), whose result, the gradient with respect to the capped logits, is then
+  multiplied by the cap's slope ``sech(z / s)**2`` (:func:`unihead.formulas.softcap_slope`)
+  before the two matmuls.
+* ``z_loss = c``: ``c * lse**2`` with ``lse = m + log(den)`` from the merged statistics (no second
+  pass) is added to each row's loss after the focal factor (:func:`finish_rows`), as the dense
+  path adds it; its gradient ``2 c lse p_j`` is one more per-row multiple of the chunk's
+  exponentials (``RowFinal.zinv``, in :func:`chunk_grad`), the target's entry included.
 """
 
 from __future__ import annotations
@@ -43,6 +53,8 @@ from ._ops import Ops, two_sum_error
 
 __all__ = [
     "RowStats",
+    "RowSpec",
+    "row_spec",
     "unsupported",
     "check_linear",
     "check_chunk_size",
@@ -166,6 +178,41 @@ def chunk_size_for(n_rows: int, n_classes: int, chunk_elements: int = DEFAULT_CH
     return max(1, min(c, int(n_classes)))
 
 
+class RowSpec(NamedTuple):
+    """The head's constants of the per-row loss (hashable: backends key compiled kernels by it and
+    pass it to ``torch.autograd.Function`` / ``jax.custom_vjp`` as a static argument).
+
+    ``k``: the number of classes; ``eps``: label smoothing; ``gamma``: the focal exponent;
+    ``z_loss``: the coefficient ``c`` of ``c * lse**2``; ``cap``: ``s`` of the soft-cap
+    ``s tanh(z / s)``, or None."""
+
+    k: int
+    eps: float
+    gamma: float
+    z_loss: float
+    cap: float | None
+
+    @property
+    def smoothing(self) -> bool:
+        return self.eps != 0.0
+
+
+def row_spec(engine: Any) -> RowSpec:
+    """The :class:`RowSpec` of a head's :class:`unihead._engine.Engine`: the one place the fused
+    and class-sharded paths read the head's loss options."""
+    cap = engine.cap
+    return RowSpec(
+        int(engine.head.num_outputs), float(engine.eps), float(engine.gamma), float(engine.zl),
+        None if cap is None else float(cap),
+    )
+
+
+def capped(ops: Ops, z: Any, cap: float | None) -> Any:
+    """The logits the head reads: ``cap * tanh(z / cap)`` (:func:`unihead.formulas.softcap`), or
+    ``z`` without a cap."""
+    return z if cap is None else F.softcap(ops, z, cap)
+
+
 class RowStats(NamedTuple):
     """What one set of classes contributes to each row's softmax (every field ``(N,)``).
 
@@ -216,13 +263,17 @@ def _row_sum(ops: Ops, x: Any, acc: Any) -> Any:
     return ops.row_sum(x)[..., 0]
 
 
-def chunk_stats(ops: Ops, z: Any, y: Any, start: Any, *, smoothing: bool = False) -> RowStats:
+def chunk_stats(
+    ops: Ops, z: Any, y: Any, start: Any, *, smoothing: bool = False, cap: float | None = None
+) -> RowStats:
     """:class:`RowStats` of one chunk of logits ``z`` ``(N, C)``, the classes ``start ..
     start + C - 1``, for the targets ``y`` ``(N,)`` (global class ids; a row whose target is
     outside the chunk has ``zy = -inf`` and all of its classes in ``s``).  ``start``: a number,
     or a 0-d integer array (inside a compiled loop).  ``smoothing``: also sum ``z - m`` (``t``).
+    ``cap``: the head's soft-cap (the statistics are those of the capped logits), or None.
     """
     xp = ops.xp
+    z = capped(ops, z, cap)
     acc = accumulation_dtype(ops, z)
     c = z.shape[-1]
     m = xp.max(z, axis=-1)
@@ -297,25 +348,31 @@ class RowFinal(NamedTuple):
     ``loss``: the per-row loss (the logits' dtype).  What the gradient needs, in the logits'
     dtype: ``m`` (the row maximum), ``inv`` (``1 / sum exp(z - m)``), ``gy`` (``p_y - t'_y``, the
     gradient at the target for a unit scale, without cancellation), ``mult`` (a per-row factor of
-    the whole row's gradient: the focal factor, 1 otherwise)."""
+    the cross-entropy's gradient: the focal factor, 1 otherwise), ``zinv`` (``2 c lse / sum
+    exp(z - m)``: the z-loss gradient ``2 c lse p_j`` is ``zinv * exp(z_j - m)``; 0 without a
+    z-loss)."""
 
     loss: Any
     m: Any
     inv: Any
     gy: Any
     mult: Any
+    zinv: Any
 
 
-def finish_rows(ops: Ops, st: RowStats, k: int, eps: float = 0.0, gamma: float = 0.0) -> RowFinal:
+def finish_rows(ops: Ops, st: RowStats, spec: RowSpec) -> RowFinal:
     """The per-row loss of a softmax head with integer targets over every class from their merged
     statistics, and what :func:`chunk_grad` needs (:class:`RowFinal`): the formulas of the dense
     path (:func:`unihead.formulas.sparse_loss_terms`, :func:`unihead.formulas.sparse_target_grad`)
     in the accumulation dtype, rounded once.
 
-    ``eps``: label smoothing (over ``k`` classes); ``gamma``: the focal exponent (without
-    smoothing: the loss is ``(1 - p_y)**gamma (-log p_y)`` and its gradient the cross-entropy's
-    times one factor per row)."""
+    ``spec.eps``: label smoothing (over ``spec.k`` classes); ``spec.gamma``: the focal exponent
+    (without smoothing: the loss is ``(1 - p_y)**gamma (-log p_y)`` and its gradient the
+    cross-entropy's times one factor per row); ``spec.z_loss``: ``c``, the loss gains
+    ``c * lse**2`` (after the focal factor, as on the dense path), ``lse = m + log(den)`` from
+    the same sums."""
     xp = ops.xp
+    k, eps, gamma = spec.k, spec.eps, spec.gamma
     acc = st.s.dtype
     out = st.m.dtype
     m, zy = _acc(ops, st.m, acc), _acc(ops, st.zy, acc)
@@ -344,30 +401,48 @@ def finish_rows(ops: Ops, st: RowStats, k: int, eps: float = 0.0, gamma: float =
         rho = xp.where(q > 0, nlp / xp.where(q > 0, q, one), one)
         mult = qg * (1 + gamma * ops.where0(p > 0, p * rho))
         loss = qg * nlp
+    if spec.z_loss != 0.0:  # PaLM's z-loss: c * lse**2, lse from the merged sums
+        lse = m + L
+        loss = loss + spec.z_loss * (lse * lse)
+        zinv = (2.0 * spec.z_loss) * lse * inv
+    else:
+        zinv = xp.zeros_like(loss)
     cast = lambda x: x if x.dtype == out else xp.astype(x, out)
-    return RowFinal(cast(loss), st.m, cast(inv), cast(gy), cast(mult))
+    return RowFinal(cast(loss), st.m, cast(inv), cast(gy), cast(mult), cast(zinv))
 
 
 def chunk_grad(
-    ops: Ops, z: Any, y: Any, start: Any, fin: RowFinal, scale: Any, eps: float, k: int, live: Any
+    ops: Ops, z: Any, y: Any, start: Any, fin: RowFinal, scale: Any, spec: RowSpec, live: Any
 ) -> Any:
     """The gradient of ``sum_i scale_i * loss_i`` with respect to one chunk of logits ``z``
-    ``(N, C)`` (classes from ``start``): ``scale * mult * (p - t')`` with ``p = exp(z - m) / den``
-    and the target's entry ``gy`` (:class:`RowFinal`), exactly 0 in rows where ``live`` is false
-    (even with non-finite logits).  The dense path's :func:`unihead.formulas.softmax_sparse_grad`
-    on a slice of the classes."""
+    ``(N, C)`` (classes from ``start``): ``scale * (mult * (p - t') + 2 c lse p)`` with
+    ``p = exp(z - m) / den`` and the target's entry ``gy`` (:class:`RowFinal`), exactly 0 in rows
+    where ``live`` is false (even with non-finite logits).  The dense path's
+    :func:`unihead.formulas.softmax_sparse_grad` (and z-loss term) on a slice of the classes.
+    With ``spec.cap``, ``z`` are the logits as given: the gradient with respect to the capped
+    logits times the cap's slope at ``z``."""
     xp = ops.xp
     c = z.shape[-1]
+    zc = capped(ops, z, spec.cap)
     m0 = xp.where(fin.m == -float("inf"), ops.scalar(0.0, fin.m), fin.m)
-    Y = F.shifted_exp(ops, z, xp.expand_dims(m0, axis=-1))
+    Y = F.shifted_exp(ops, zc, xp.expand_dims(m0, axis=-1))
     r = scale * fin.mult
-    g = Y * xp.expand_dims(r * fin.inv, axis=-1)
-    if eps != 0.0:
-        g = g - xp.expand_dims(r * (eps / k), axis=-1)
     yl = y - start
     iota = xp.arange(c, dtype=y.dtype, device=ops.device(y))
     hit = xp.expand_dims(yl, axis=-1) == iota
-    g = xp.where(hit, xp.expand_dims(r * fin.gy, axis=-1), g)
+    gt = r * fin.gy
+    if spec.z_loss != 0.0:
+        rz = scale * fin.zinv
+        g = Y * xp.expand_dims(r * fin.inv + rz, axis=-1)
+        inside = (yl >= 0) & (yl < c)
+        gt = gt + rz * ops.take_last(Y, xp.where(inside, yl, xp.zeros_like(yl)))  # 2 c lse p_y
+    else:
+        g = Y * xp.expand_dims(r * fin.inv, axis=-1)
+    if spec.eps != 0.0:
+        g = g - xp.expand_dims(r * (spec.eps / spec.k), axis=-1)
+    g = xp.where(hit, xp.expand_dims(gt, axis=-1), g)
+    if spec.cap is not None:
+        g = g * F.softcap_slope(ops, z, spec.cap)
     return ops.where0(xp.expand_dims(live, axis=-1), g)
 
 
@@ -377,31 +452,32 @@ def _chunks(v: int, c: int) -> tuple[int, int]:
     return v // c, v % c
 
 
-def logits_stats(ops: Ops, zmm: Any, bc: Any, y: Any, start: Any, smoothing: bool) -> RowStats:
+def logits_stats(ops: Ops, zmm: Any, bc: Any, y: Any, start: Any, spec: RowSpec) -> RowStats:
     """:func:`chunk_stats` of the chunk whose matmul gave ``zmm`` (``h @ w_c``, the inputs' dtype)
-    and whose bias is ``bc`` (or None): the elementwise part of a forward step, which a backend
-    may compile into one loop (``kernels`` of :func:`rows_forward`)."""
+    and whose bias is ``bc`` (or None): the elementwise part of a forward step (soft-cap
+    included), which a backend may compile into one loop (``kernels`` of :func:`rows_forward`)."""
     z = ops.widen_half(zmm if bc is None else zmm + bc)
-    return chunk_stats(ops, z, y, start, smoothing=smoothing)
+    return chunk_stats(ops, z, y, start, smoothing=spec.smoothing, cap=spec.cap)
 
 
 def logits_grad(
-    ops: Ops, zmm: Any, bc: Any, y: Any, start: Any, fin: RowFinal, g: Any, live: Any, eps: float, k: int
+    ops: Ops, zmm: Any, bc: Any, y: Any, start: Any, fin: RowFinal, g: Any, live: Any, spec: RowSpec
 ) -> Any:
     """:func:`chunk_grad` of the chunk whose matmul gave ``zmm`` (bias ``bc`` or None), in
     ``zmm``'s dtype (the gradient matmuls' operand): the elementwise part of a backward step."""
     z = ops.widen_half(zmm if bc is None else zmm + bc)
-    dz = chunk_grad(ops, z, y, start, fin, g, eps, k, live)
+    dz = chunk_grad(ops, z, y, start, fin, g, spec, live)
     return dz if dz.dtype == zmm.dtype else ops.xp.astype(dz, zmm.dtype)
 
 
 def rows_forward(
-    ops: Ops, h: Any, w: Any, b: Any, y: Any, *, k: int, eps: float, gamma: float, chunk: int,
+    ops: Ops, h: Any, w: Any, b: Any, y: Any, *, spec: RowSpec, chunk: int,
     loop: Callable | None = None, kernels: tuple[Callable, Callable] | None = None,
 ) -> RowFinal:
     """Per-row losses of ``h @ w + b`` (``h`` ``(N, D)``, ``w`` ``(D, V)``, ``b`` ``(V,)`` or None)
-    for targets ``y`` ``(N,)``, one pass over chunks of ``chunk`` classes (the last may be
-    narrower), and the per-row values the backward pass needs (:class:`RowFinal`).
+    for targets ``y`` ``(N,)`` and the head's constants ``spec`` (:func:`row_spec`), one pass
+    over chunks of ``chunk`` classes (the last may be narrower), and the per-row values the
+    backward pass needs (:class:`RowFinal`).
 
     ``loop(n, body, carry)``: runs ``carry = body(i, carry)`` for ``i`` in ``range(n)`` (a Python
     loop by default; JAX passes ``lax.fori_loop``, so the traced program has one chunk's code).
@@ -411,23 +487,22 @@ def rows_forward(
     loop = loop or _python_loop
     v = w.shape[-1]
     full, rest = _chunks(v, chunk)
-    smoothing = eps != 0.0
     fstats = kernels[0] if kernels else (lambda *a: logits_stats(ops, *a))
 
     def stats(start: Any, width: int) -> RowStats:
         zmm = ops.xp.matmul(h, ops.columns(w, start, width))
-        return fstats(zmm, None if b is None else ops.columns(b, start, width), y, start, smoothing)
+        return fstats(zmm, None if b is None else ops.columns(b, start, width), y, start, spec)
 
     st = stats(0, chunk if full else rest)
     if full > 1:
         st = loop(full - 1, lambda i, acc: merge_stats(ops, acc, stats((i + 1) * chunk, chunk)), st)
     if full and rest:
         st = merge_stats(ops, st, stats(full * chunk, rest))
-    return finish_rows(ops, st, k, eps, gamma)
+    return finish_rows(ops, st, spec)
 
 
 def rows_backward(
-    ops: Ops, h: Any, w: Any, b: Any, y: Any, fin: RowFinal, g: Any, *, k: int, eps: float,
+    ops: Ops, h: Any, w: Any, b: Any, y: Any, fin: RowFinal, g: Any, *, spec: RowSpec,
     chunk: int, loop: Callable | None = None, kernels: tuple[Callable, Callable] | None = None,
 ) -> tuple[Any, Any, Any]:
     """The gradients of ``sum_i g_i loss_i`` (``g`` ``(N,)``, the upstream gradient of the per-row
@@ -449,7 +524,7 @@ def rows_backward(
     def grads(start: Any, width: int, carry: tuple) -> tuple:
         gh, gw, gb = carry
         wc = ops.columns(w, start, width)
-        dzm = fgrad(xp.matmul(h, wc), None if b is None else ops.columns(b, start, width), y, start, fin, g, live, eps, k)
+        dzm = fgrad(xp.matmul(h, wc), None if b is None else ops.columns(b, start, width), y, start, fin, g, live, spec)
         if gb is not None:
             gb = ops.put_columns(gb, start, xp.sum(dzm, axis=0, dtype=dt))
         gh = ops.add_matmul(gh, dzm, xp.matrix_transpose(wc))

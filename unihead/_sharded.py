@@ -20,12 +20,16 @@ callables, so that the PyTorch process group (``all_reduce`` MAX and SUM), JAX's
    of classes, which validation compares with the head's).
 
 Every worker then holds the same statistics, hence the same per-row losses
-(:func:`unihead._fused.finish_rows`): the loss is replicated, and the gradient with respect to a
+(:func:`unihead._fused.finish_rows`, the z-loss included: ``lse`` comes from the reduced sums):
+the loss is replicated, and the gradient with respect to a
 worker's logits is local (:func:`unihead._fused.chunk_grad` on its own classes), with no
 collective in the backward pass.  The gradient of the hidden state that produced the logits
 (``hidden @ kernel[:, shard]``) is each worker's partial ``dz @ kernel[:, shard].T``: the sum over
 the workers is the caller's (Megatron's column-parallel linear all-reduces it in its backward
-pass; under ``shard_map`` JAX sums it where the hidden state is replicated).
+pass; under ``shard_map`` JAX sums it where the hidden state is replicated).  A soft-capped head's
+workers cap their own logits (:func:`unihead._fused.chunk_stats` / ``chunk_grad`` with the
+head's :class:`~unihead._fused.RowSpec`): the cap is elementwise, so the shards' capped logits
+are the capped logits of the whole row.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 from . import _fused
-from ._fused import RowFinal, RowStats
+from ._fused import RowFinal, RowSpec, RowStats
 from ._ops import Ops
 
 __all__ = [
@@ -96,25 +100,30 @@ def reduce_stats(
     return RowStats(m, s, s_lo, zy, t, t_lo, st.n), tuple(more)
 
 
+def _stats(ops: Ops, z: Any, y: Any, start: Any, spec: RowSpec) -> RowStats:
+    """This worker's :class:`~unihead._fused.RowStats` (half precision computed in float32)."""
+    return _fused.chunk_stats(ops, ops.widen_half(z), y, start, smoothing=spec.smoothing, cap=spec.cap)
+
+
 def rows_forward(
-    ops: Ops, z: Any, y: Any, start: Any, *, k: int, eps: float, gamma: float,
+    ops: Ops, z: Any, y: Any, start: Any, *, spec: RowSpec,
     pmax: Collective, psum: Collective, extra: Sequence[Any] = (),
 ) -> tuple[RowFinal, tuple]:
-    """Per-row losses over all ``k`` classes from this worker's logits ``z`` ``(N, C)`` (the
-    classes ``start .. start + C - 1``) and the global class ids ``y`` ``(N,)``, with what
+    """Per-row losses over all ``spec.k`` classes (the head's constants:
+    :func:`unihead._fused.row_spec`) from this worker's logits ``z`` ``(N, C)`` (the classes
+    ``start .. start + C - 1``) and the global class ids ``y`` ``(N,)``, with what
     :func:`rows_grad` needs (:class:`unihead._fused.RowFinal`, the same on every worker), and the
     sums of ``extra``.  Half-precision logits are computed in float32."""
-    st = _fused.chunk_stats(ops, ops.widen_half(z), y, start, smoothing=eps != 0.0)
-    st, more = reduce_stats(ops, st, pmax, psum, extra)
-    return _fused.finish_rows(ops, st, k, eps, gamma), more
+    st, more = reduce_stats(ops, _stats(ops, z, y, start, spec), pmax, psum, extra)
+    return _fused.finish_rows(ops, st, spec), more
 
 
-def rows_grad(ops: Ops, z: Any, y: Any, start: Any, fin: RowFinal, g: Any, *, k: int, eps: float) -> Any:
+def rows_grad(ops: Ops, z: Any, y: Any, start: Any, fin: RowFinal, g: Any, *, spec: RowSpec) -> Any:
     """The gradient of ``sum_i g_i loss_i`` with respect to this worker's logits ``z`` (local: no
     collective), in ``z``'s dtype; exactly 0 in rows where ``g`` is 0."""
     zc = ops.widen_half(z)
     g = g if g.dtype == zc.dtype else ops.xp.astype(g, zc.dtype)
-    dz = _fused.chunk_grad(ops, zc, y, start, fin, g, eps, k, g != 0)
+    dz = _fused.chunk_grad(ops, zc, y, start, fin, g, spec, g != 0)
     return dz if dz.dtype == z.dtype else ops.xp.astype(dz, z.dtype)
 
 
@@ -134,21 +143,16 @@ def stacked_collectives(ops: Ops) -> tuple[Collective, Collective]:
     return pmax, psum
 
 
-def stacked_rows(
-    ops: Ops, shards: Sequence[Any], y: Any, starts: Sequence[int], *, k: int, eps: float, gamma: float
-) -> RowFinal:
+def stacked_rows(ops: Ops, shards: Sequence[Any], y: Any, starts: Sequence[int], *, spec: RowSpec) -> RowFinal:
     """:func:`rows_forward` for every shard at once in one process: the logits of each shard
     (``shards[i]`` ``(N, C_i)``, classes from ``starts[i]``), their statistics stacked and
     reduced by :func:`reduce_stats` with :func:`stacked_collectives`."""
     xp = ops.xp
-    sts = [
-        _fused.chunk_stats(ops, ops.widen_half(z), y, s, smoothing=eps != 0.0)
-        for z, s in zip(shards, starts)
-    ]
+    sts = [_stats(ops, z, y, s, spec) for z, s in zip(shards, starts)]
     stack = lambda f: xp.stack([getattr(s, f) for s in sts], axis=0)
     acc = sts[0].s.dtype
     n = xp.asarray([[float(s.n)] for s in sts], dtype=acc)
     st = RowStats(stack("m"), stack("s"), stack("s_lo"), stack("zy"), stack("t"), stack("t_lo"), n)
     pmax, psum = stacked_collectives(ops)
     st = reduce_stats(ops, st, pmax, psum)[0]
-    return _fused.finish_rows(ops, st, k, eps, gamma)
+    return _fused.finish_rows(ops, st, spec)

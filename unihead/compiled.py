@@ -362,10 +362,7 @@ class CompiledHead:
         what a backend wraps in its autodiff."""
         from . import _fused
 
-        e = self._engine()
-        return _fused.rows_forward(
-            self.ops, h, w, b, y, k=self.head.num_outputs, eps=e.eps, gamma=e.gamma, chunk=chunk
-        ).loss
+        return _fused.rows_forward(self.ops, h, w, b, y, spec=_fused.row_spec(self._engine()), chunk=chunk).loss
 
     # -- the class-sharded loss (unihead._sharded; docs/large-vocabulary.md) ------------------
     def _class_sharded(
