@@ -28,10 +28,15 @@ U = 2.0**-24
 # ---------------------------------------------------------------- the independent float64 reference
 def ref_rows(h, w, b, y, head):
     """Per-row losses and d(loss_i)/dz in float64 for a softmax head with integer targets:
-    ``t' = (1 - eps) onehot(y) + eps / K``, ``l = -sum_c t'_c (1 - p_c)**gamma log p_c``;
-    ignored rows have loss 0 and weight 0.  Written from the definitions (docs/semantics.md),
-    sharing nothing with unihead."""
+    ``t' = (1 - eps) onehot(y) + eps / K``, ``l = -sum_c t'_c (1 - p_c)**gamma log p_c +
+    c lse(z')**2`` on the capped logits ``z' = s tanh(z / s)`` (``logit_softcap = s``, else
+    ``z' = z``; ``z_loss = c``); ignored rows have loss 0 and weight 0.  Written from the
+    definitions (docs/semantics.md §5), sharing nothing with unihead."""
     z = h.astype(np.float64) @ w.astype(np.float64) + (0.0 if b is None else b.astype(np.float64))
+    cap, zl = head.logit_softcap, float(head.z_loss)
+    slope = 1.0
+    if cap is not None:
+        z, slope = cap * np.tanh(z / cap), 1.0 / np.cosh(z / cap) ** 2
     n, k = z.shape
     eps, gamma = float(head.label_smoothing), float(head.focal_gamma)
     valid = np.ones(n, bool) if head.ignore_index is None else (y != head.ignore_index)
@@ -55,6 +60,9 @@ def ref_rows(h, w, b, y, head):
         bcoef = -t * f  # from log p_c
         coef = a + bcoef
         dz = coef - p * coef.sum(1, keepdims=True)
+    lse = (m + lse)[:, 0]
+    loss = loss + zl * lse**2  # PaLM's z-loss, after the focal factor
+    dz = (dz + 2 * zl * lse[:, None] * p) * slope
     loss = np.where(valid, loss, 0.0)
     dz = np.where(valid[:, None], dz, 0.0)
     return loss, dz, valid
@@ -107,6 +115,30 @@ HEADS = {
 }
 
 
+CW = [0.5 + (i % 5) / 4 for i in range(700)]
+#: z_loss and logit_softcap (docs/semantics.md §5) alone, together, and with every other option;
+#: the logits of ``data`` have a spread of ~4, so a cap of 5 saturates tanh on many of them
+ZHEADS = {
+    "zloss": CH.multiclass(700, z_loss=1e-2),
+    "softcap": CH.multiclass(700, logit_softcap=5.0),
+    "both": CH.multiclass(700, z_loss=1e-2, logit_softcap=5.0),
+    "both_smooth_cw": CH.multiclass(700, z_loss=1e-3, logit_softcap=8.0, label_smoothing=0.1,
+                                    class_weights=CW, ignore_index=-100),
+    "both_focal_none": CH.multiclass(700, z_loss=1e-2, logit_softcap=5.0, focal_gamma=2.0,
+                                     reduction="none", ignore_index=-100),
+    "zloss_sum_sw": CH.multiclass(700, z_loss=1e-2, reduction="sum", label_smoothing=0.05),
+}
+
+
+def lipschitz(h, w, b, head):
+    """``1 + c max|lse|`` (see :func:`check_errors`), from the float64 logits (capped if so)."""
+    z = h.astype(np.float64) @ w.astype(np.float64) + b.astype(np.float64)
+    if head.logit_softcap is not None:
+        z = head.logit_softcap * np.tanh(z / head.logit_softcap)
+    m = z.max(1)
+    return 1.0 + float(head.z_loss) * np.abs(m + np.log(np.exp(z - m[:, None]).sum(1))).max()
+
+
 # ------------------------------------------------------------------------------------------ torch
 torch = pytest.importorskip("torch")
 
@@ -139,13 +171,30 @@ def test_torch_matches_dense_and_float64(name):
     check_errors(name, h, w, b, fused, dense, ref, per_row=head.reduction == "none")
 
 
-def check_errors(name, h, w, b, fused, dense, ref, per_row):
+@pytest.mark.parametrize("name", list(ZHEADS))
+def test_torch_zloss_softcap_match_dense_and_float64(name):
+    head = ZHEADS[name]
+    h, w, b, y, sw = data(ignore=head.ignore_index)
+    use_sw = sw if name in ("both_smooth_cw", "zloss_sum_sw", "both_focal_none") else None
+    ref = ref_loss_grads(h, w, b, y, head, use_sw)
+    fused = _torch_run(head, h, w, b, y, use_sw, True, chunk=128)
+    dense = _torch_run(head, h, w, b, y, use_sw, False)
+    check_errors(name, h, w, b, fused, dense, ref, per_row=head.reduction == "none",
+                 lip=lipschitz(h, w, b, head))
+    # the options change the numbers: the same inputs without them differ by far more than the bound
+    plain = _torch_run(head.replace(z_loss=0.0, logit_softcap=None), h, w, b, y, use_sw, True, chunk=128)
+    assert np.max(np.abs(plain[0] - fused[0])) > 1e-3 * np.max(np.abs(ref[0]))
+
+
+def check_errors(name, h, w, b, fused, dense, ref, per_row, lip=1.0):
     """The accuracy bound of the module docstring for the loss (per row, or the reduced value
     against the reduced bound), and for each gradient: within ``D u max|g|`` of the float64
     reference (the logits' matmul error, gamma_D, carried into ``p - t'`` and through the
     gradient matmuls, measured at up to ~25 ulp here), and the fused error no larger than the dense
-    path's (x1.5 + 4 ulp of the scale: the chunked matmuls sum in their own order)."""
-    unit = floor(h, w, b)
+    path's (x1.5 + 4 ulp of the scale: the chunked matmuls sum in their own order).  ``lip``: the
+    loss's Lipschitz factor over the cross-entropy's (a z-loss ``c lse**2`` adds ``2 c |lse| p``
+    to the gradient: ``1 + c max|lse|``; the soft-cap's slope is at most 1)."""
+    unit = floor(h, w, b) * lip
     d = h.shape[1]
     gamma_d = d * U / (1 - d * U)
     e_f, e_d = np.abs(fused[0] - ref[0]), np.abs(dense[0] - ref[0])
@@ -271,14 +320,52 @@ def test_torch_compile_fullgraph():
         np.testing.assert_allclose(g.numpy(), e.numpy(), rtol=1e-5, atol=1e-7)
 
 
+def test_torch_compile_fullgraph_zloss_softcap():
+    head = CH.multiclass(300, z_loss=1e-2, logit_softcap=5.0, label_smoothing=0.1, ignore_index=-100)
+    h, w, b, y, sw = data(n=16, d=8, k=300, ignore=-100)
+    c = unihead.compile(head, "torch")
+
+    def step(th, tw, tb, ty, tsw):
+        return c.linear_loss(th, tw, ty, tb, tsw, chunk_size=128)
+
+    args = [torch.tensor(a) for a in (h, w, b, y, sw)]
+    for a in args[:3]:
+        a.requires_grad_()
+    loss = torch.compile(step, fullgraph=True)(*args)
+    grads = torch.autograd.grad(loss, args[:3])
+    ref = ref_loss_grads(h, w, b, y, head, sw)
+    dense = _torch_run(head, h, w, b, y, sw, False)
+    f = lambda t: t.detach().double().numpy()
+    check_errors("compiled", h, w, b, [f(loss), *(f(g) for g in grads[:1]), f(grads[1]), f(grads[2])],
+                 dense, ref, per_row=False, lip=lipschitz(h, w, b, head))
+
+
+def test_torch_bfloat16_zloss_softcap():
+    """bfloat16 inputs, float32 statistics: the fused path against the dense path on the same
+    bfloat16 logits and against float64 on the bfloat16-rounded inputs."""
+    head = CH.multiclass(700, z_loss=1e-2, logit_softcap=5.0, label_smoothing=0.1)
+    h, w, b, y, _ = data(n=32)
+    bf = torch.bfloat16
+    fused = _torch_run(head, h, w, b, y, None, True, chunk=128, dtype=bf)
+    dense = _torch_run(head, h, w, b, y, None, False, dtype=bf)
+    assert abs(fused[0] - dense[0]) <= 8 * U * abs(dense[0])
+    ref = ref_loss_grads(h.astype(bf16_np()), w.astype(bf16_np()), b.astype(bf16_np()), y, head)
+    for got_f, got_d, want in zip(fused[1:], dense[1:], ref[1:]):
+        e_f, e_d = np.abs(got_f - want).max(), np.abs(got_d - want).max()
+        assert e_f <= 1.5 * e_d + 2.0**-8 * np.abs(want).max()
+
+
 # ------------------------------------------------------------------------------------------- jax
-def test_jax_jit_grad_matches_dense_and_float64():
+@pytest.mark.parametrize("names", [("plain", "smooth", "weights", "focal"), tuple(ZHEADS)], ids=["options", "zloss-softcap"])
+def test_jax_jit_grad_matches_dense_and_float64(names):
     jax = pytest.importorskip("jax")
     jnp = jax.numpy
-    for name in ("plain", "smooth", "weights", "focal"):
-        head = HEADS[name]
+    for name in names:
+        head = {**HEADS, **ZHEADS}[name]
         h, w, b, y, sw = data(ignore=head.ignore_index)
-        use_sw = sw if name == "weights" else None
+        use_sw = sw if name in ("weights", "both_smooth_cw", "zloss_sum_sw") else None
+        if head.reduction == "none":  # a scalar to differentiate: the weighted sum of the rows
+            head = head.replace(reduction="sum")
         c = unihead.compile(head, "jax")
         args = [jnp.asarray(a) for a in (h, w, b)]
         ja = lambda f: jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(*args)
@@ -286,7 +373,8 @@ def test_jax_jit_grad_matches_dense_and_float64():
         ld, gd = ja(lambda h_, w_, b_: c.loss(h_ @ w_ + b_, jnp.asarray(y), use_sw))
         ref = ref_loss_grads(h, w, b, y, head, use_sw)
         f64 = lambda xs: [np.asarray(x, np.float64) for x in xs]
-        check_errors(name, h, w, b, f64([lf, *gf]), f64([ld, *gd]), ref, per_row=False)
+        check_errors(name, h, w, b, f64([lf, *gf]), f64([ld, *gd]), ref, per_row=False,
+                     lip=lipschitz(h, w, b, head))
 
 
 def test_jax_chunks_are_a_loop_not_unrolled():
@@ -310,6 +398,24 @@ def test_numpy_value():
     got = c.linear_loss(h, w, y, b, sw, chunk_size=100)
     assert isinstance(got, np.ndarray) and got.shape == ()
     assert abs(float(got) - float(c.loss(h @ w + b, y, sw))) <= 8 * U * abs(float(got)) + 2 * floor(h, w, b).max()
+
+
+@pytest.mark.parametrize("name", ["both_smooth_cw", "both_focal_none"])
+def test_numpy_zloss_softcap(name):
+    head = ZHEADS[name]
+    h, w, b, y, sw = data(ignore=-100)
+    c = unihead.compile(head, "numpy")
+    got = np.asarray(c.linear_loss(h, w, y, b, sw, chunk_size=100), np.float64)
+    want = ref_loss_grads(h, w, b, y, head, sw)[0]
+    dense = np.asarray(c.loss(h @ w + b, y, sw), np.float64)
+    lip = lipschitz(h, w, b, head)
+    d = h.shape[1]
+    unit = floor(h, w, b) * lip
+    # a weighted mean errs at most as the worst row; a row of reduction="none" is weighted by sw
+    # (the head has no class weights)
+    row = 2 * d * U * unit / U
+    bound = (row.max() if head.reduction != "none" else row * sw) + 8 * U * np.abs(want)
+    assert np.all(np.abs(got - want) <= bound) and np.all(np.abs(dense - want) <= bound)
 
 
 # --------------------------------------------------------------------------------------- hostile
