@@ -31,6 +31,9 @@ error-free subtraction (which would otherwise see ``-inf - -inf``).
 
 from __future__ import annotations
 
+import functools
+import math
+from fractions import Fraction
 from typing import Any, NamedTuple
 
 from ._ops import Ops, exp_underflow_gap, two_sum_error
@@ -60,6 +63,7 @@ __all__ = [
     "sparse_nll_wide",
     "sigmoid_hard_wide",
     "softcap",
+    "softcap2",
     "softcap_slope",
     "z_loss_grad_sparse",
 ]
@@ -504,6 +508,169 @@ def softcap(ops: Ops, z: Any, s: float) -> Any:
     (docs/semantics.md §11)."""
     x, x_lo = _split_quotient(ops, z, s)
     return ops.scalar(s, z) * (ops.xp.tanh(x) + x_lo * _sech2(ops, x, None))
+
+
+# ln(2)/4 as a sum of three float64 numbers (to ~2**-160) and 2**(-j/4), j = 1, 2, 3, as pairs (to
+# ~2**-106): the constants of softcap2's exponential, rounded per dtype by _cap_constants.
+_LN2_4 = ("0x1.62e42fefa39efp-3", "0x1.abc9e3b39803fp-58", "0x1.7b57a079a1934p-113")
+_QUARTER_POW2 = (("0x1p0", "0x0p0"), ("0x1.ae89f995ad3adp-1", "0x1.7a1cd345dcc81p-55"),
+                 ("0x1.6a09e667f3bcdp-1", "-0x1.bdd3413b26456p-55"),
+                 ("0x1.306fe0a31b715p-1", "0x1.6f46ad23182e4p-56"))
+
+
+def _exact(hexes: tuple[str, ...]) -> Fraction:
+    return sum((Fraction(float.fromhex(h)) for h in hexes), Fraction(0))
+
+
+def _round_bits(q: Fraction, p: int) -> float:
+    """``q`` rounded to ``p`` significant bits (to nearest, ties to even), as a Python float."""
+    if q == 0:
+        return 0.0
+    e = math.frexp(float(q))[1]  # 2**(e-1) <= |q| < 2**e, up to a rounding of float(q)
+    while abs(q) >= Fraction(2) ** e:
+        e += 1
+    while abs(q) < Fraction(2) ** (e - 1):
+        e -= 1
+    return math.ldexp(round(q * Fraction(2) ** (p - e)), e - p)
+
+
+class _CapConstants(NamedTuple):
+    amax: float  # |x| beyond which u = exp(-2|x|) is taken as 0
+    inv_c: float  # 1 / (ln 2 / 4)
+    c: tuple[float, float, float]  # ln 2 / 4 in three pieces (Cody-Waite: k * c[0], k * c[1] exact)
+    split: float  # Veltkamp's constant
+    taylor: tuple[float, ...]  # 1/n! for n = 3, 4, ...
+    pow_hi: tuple[float, ...]  # 2**(-k/4) = pow_hi[k] + pow_lo[k], k = 0 .. kmax
+    pow_lo: tuple[float, ...]
+
+
+@functools.lru_cache(maxsize=None)
+def _cap_constants(bits: int) -> _CapConstants:
+    """The constants of :func:`softcap2` in a dtype of ``bits`` (32 or 64), derived exactly (with
+    fractions) from the hex values above."""
+    p = 24 if bits == 32 else 53
+    amax = 32.0 if bits == 32 else 64.0  # u <= exp(-64) ~ 2**-92 (float32), 2**-184 (float64)
+    c = _exact(_LN2_4)
+    kmax = int(2 * amax / c) + 2
+    kb = kmax.bit_length()
+    c1 = _round_bits(c, p - kb)
+    c2 = _round_bits(c - Fraction(c1), p - kb)
+    c3 = _round_bits(c - Fraction(c1) - Fraction(c2), p)
+    terms = 8 if bits == 32 else 14  # the series' tail beyond r**(terms-1) / (terms-1)! is below 2**-p-16
+    taylor = tuple(_round_bits(Fraction(1, math.factorial(n)), p) for n in range(3, terms))
+    hi, lo = [], []
+    for k in range(kmax + 1):
+        v = _exact(_QUARTER_POW2[k % 4]) / Fraction(2) ** (k // 4)
+        h = _round_bits(v, p)
+        hi.append(h)
+        lo.append(_round_bits(v - Fraction(h), p))
+    split = float(2 ** (12 if bits == 32 else 27) + 1)
+    return _CapConstants(amax, _round_bits(1 / c, p), (c1, c2, c3), split, taylor, tuple(hi), tuple(lo))
+
+
+def _two_prod(a: Any, b: Any, split: float) -> tuple[Any, Any]:
+    """``(p, err)`` with ``p = fl(a b)`` and ``a b = p + err`` exactly (Dekker's product from
+    Veltkamp's splits: no FMA needed; exact unless a split overflows or a partial product
+    underflows)."""
+    p = a * b
+    c = a * split
+    ah = c - (c - a)
+    al = a - ah
+    c = b * split
+    bh = c - (c - b)
+    bl = b - bh
+    return p, ((ah * bh - p) + ah * bl + al * bh) + al * bl
+
+
+def softcap2(ops: Ops, z: Any, s: float) -> tuple[Any, Any]:
+    """The soft-capped logits ``s tanh(z / s)`` in double length: ``(hi, lo)`` with ``hi =``
+    the capped logit rounded to ``z``'s dtype (float32 or float64; no wider dtype needed) and
+    ``hi + lo`` within ``2**-p / 16`` of the exact value for caps up to ``2**8`` (``p`` the
+    dtype's precision, 24 or 53: an absolute bound, which is what differences of capped logits
+    need; measured against mpmath: ``0.028 * 2**-p`` at ``s = 256``, ``0.003 * 2**-p`` at ``s =
+    30``, growing about linearly with ``s``; ``|lo| <= ulp(hi) / 2``).  ``z = +-inf`` give
+    ``(+-s, 0)``; NaN gives NaN.
+
+    With ``x + x_lo = z / s`` (:func:`_split_quotient`), ``a = |x + x_lo|``:
+
+    * ``a < 2**-8`` (float32; ``2**-17`` in float64): ``tanh(x) = x - x**3/3 + ...``, so ``hi +
+      lo = z - z x**2 / 3`` (the ``x**5`` term is below ``2**-p-30`` of ``s`` there).
+    * otherwise ``u = exp(-2a)`` in double length and ``tanh(a) = (1 - u) / (1 + u)``: ``2a = k
+      ln(2)/4 + r`` (Cody-Waite, ``ln(2)/4`` in three pieces, ``|r| <= 0.087``), ``exp(-r) = 1 - r
+      + r**2/2 + P`` with ``1 - r + r**2/2`` in double length (Fast2Sum, Dekker's product) and
+      the Taylor tail ``P`` (``|P| < 2**-13``) in working precision, times ``2**(-k/4)`` from a
+      table of double-length constants (exact power-of-two scalings made in Python, so no
+      ``ldexp`` and no subnormal scale factor on any backend); the quotient in double length
+      (the remainder from an exact product), then ``s t`` as an exact product plus ``s t_lo``.
+      Every operation's error is below ``2**-p-12`` of ``t`` except the tail's rounding, under
+      ``2**-p-14``.  Beyond ``a = 32`` (float32; 64 in float64) ``u < 2**-92`` is taken as 0.
+
+    The error-free sequences rely on the compiler keeping the order of floating-point operations
+    (XLA, Inductor and TensorFlow do, as for :func:`subtraction_error`)."""
+    xp = ops.xp
+    bits = ops.bits(z)
+    if bits not in (32, 64):
+        raise TypeError(f"softcap2 takes float32 or float64 logits, got {z.dtype}; cast the logits first")
+    k_ = _cap_constants(bits)
+    sd = ops.scalar(s, z)
+    one = ops.scalar(1.0, z)
+    x, x_lo = _split_quotient(ops, z, s)
+    neg = x < 0
+    a0 = xp.abs(x)
+    ok = a0 <= k_.amax  # false beyond, and for NaN
+    a = ops.where0(ok, a0)
+    a_lo = ops.where0(ok, xp.where(neg, -x_lo, x_lo))
+    # 2a = k c + r, r = rh + rl
+    w = 2.0 * a
+    k = xp.round(w * k_.inv_c)
+    r1 = w - k * k_.c[0]  # exact (Sterbenz; k c[0] exact)
+    kc2 = k * k_.c[1]
+    rh = r1 - kc2
+    rl = two_sum_error(r1, -kc2, rh) + (2.0 * a_lo - k * k_.c[2])
+    # exp(v), v = -r: 1 + v + v**2/2 in double length, the tail P and v's low part to first order
+    v = -rh
+    sq, sqe = _two_prod(v, v, k_.split)
+    h = 0.5 * sq
+    s1 = one + v
+    s1e = (one - s1) + v  # Fast2Sum, |v| < 1
+    e_hi = s1 + h
+    e2 = (s1 - e_hi) + h  # Fast2Sum, s1 > h
+    tail = k_.taylor[-1]
+    for coef in reversed(k_.taylor[:-1]):
+        tail = tail * v + coef
+    e_lo = ((s1e + e2) + 0.5 * sqe) + (sq * v * tail - rl * e_hi)
+    e_new = e_hi + e_lo  # renormalised (Fast2Sum): the tail is far above e_hi's last place
+    e_lo = e_lo - (e_new - e_hi)
+    e_hi = e_new
+    # u = exp(v) 2**(-k/4): the table's double-length constant
+    idx = xp.astype(k, ops.index_dtype())
+    th = ops.lookup(ops.asarray(k_.pow_hi, like=z), idx)
+    tl = ops.lookup(ops.asarray(k_.pow_lo, like=z), idx)
+    uh, ue = _two_prod(e_hi, th, k_.split)
+    ul = ue + (e_hi * tl + e_lo * th)
+    # t = (1 - u) / (1 + u), u <= 1
+    nh = one - uh
+    nl = ((one - nh) - uh) - ul
+    dh = one + uh
+    dl = ((one - dh) + uh) + ul
+    t = nh / dh
+    ph, pe = _two_prod(t, dh, k_.split)
+    t_lo = (((nh - ph) - pe) + nl - t * dl) / dh
+    # z' = s t, then the sign; tiny |x|: z - z x**2/3
+    zh, ze = _two_prod(sd, t, k_.split)
+    zl = ze + sd * t_lo
+    zh = xp.where(neg, -zh, zh)
+    zl = xp.where(neg, -zl, zl)
+    tiny = a < 2.0 ** (-8 if bits == 32 else -17)
+    zs, xs = ops.where0(ok, z), ops.where0(ok, x)  # finite: no inf - inf in the unselected branch
+    zh = xp.where(tiny, zs, zh)
+    zl = xp.where(tiny, -(zs * xs) * (xs * (1.0 / 3.0)), zl)
+    hi = zh + zl
+    lo = zl - (hi - zh)  # Fast2Sum: |zl| < |zh|
+    # beyond amax: +-s (and NaN stays NaN)
+    far = a0 > k_.amax
+    hi = xp.where(ok, hi, xp.where(far, xp.where(neg, -sd, sd), x))
+    return hi, ops.where0(ok, lo)
 
 
 def _sech2(ops: Ops, x: Any, x_lo: Any) -> Any:
