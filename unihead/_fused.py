@@ -114,6 +114,13 @@ def unsupported(head: Any) -> str | None:
     )
 
 
+def floating(ops: Ops, x: Any) -> bool:
+    """Whether ``x`` has a floating dtype the fused and class-sharded paths take (float16,
+    bfloat16, float32, float64).  Half precision is asked first: NumPy's ``isdtype`` raises a
+    raw TypeError on ml_dtypes' bfloat16."""
+    return ops.is_half(x) or ops.is_floating(x)
+
+
 def check_chunk_size(chunk_size: Any) -> int:
     """``chunk_size`` (classes per chunk) if it is a positive integer, else unihead's error."""
     import numbers
@@ -134,7 +141,7 @@ def check_linear(ops: Ops, head: Any, h: Any, w: Any, b: Any) -> None:
 
     k = head.num_outputs
     for name, x in (("hidden", h), ("kernel", w), ("bias", b)):
-        if x is not None and not ops.is_floating(x):
+        if x is not None and not floating(ops, x):
             err = logits_dtype_error(x.dtype)
             raise TypeError(str(err).replace("logits", name, 1).replace(
                 "(the output layer's values before any activation)", "(the matmul's operands)"))
@@ -207,10 +214,30 @@ def row_spec(engine: Any) -> RowSpec:
     )
 
 
-def capped(ops: Ops, z: Any, cap: float | None) -> Any:
-    """The logits the head reads: ``cap * tanh(z / cap)`` (:func:`unihead.formulas.softcap`), or
-    ``z`` without a cap."""
-    return z if cap is None else F.softcap(ops, z, cap)
+def capped(ops: Ops, z: Any, cap: float | None) -> tuple[Any, Any]:
+    """The logits the head reads, ``(hi, lo)``: ``cap * tanh(z / cap)`` in double length
+    (:func:`unihead.formulas.softcap2`: a capped logit is not a number of the dtype, and the loss
+    reads differences of capped logits, so their rounding would cost ~``cap / 2`` ulp), or
+    ``(z, None)`` without a cap."""
+    return (z, None) if cap is None else F.softcap2(ops, z, cap)
+
+
+def low_shift(ops: Ops, z: Any, m: Any, z_lo: Any, m_lo: Any) -> Any:
+    """What the low parts of double-length logits add to ``z - m`` (``m`` the row maximum of the
+    high parts, ``m_lo`` its low part): ``z_lo - m_lo``, 0 where ``z == m`` (the maximum's
+    exponential stays exactly 1: a confident row's loss is ``log1p`` of the others' mass).  None
+    without low parts."""
+    if z_lo is None:
+        return None
+    return ops.where0(z < m, z_lo - m_lo)
+
+
+def _exp_shift(ops: Ops, z: Any, m: Any, dl: Any) -> Any:
+    """:func:`unihead.formulas.shifted_exp` of ``z - m`` plus the low parts' share ``dl`` (or
+    None), to first order: ``exp(d + dl) = exp(d) (1 + dl)`` (``dl`` is below an ulp of ``d``'s
+    scale, ``dl**2`` below rounding)."""
+    y = F.shifted_exp(ops, z, m)
+    return y if dl is None else y + y * dl
 
 
 class RowStats(NamedTuple):
@@ -223,7 +250,9 @@ class RowStats(NamedTuple):
     the target's logit where the target is in the set, else ``-inf`` (the logits' dtype).
     ``t + t_lo``: the sum over the set of ``z - m`` (label smoothing; zeros without it), in the
     accumulation dtype.  ``n``: the number of classes in the set (a number, the same for every
-    row).
+    row).  ``m_lo``, ``zy_lo``: with a soft-cap, the low parts of the double-length capped logits
+    ``m`` and ``zy`` (:func:`capped`; ``zy_lo`` is 0 where the target is not in the set; every
+    exponential and ``t`` include the low parts, :func:`low_shift`), else None.
 
     Two disjoint sets merge with :func:`merge_stats`; merged over every class, the statistics
     give the loss and the gradient (:func:`finish_rows`).  The merge is associative and
@@ -237,6 +266,8 @@ class RowStats(NamedTuple):
     t: Any
     t_lo: Any
     n: Any
+    m_lo: Any = None
+    zy_lo: Any = None
 
 
 def accumulation_dtype(ops: Ops, z: Any) -> Any:
@@ -273,52 +304,66 @@ def chunk_stats(
     ``cap``: the head's soft-cap (the statistics are those of the capped logits), or None.
     """
     xp = ops.xp
-    z = capped(ops, z, cap)
+    z, z_lo = capped(ops, z, cap)
     acc = accumulation_dtype(ops, z)
     c = z.shape[-1]
     m = xp.max(z, axis=-1)
     # a chunk whose logits are all -inf has m = -inf: its exponentials are taken against 0 (they
     # are 0), so that no -inf - -inf appears; its t is -inf through z itself
     m0 = xp.where(m == -float("inf"), ops.scalar(0.0, m), m)
-    Y = F.shifted_exp(ops, z, xp.expand_dims(m0, axis=-1))
+    m_lo = None if z_lo is None else ops.take_last(z_lo, xp.argmax(z, axis=-1))
+    m0e = xp.expand_dims(m0, axis=-1)
+    dl = None if z_lo is None else low_shift(ops, z, m0e, z_lo, xp.expand_dims(m_lo, axis=-1))
+    Y = _exp_shift(ops, z, m0e, dl)
     yl = y - start
     iota = xp.arange(c, dtype=y.dtype, device=ops.device(y))
     hit = xp.expand_dims(yl, axis=-1) == iota  # (N, C): the target's column, if in the chunk
     s = _row_sum(ops, ops.where0(~hit, Y), acc)
     inside = (yl >= 0) & (yl < c)
-    zy = xp.where(inside, ops.take_last(z, xp.where(inside, yl, xp.zeros_like(yl))), ops.scalar(-float("inf"), m))
+    yi = xp.where(inside, yl, xp.zeros_like(yl))
+    zy = xp.where(inside, ops.take_last(z, yi), ops.scalar(-float("inf"), m))
+    zy_lo = None if z_lo is None else ops.where0(inside, ops.take_last(z_lo, yi))
     zero = xp.zeros_like(s)
     if smoothing:
-        t = _row_sum(ops, _acc(ops, z, acc) - _acc(ops, xp.expand_dims(m0, axis=-1), acc), acc)
+        t = _row_sum(ops, _acc(ops, z, acc) - _acc(ops, m0e, acc), acc)
+        if dl is not None:
+            t = t + _row_sum(ops, _acc(ops, dl, acc), acc)
     else:
         t = zero
-    return RowStats(m, s, zero, zy, t, zero, c)
+    return RowStats(m, s, zero, zy, t, zero, c, m_lo, zy_lo)
 
 
-def _factor(ops: Ops, m_old: Any, m_new: Any, acc: Any) -> Any:
-    """``exp(m_old - m_new)`` (``m_old <= m_new``) in the accumulation dtype: exactly 1 where they
-    are equal (also both ``-inf``), 0 for ``m_old = -inf``; NaN where ``m_new`` is NaN or
-    ``+inf`` (the row is NaN, as on the dense path)."""
+def _factor(ops: Ops, m_old: Any, m_new: Any, acc: Any, dl: Any = None) -> Any:
+    """``exp(m_old - m_new + dl)`` (``m_old <= m_new``; ``dl``: the low parts' share,
+    :func:`low_shift`, or None) in the accumulation dtype: exactly 1 where they are equal (also
+    both ``-inf``), 0 for ``m_old = -inf``; NaN where ``m_new`` is NaN or ``+inf`` (the row is
+    NaN, as on the dense path)."""
     xp = ops.xp
     if acc != m_old.dtype:  # float32 maxima: their difference is exact in float64
-        f = xp.exp(_acc(ops, m_old, acc) - _acc(ops, m_new, acc))
+        d = _acc(ops, m_old, acc) - _acc(ops, m_new, acc)
+        f = xp.exp(d if dl is None else d + _acc(ops, dl, acc))
     else:
-        f = F.shifted_exp(ops, m_old, m_new)  # the subtraction's rounding error restored
+        f = _exp_shift(ops, m_old, m_new, dl)  # the subtraction's rounding error restored
     return xp.where(m_old == m_new, xp.ones_like(f), f)
 
 
-def rescale_stats(ops: Ops, st: RowStats, m: Any) -> RowStats:
+def rescale_stats(ops: Ops, st: RowStats, m: Any, m_lo: Any = None) -> RowStats:
     """``st`` relative to a larger maximum ``m`` (``(N,)``, ``m >= st.m``: the maximum over more
-    classes, e.g. all-reduced over workers): ``s`` times ``exp(st.m - m)``, ``t`` plus
-    ``n (st.m - m)``.  Sets rescaled to the same ``m`` merge by adding ``s``, ``s_lo``, ``t``,
-    ``t_lo`` and ``n`` and taking the maximum of ``zy``."""
+    classes, e.g. all-reduced over workers; ``m_lo`` its low part with a soft-cap): ``s`` times
+    ``exp(st.m - m)``, ``t`` plus ``n (st.m - m)`` (the low parts' difference included).  Sets
+    rescaled to the same ``m`` merge by adding ``s``, ``s_lo``, ``t``, ``t_lo``, ``n`` and
+    ``zy_lo`` and taking the maximum of ``zy``."""
     xp = ops.xp
     acc = st.s.dtype
-    f = _factor(ops, st.m, m, acc)
+    dl = low_shift(ops, st.m, m, st.m_lo, m_lo)
+    f = _factor(ops, st.m, m, acc, dl)
     same = st.m == m
-    shift = xp.where(same, xp.zeros_like(st.t), _acc(ops, st.m, acc) - _acc(ops, m, acc))
+    d = _acc(ops, st.m, acc) - _acc(ops, m, acc)
+    if dl is not None:
+        d = d + _acc(ops, dl, acc)
+    shift = xp.where(same, xp.zeros_like(st.t), d)
     # n * shift: -inf for a set of -inf logits, whose t is -inf already
-    return RowStats(m, st.s * f, st.s_lo * f, st.zy, st.t + st.n * shift, st.t_lo, st.n)
+    return RowStats(m, st.s * f, st.s_lo * f, st.zy, st.t + st.n * shift, st.t_lo, st.n, m_lo, st.zy_lo)
 
 
 def _add(ops: Ops, a: Any, a_lo: Any, b: Any, b_lo: Any) -> tuple[Any, Any]:
@@ -336,10 +381,12 @@ def merge_stats(ops: Ops, a: RowStats, b: RowStats) -> RowStats:
     target logit from whichever set holds it.  NaN in a row's logits gives NaN statistics."""
     xp = ops.xp
     m = xp.maximum(a.m, b.m)
-    a, b = rescale_stats(ops, a, m), rescale_stats(ops, b, m)
+    m_lo = None if a.m_lo is None else xp.where(a.m >= b.m, a.m_lo, b.m_lo)
+    a, b = rescale_stats(ops, a, m, m_lo), rescale_stats(ops, b, m, m_lo)
     s, s_lo = _add(ops, a.s, a.s_lo, b.s, b.s_lo)
     t, t_lo = _add(ops, a.t, a.t_lo, b.t, b.t_lo)
-    return RowStats(m, s, s_lo, xp.maximum(a.zy, b.zy), t, t_lo, a.n + b.n)
+    zy_lo = None if a.zy_lo is None else a.zy_lo + b.zy_lo  # 0 in the set without the target
+    return RowStats(m, s, s_lo, xp.maximum(a.zy, b.zy), t, t_lo, a.n + b.n, m_lo, zy_lo)
 
 
 class RowFinal(NamedTuple):
@@ -350,7 +397,7 @@ class RowFinal(NamedTuple):
     gradient at the target for a unit scale, without cancellation), ``mult`` (a per-row factor of
     the cross-entropy's gradient: the focal factor, 1 otherwise), ``zinv`` (``2 c lse / sum
     exp(z - m)``: the z-loss gradient ``2 c lse p_j`` is ``zinv * exp(z_j - m)``; 0 without a
-    z-loss)."""
+    z-loss), ``m_lo`` (the low part of the capped row maximum; 0 without a soft-cap)."""
 
     loss: Any
     m: Any
@@ -358,6 +405,7 @@ class RowFinal(NamedTuple):
     gy: Any
     mult: Any
     zinv: Any
+    m_lo: Any
 
 
 def finish_rows(ops: Ops, st: RowStats, spec: RowSpec) -> RowFinal:
@@ -377,11 +425,14 @@ def finish_rows(ops: Ops, st: RowStats, spec: RowSpec) -> RowFinal:
     out = st.m.dtype
     m, zy = _acc(ops, st.m, acc), _acc(ops, st.zy, acc)
     gap = zy - m  # exact in float64 (float32 operands); -inf for a masked target
+    dly = low_shift(ops, st.zy, st.m, st.zy_lo, st.m_lo)  # 0 where the target is the maximum
+    if dly is not None:
+        gap = gap + _acc(ops, dly, acc)
     S = st.s + st.s_lo
     if acc != st.m.dtype:
         Yy = xp.exp(gap)
     else:
-        Yy = F.shifted_exp(ops, st.zy, st.m)
+        Yy = _exp_shift(ops, st.zy, st.m, dly)
     den = Yy + S
     L = xp.where(gap == 0, xp.log1p(S), xp.log(den))
     dsum = (st.t + st.t_lo) if eps != 0.0 else None
@@ -402,13 +453,14 @@ def finish_rows(ops: Ops, st: RowStats, spec: RowSpec) -> RowFinal:
         mult = qg * (1 + gamma * ops.where0(p > 0, p * rho))
         loss = qg * nlp
     if spec.z_loss != 0.0:  # PaLM's z-loss: c * lse**2, lse from the merged sums
-        lse = m + L
+        lse = m + L if st.m_lo is None else (m + _acc(ops, st.m_lo, acc)) + L
         loss = loss + spec.z_loss * (lse * lse)
         zinv = (2.0 * spec.z_loss) * lse * inv
     else:
         zinv = xp.zeros_like(loss)
     cast = lambda x: x if x.dtype == out else xp.astype(x, out)
-    return RowFinal(cast(loss), st.m, cast(inv), cast(gy), cast(mult), cast(zinv))
+    m_lo = xp.zeros_like(st.m) if st.m_lo is None else st.m_lo
+    return RowFinal(cast(loss), st.m, cast(inv), cast(gy), cast(mult), cast(zinv), m_lo)
 
 
 def chunk_grad(
@@ -423,9 +475,9 @@ def chunk_grad(
     logits times the cap's slope at ``z``."""
     xp = ops.xp
     c = z.shape[-1]
-    zc = capped(ops, z, spec.cap)
-    m0 = xp.where(fin.m == -float("inf"), ops.scalar(0.0, fin.m), fin.m)
-    Y = F.shifted_exp(ops, zc, xp.expand_dims(m0, axis=-1))
+    zc, z_lo = capped(ops, z, spec.cap)
+    m0 = xp.expand_dims(xp.where(fin.m == -float("inf"), ops.scalar(0.0, fin.m), fin.m), axis=-1)
+    Y = _exp_shift(ops, zc, m0, low_shift(ops, zc, m0, z_lo, xp.expand_dims(fin.m_lo, axis=-1)))
     r = scale * fin.mult
     yl = y - start
     iota = xp.arange(c, dtype=y.dtype, device=ops.device(y))

@@ -94,10 +94,16 @@ def reduce_stats(
     collectives; every worker calls this in the same order).  ``extra``: arrays summed in the
     same collective as the sums (returned second).  ``n`` of the result is this worker's own
     (:func:`unihead._fused.finish_rows` does not use it)."""
+    xp = ops.xp
     m, zy = pmax(st.m, st.zy)
-    st = _fused.rescale_stats(ops, st, m)
-    s, s_lo, t, t_lo, *more = psum(st.s, st.s_lo, st.t, st.t_lo, *extra)
-    return RowStats(m, s, s_lo, zy, t, t_lo, st.n), tuple(more)
+    m_lo = None
+    if st.m_lo is not None:  # soft-cap: the low part of the maximum, from a worker holding it
+        (m_lo,) = pmax(xp.where(st.m == m, st.m_lo, ops.scalar(-float("inf"), st.m_lo)))
+    st = _fused.rescale_stats(ops, st, m, m_lo)
+    lows = () if st.zy_lo is None else (st.zy_lo,)  # 0 on the workers without the target
+    s, s_lo, t, t_lo, *more = psum(st.s, st.s_lo, st.t, st.t_lo, *lows, *extra)
+    zy_lo = more.pop(0) if lows else None
+    return RowStats(m, s, s_lo, zy, t, t_lo, st.n, m_lo, zy_lo), tuple(more)
 
 
 def _stats(ops: Ops, z: Any, y: Any, start: Any, spec: RowSpec) -> RowStats:
@@ -152,7 +158,9 @@ def stacked_rows(ops: Ops, shards: Sequence[Any], y: Any, starts: Sequence[int],
     stack = lambda f: xp.stack([getattr(s, f) for s in sts], axis=0)
     acc = sts[0].s.dtype
     n = xp.asarray([[float(s.n)] for s in sts], dtype=acc)
-    st = RowStats(stack("m"), stack("s"), stack("s_lo"), stack("zy"), stack("t"), stack("t_lo"), n)
+    lo = lambda f: None if getattr(sts[0], f) is None else stack(f)
+    st = RowStats(stack("m"), stack("s"), stack("s_lo"), stack("zy"), stack("t"), stack("t_lo"), n,
+                  lo("m_lo"), lo("zy_lo"))
     pmax, psum = stacked_collectives(ops)
     st = reduce_stats(ops, st, pmax, psum)[0]
     return _fused.finish_rows(ops, st, spec)

@@ -375,7 +375,7 @@ class CompiledHead:
         losses with its collectives (:func:`unihead._sharded.rows_forward`).  ``class_start``: an
         int (checked), or a traced integer the backend computed (e.g. from the device's index).
         ``name``: the public function's, for the errors."""
-        from . import _sharded
+        from . import _fused, _sharded
         from ._validation import logits_dtype_error
 
         if normalizer is not None:
@@ -390,7 +390,7 @@ class CompiledHead:
             raise ValueError(problem)
         with ops.eager():
             z = ops.convert(local_logits)
-        if not ops.is_floating(z):
+        if not _fused.floating(ops, z):
             raise logits_dtype_error(z.dtype)
         if len(z.shape) == 0:
             raise ValueError(
