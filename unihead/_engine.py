@@ -130,8 +130,26 @@ class Engine:
     # ------------------------------------------------------------------ probabilities
     def capped(self, z: Any, ops: Ops | None = None) -> Any:
         """The logits the head reads: ``s * tanh(z / s)`` with ``logit_softcap = s``, else ``z``
-        (docs/semantics.md §5)."""
+        (docs/semantics.md §5), rounded to ``z``'s dtype (:meth:`capped2` for the formulas)."""
         return z if self.cap is None else F.softcap(ops or self.ops, z, self.cap)
+
+    def capped2(self, z: Any, ops: Ops | None = None) -> tuple[Any, Any]:
+        """The logits the head reads as the formulas take them: ``(hi, lo)``, ``lo`` None where
+        the capped logits are carried in one array.
+
+        A capped logit rounded to the dtype is off by up to half an ulp of the cap ``s``, and
+        every formula reads differences of logits (``exp(z_j - m)``, ``z_y - m``): that is
+        ``s/2`` ulp of relative error in a probability.  So where the result's own dtype is the
+        compute dtype, the cap is carried in double length (:func:`~unihead.formulas.softcap2`)
+        and the formulas add ``lo`` to first order.  Under the wide policy (float64 arrays
+        carrying float32 results, ``ops.compensate`` false) the rounded float64 cap has 29 bits
+        to spare: ``lo`` is None there, as it is without a cap."""
+        ops = ops or self.ops
+        if self.cap is None:
+            return z, None
+        if not ops.compensate or ops.bits(z) not in (32, 64):
+            return F.softcap(ops, z, self.cap), None
+        return F.softcap2(ops, z, self.cap)
 
     def probabilities(self, z: Any) -> Any:
         zw = self._widen(z)
@@ -140,9 +158,10 @@ class Engine:
             zw = self.capped(zw, ops)
             p = ops.xp.exp(ops.log_softmax(zw)) if self.head.activation == "softmax" else ops.sigmoid(zw)
             return ops.xp.astype(p, z.dtype)
+        zc, lo = self.capped2(z)
         if self.head.activation == "softmax":
-            return F.softmax_probabilities(self.ops, F.softmax_stats(self.ops, self.capped(z)))
-        return F.sigmoid_probabilities(self.ops, self.capped(z))[0]
+            return F.softmax_probabilities(self.ops, F.softmax_stats(self.ops, zc, lo))
+        return F.sigmoid_probabilities(self.ops, zc, lo)[0]
 
     def log_probabilities(self, z: Any) -> Any:
         zw = self._widen(z)
@@ -154,10 +173,10 @@ class Engine:
             else:
                 lp = ops.log_sigmoid(zw)
             return ops.xp.astype(lp, z.dtype)
-        z = self.capped(z)
+        z, lo = self.capped2(z)
         if self.head.activation == "softmax":
-            return F.softmax_log_probabilities(self.ops, z, F.softmax_stats(self.ops, z))
-        return -F.sigmoid_stats(self.ops, z).nlp
+            return F.softmax_log_probabilities(self.ops, z, F.softmax_stats(self.ops, z, lo))
+        return -F.sigmoid_stats(self.ops, z, lo).nlp
 
     def predict(self, z: Any) -> Any:
         """Class ids ``(...)`` (binary, multiclass) or 0/1 ``(..., K)`` (multilabel).
@@ -179,12 +198,18 @@ class Engine:
             cut = math.inf if cut >= s else -math.inf if cut <= -s else s * math.atanh(cut / s)
         if head.task == "binary":
             if head.binary_units == 2:
-                d = z[..., 1] - z[..., 0] if (self.cap is None or cut == 0.0) else (
-                    self.capped(z[..., 1]) - self.capped(z[..., 0]))
+                d = z[..., 1] - z[..., 0] if (self.cap is None or cut == 0.0) else self._capped_difference(z)
             else:
                 d = z[..., 0]
             return xp.astype(d > cut, self.ops.index_dtype())
         return xp.astype(z > cut, self.ops.index_dtype())
+
+    def _capped_difference(self, z: Any) -> Any:
+        """``c(z_1) - c(z_0)`` of a soft-capped 2-unit head's logits ``z`` ``(..., 2)``, with the
+        capped logits' low parts (:meth:`capped2`)."""
+        hi, lo = self.capped2(z)
+        d = hi[..., 1] - hi[..., 0]
+        return d if lo is None else d + (lo[..., 1] - lo[..., 0])
 
     # ------------------------------------------------------------------ targets and weights
     def prepare(self, z: Any, labels: Any, sample_weight: Any = None) -> Prepared:
@@ -311,9 +336,16 @@ class Engine:
                 names = ["A", "den", "S", "gap", "Yy"]
             else:
                 names = ["Y", "mask", "sp", "n", "den"] + (["zc", "m", "L"] if focal else [])
+                if focal and self._carries_low_parts():  # the capped logits' low parts
+                    names += ["z_lo", "m_lo"]
             # the logits as given for the soft-cap's slope; logsumexp for the z-loss gradient
             names += (["z"] if self.cap is not None else []) + (["lse"] if self.zl != 0.0 else [])
         return names + (["norm"] if self.head.reduction == "mean" else [])
+
+    def _carries_low_parts(self) -> bool:
+        """Whether :meth:`capped2` gives low parts with this engine's ops (for float32 or float64
+        logits)."""
+        return self.cap is not None and self.ops.compensate
 
     def forward(self, z: Any, prep: Prepared, keep: str = "stats") -> tuple[Any, dict[str, Any]]:
         """The reduced loss and the residuals for :meth:`backward` (named by
@@ -329,24 +361,24 @@ class Engine:
         if self._unit:
             z = z[..., 0]
         found: dict[str, Any] = {"z": z}
-        zc = self.capped(z)
+        zc, lo = self.capped2(z)
         found["zc"] = zc
         if prep.path == "sigmoid":
-            st = F.sigmoid_stats(ops, zc)
+            st = F.sigmoid_stats(ops, zc, lo)
             per = F.sigmoid_loss(ops, st, prep.a, prep.b, gamma)
             found.update(st._asdict())
         elif prep.path == "sparse":
-            sst = F.softmax_sparse_stats(ops, zc, prep.y)
+            sst = F.softmax_sparse_stats(ops, zc, prep.y, lo)
             found.update(sst._asdict())
             per = F.softmax_sparse_loss(ops, zc, sst, self.eps)
             if self.zl != 0.0:
-                found["lse"] = sst.m[..., 0] + sst.L
+                found["lse"] = _lse(sst.m, sst.m_lo, sst.L[..., None])[..., 0]
         else:
-            st = F.softmax_stats(ops, zc)
+            st = F.softmax_stats(ops, zc, lo)
             found.update(st._asdict())
             per = F.softmax_dense_loss(ops, zc, st, prep.tau, gamma)
             if self.zl != 0.0:
-                found["lse"] = (st.m + st.L)[..., 0]
+                found["lse"] = _lse(st.m, st.m_lo, st.L)[..., 0]
         if self.zl != 0.0:  # PaLM's z-loss, per example: two non-negative terms
             per = per + self.zl * (found["lse"] * found["lse"])
         loss, norm = self._reduce(per, prep.w)
@@ -446,11 +478,11 @@ class Engine:
         scale = self._scale(prep, g, res.get("norm"))
         recompute = set(res) <= {"z", "norm"}  # keep="inputs": only the logits were saved
         z = res.get("z")  # the logits as given (for the cap's slope)
-        zc = self.capped(z) if recompute else None
+        zc, lo = self.capped2(z) if recompute else (None, None)
         options = self.cap is not None or self.zl != 0.0
         if prep.path == "sigmoid":
             if recompute:
-                st = F.sigmoid_stats(ops, zc)
+                st = F.sigmoid_stats(ops, zc, lo)
             else:
                 st = F.SigmoidStats(res["p"], res["q"], res.get("nlp"), res.get("nlq"))
             grad = self._chain(F.sigmoid_grad(ops, st, prep.a, prep.b, self.gamma, scale), z)
@@ -459,8 +491,8 @@ class Engine:
             return grad[..., None] if self._unit else grad
         if prep.path == "sparse":
             if recompute:
-                sst = F.softmax_sparse_stats(ops, zc, prep.y)
-                res = dict(sst._asdict(), lse=sst.m[..., 0] + sst.L)
+                sst = F.softmax_sparse_stats(ops, zc, prep.y, lo)
+                res = dict(sst._asdict(), lse=_lse(sst.m, sst.m_lo, sst.L[..., None])[..., 0])
             live = None if w is None else w > 0
             # the ignored rows are zeroed before the scatter: one elementwise pass, not two
             grad = F.softmax_sparse_grad(
@@ -475,10 +507,11 @@ class Engine:
             grad = self._chain(grad, z)
             return grad if live is None else ops.where0(xp.expand_dims(live, axis=-1), grad)
         if recompute:
-            st = F.softmax_stats(ops, zc)
-            res = dict(st._asdict(), zc=zc, lse=(st.m + st.L)[..., 0])
+            st = F.softmax_stats(ops, zc, lo)
+            res = dict(st._asdict(), zc=zc, lse=_lse(st.m, st.m_lo, st.L)[..., 0])
         st = F.SoftmaxStats(
-            res.get("m"), res["Y"], res["mask"], res["sp"], res["n"], res["den"], res.get("L")
+            res.get("m"), res["Y"], res["mask"], res["sp"], res["n"], res["den"], res.get("L"),
+            res.get("z_lo"), res.get("m_lo"),
         )
         grad = F.softmax_dense_grad(ops, res.get("zc"), st, prep.tau, self.gamma, scale)
         if self.zl != 0.0:
@@ -491,6 +524,12 @@ class Engine:
         """``grad`` (with respect to the capped logits) times the cap's slope at the logits ``z``
         as given: the gradient with respect to ``z``.  ``grad`` itself without a cap."""
         return grad if self.cap is None else grad * F.softcap_slope(self.ops, z, self.cap)
+
+
+def _lse(m: Any, m_lo: Any, L: Any) -> Any:
+    """``logsumexp`` of a row from its statistics ``(..., 1)``: ``m + L``, with the row maximum's
+    low part (double-length capped logits) when there is one."""
+    return m + L if m_lo is None else m + (m_lo + L)
 
 
 class _Count:
