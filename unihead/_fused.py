@@ -222,24 +222,6 @@ def capped(ops: Ops, z: Any, cap: float | None) -> tuple[Any, Any]:
     return (z, None) if cap is None else F.softcap2(ops, z, cap)
 
 
-def low_shift(ops: Ops, z: Any, m: Any, z_lo: Any, m_lo: Any) -> Any:
-    """What the low parts of double-length logits add to ``z - m`` (``m`` the row maximum of the
-    high parts, ``m_lo`` its low part): ``z_lo - m_lo``, 0 where ``z == m`` (the maximum's
-    exponential stays exactly 1: a confident row's loss is ``log1p`` of the others' mass).  None
-    without low parts."""
-    if z_lo is None:
-        return None
-    return ops.where0(z < m, z_lo - m_lo)
-
-
-def _exp_shift(ops: Ops, z: Any, m: Any, dl: Any) -> Any:
-    """:func:`unihead.formulas.shifted_exp` of ``z - m`` plus the low parts' share ``dl`` (or
-    None), to first order: ``exp(d + dl) = exp(d) (1 + dl)`` (``dl`` is below an ulp of ``d``'s
-    scale, ``dl**2`` below rounding)."""
-    y = F.shifted_exp(ops, z, m)
-    return y if dl is None else y + y * dl
-
-
 class RowStats(NamedTuple):
     """What one set of classes contributes to each row's softmax (every field ``(N,)``).
 
@@ -252,7 +234,7 @@ class RowStats(NamedTuple):
     accumulation dtype.  ``n``: the number of classes in the set (a number, the same for every
     row).  ``m_lo``, ``zy_lo``: with a soft-cap, the low parts of the double-length capped logits
     ``m`` and ``zy`` (:func:`capped`; ``zy_lo`` is 0 where the target is not in the set; every
-    exponential and ``t`` include the low parts, :func:`low_shift`), else None.
+    exponential and ``t`` include the low parts, :func:`unihead.formulas.low_part_shift`), else None.
 
     Two disjoint sets merge with :func:`merge_stats`; merged over every class, the statistics
     give the loss and the gradient (:func:`finish_rows`).  The merge is associative and
@@ -313,8 +295,8 @@ def chunk_stats(
     m0 = xp.where(m == -float("inf"), ops.scalar(0.0, m), m)
     m_lo = None if z_lo is None else ops.take_last(z_lo, xp.argmax(z, axis=-1))
     m0e = xp.expand_dims(m0, axis=-1)
-    dl = None if z_lo is None else low_shift(ops, z, m0e, z_lo, xp.expand_dims(m_lo, axis=-1))
-    Y = _exp_shift(ops, z, m0e, dl)
+    dl = None if z_lo is None else F.low_part_shift(ops, z, m0e, z_lo, xp.expand_dims(m_lo, axis=-1))
+    Y = F.shifted_exp(ops, z, m0e, dl)
     yl = y - start
     iota = xp.arange(c, dtype=y.dtype, device=ops.device(y))
     hit = xp.expand_dims(yl, axis=-1) == iota  # (N, C): the target's column, if in the chunk
@@ -335,7 +317,7 @@ def chunk_stats(
 
 def _factor(ops: Ops, m_old: Any, m_new: Any, acc: Any, dl: Any = None) -> Any:
     """``exp(m_old - m_new + dl)`` (``m_old <= m_new``; ``dl``: the low parts' share,
-    :func:`low_shift`, or None) in the accumulation dtype: exactly 1 where they are equal (also
+    :func:`unihead.formulas.low_part_shift`, or None) in the accumulation dtype: exactly 1 where they are equal (also
     both ``-inf``), 0 for ``m_old = -inf``; NaN where ``m_new`` is NaN or ``+inf`` (the row is
     NaN, as on the dense path)."""
     xp = ops.xp
@@ -343,7 +325,7 @@ def _factor(ops: Ops, m_old: Any, m_new: Any, acc: Any, dl: Any = None) -> Any:
         d = _acc(ops, m_old, acc) - _acc(ops, m_new, acc)
         f = xp.exp(d if dl is None else d + _acc(ops, dl, acc))
     else:
-        f = _exp_shift(ops, m_old, m_new, dl)  # the subtraction's rounding error restored
+        f = F.shifted_exp(ops, m_old, m_new, dl)  # the subtraction's rounding error restored
     return xp.where(m_old == m_new, xp.ones_like(f), f)
 
 
@@ -355,7 +337,7 @@ def rescale_stats(ops: Ops, st: RowStats, m: Any, m_lo: Any = None) -> RowStats:
     ``zy_lo`` and taking the maximum of ``zy``."""
     xp = ops.xp
     acc = st.s.dtype
-    dl = low_shift(ops, st.m, m, st.m_lo, m_lo)
+    dl = F.low_part_shift(ops, st.m, m, st.m_lo, m_lo)
     f = _factor(ops, st.m, m, acc, dl)
     same = st.m == m
     d = _acc(ops, st.m, acc) - _acc(ops, m, acc)
@@ -425,14 +407,14 @@ def finish_rows(ops: Ops, st: RowStats, spec: RowSpec) -> RowFinal:
     out = st.m.dtype
     m, zy = _acc(ops, st.m, acc), _acc(ops, st.zy, acc)
     gap = zy - m  # exact in float64 (float32 operands); -inf for a masked target
-    dly = low_shift(ops, st.zy, st.m, st.zy_lo, st.m_lo)  # 0 where the target is the maximum
+    dly = F.low_part_shift(ops, st.zy, st.m, st.zy_lo, st.m_lo)  # 0 where the target is the maximum
     if dly is not None:
         gap = gap + _acc(ops, dly, acc)
     S = st.s + st.s_lo
     if acc != st.m.dtype:
         Yy = xp.exp(gap)
     else:
-        Yy = _exp_shift(ops, st.zy, st.m, dly)
+        Yy = F.shifted_exp(ops, st.zy, st.m, dly)
     den = Yy + S
     L = xp.where(gap == 0, xp.log1p(S), xp.log(den))
     dsum = (st.t + st.t_lo) if eps != 0.0 else None
@@ -477,7 +459,7 @@ def chunk_grad(
     c = z.shape[-1]
     zc, z_lo = capped(ops, z, spec.cap)
     m0 = xp.expand_dims(xp.where(fin.m == -float("inf"), ops.scalar(0.0, fin.m), fin.m), axis=-1)
-    Y = _exp_shift(ops, zc, m0, low_shift(ops, zc, m0, z_lo, xp.expand_dims(fin.m_lo, axis=-1)))
+    Y = F.shifted_exp(ops, zc, m0, F.low_part_shift(ops, zc, m0, z_lo, xp.expand_dims(fin.m_lo, axis=-1)))
     r = scale * fin.mult
     yl = y - start
     iota = xp.arange(c, dtype=y.dtype, device=ops.device(y))
