@@ -218,6 +218,11 @@ class Ops:
         return xp.minimum(x, self.scalar(0.0, x)) - xp.log1p(xp.exp(-xp.abs(x)))
 
     # -- indexing along the class axis --------------------------------------------------------
+    def ones_rows(self, x: Any) -> Any:
+        """Ones shaped like ``x[..., 0]``, in ``x``'s dtype and on its device (``x``'s leading
+        dimensions may be unknown while a graph is traced)."""
+        return self.xp.ones_like(x[..., 0])
+
     def take_last(self, x: Any, idx: Any) -> Any:
         """``x[..., idx]`` for one index per row: ``(..., K), (...) -> (...)``."""
         xp = self.xp
