@@ -501,10 +501,18 @@ class FusedHeadModel(keras.Model):
         formed), all but the metrics compiled with the model."""
         if not self.__dict__.get("_fused_step", False):
             return super().compute_metrics(x, y, y_pred, sample_weight)
-        compiled_metrics = getattr(self, "_compile_metrics", None)
+        return self._results(lambda metric, compiled: metric is compiled)
+
+    def get_metrics_result(self) -> dict:
+        """Keras' metric results, without the compiled metrics while no evaluation has built
+        them (only training steps ran)."""
+        return self._results(lambda metric, compiled: metric is compiled and not metric.built)
+
+    def _results(self, skip: Any) -> dict:
+        compiled = getattr(self, "_compile_metrics", None)
         results: dict = {}
         for metric in self.metrics:
-            if metric is compiled_metrics:
+            if skip(metric, compiled):
                 continue
             value = metric.result()
             results.update(value if isinstance(value, dict) else {metric.name: value})
