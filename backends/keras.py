@@ -18,11 +18,14 @@ NumPy backend.  What a Keras user gets:
 * ``compiled.keras_metrics()`` -> ``[HeadAccuracy]``: accuracy under the head's decision rule
   (the compiled head's ``predict``);
 * ``compiled.compile_model(model, optimizer)`` puts all three into ``model.compile``;
+* ``compiled.linear_loss(hidden, kernel, labels, bias)`` (the fused linear + loss, without the
+  ``(N, V)`` logits) on Keras tensors, and :class:`FusedHeadModel`, a ``keras.Model`` ``backbone
+  -> HeadDense`` whose ``fit`` trains with it (``predict`` still emits logits);
 * :class:`GradientAccumulation` wraps a Keras optimizer: it applies one update every ``steps``
   micro-batches with the whole window's weighted-mean gradient (``model.fit`` as usual), in place
   of ``gradient_accumulation_steps=``, which averages the micro-batches' mean gradients uniformly.
 
-All four are registered Keras serializables (package ``"unihead"``): a model saved with
+All five are registered Keras serializables (package ``"unihead"``): a model saved with
 ``model.save("m.keras")`` loads with ``keras.models.load_model`` without ``custom_objects`` once
 ``unihead`` is imported (``import unihead`` registers them when Keras is imported, without
 importing Keras itself).  The layer and the loss keep the options of the compiled head they
