@@ -285,3 +285,26 @@ def test_hostile_inputs_get_uniheads_errors():
         unihead.compile(H.multiclass(300, label_format="one_hot"), "keras").linear_loss(h, w, np.eye(300)[yy], b)
     with pytest.raises(ValueError, match="labels"):
         model.fit(x, epochs=1, verbose=0)
+
+
+def test_gradient_accumulation_weighs_the_fused_micro_batches_as_the_dense_ones():
+    """GradientAccumulation (the window's weighted-mean gradient) reads each micro-batch's loss
+    weight from the model's loss: FusedHeadModel reports it as HeadLoss does, so two micro-batches
+    make the dense model's update."""
+    from unihead.backends.keras import GradientAccumulation
+
+    head = H.multiclass(300, label_smoothing=0.1, ignore_index=-100)
+    dense, fused = pair(head)
+    for model in (dense, fused):
+        loss = model.loss if model is dense else None
+        model.compile(GradientAccumulation(keras.optimizers.SGD(LR), steps=2), loss=loss)
+    x, y, sw = inputs()
+    y[:16:2] = -100  # the micro-batches weigh differently
+    before = dense.get_weights()
+    for model in (dense, fused):
+        model.fit(x, y, sample_weight=sw, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    n_terms = max(len(x), head.num_outputs, F, D)
+    for w0, wd, wf in zip(before, dense.get_weights(), fused.get_weights()):
+        g = np.abs(wd - w0).max() / LR
+        assert g > 0
+        assert np.all(np.abs(wf - wd) <= LR * n_terms * U * g + 2 * U * np.abs(wd)), np.abs(wf - wd).max()
