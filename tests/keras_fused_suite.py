@@ -52,9 +52,11 @@ def value_and_grads(fn, *arrays):
     if BACKEND == "jax":  # under jit, as JAX code runs (and Keras' JAX trainer)
         import jax
 
-        args = [jax.numpy.asarray(a) for a in arrays]
-        grad = jax.grad(lambda *a: fn(*a).sum(), argnums=tuple(range(len(args))))
-        out, grads = jax.jit(lambda *a: (fn(*a), grad(*a)))(*args)
+        def both(*a):  # one forward pass: its value and the pullback of ones (the sum's gradient)
+            out, pullback = jax.vjp(fn, *a)
+            return out, pullback(jax.numpy.ones_like(out))
+
+        out, grads = jax.jit(both)(*[jax.numpy.asarray(a) for a in arrays])
         return f64(out), [f64(g) for g in grads]
     if BACKEND == "torch":
         import torch
