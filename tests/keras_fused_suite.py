@@ -310,3 +310,24 @@ def test_gradient_accumulation_weighs_the_fused_micro_batches_as_the_dense_ones(
         g = np.abs(wd - w0).max() / LR
         assert g > 0
         assert np.all(np.abs(wf - wd) <= LR * n_terms * U * g + 2 * U * np.abs(wd)), np.abs(wf - wd).max()
+
+
+def test_mixed_bfloat16_trains_on_the_same_loss():
+    """Under Keras' mixed_bfloat16 policy the head layer computes in bfloat16: its fused loss
+    takes bfloat16 hidden states and the kernel cast as Dense casts it (bfloat16 matmuls, the
+    loss in float32), the same bfloat16 logits as the dense layer's, so the step's loss is the
+    dense model's within test_fused.py's bfloat16 bound (8 u |loss|)."""
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        head = H.multiclass(300, label_smoothing=0.1, ignore_index=-100)
+        dense, fused = pair(head)
+        x, y, sw = inputs()
+        hidden = fused.backbone(x)
+        assert str(ops.dtype(hidden)) == "bfloat16"
+        assert str(ops.dtype(fused.head_layer.linear_loss(hidden, y, sw))) == "float32"
+        logs = [m.fit(x, y, sample_weight=sw, batch_size=len(x), epochs=1, shuffle=False, verbose=0).history["loss"][0]
+                for m in (dense, fused)]
+        assert abs(logs[1] - logs[0]) <= 8 * U * abs(logs[0]), logs
+        assert all(np.isfinite(w).all() for w in fused.get_weights())
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
