@@ -102,6 +102,21 @@ class JaxOps(Ops):
             x, idx[..., None], values[..., None].astype(x.dtype), axis=-1, inplace=False
         )
 
+    def ones_rows(self, x: Any) -> Any:
+        # not from the slice x[..., 0], which JAX refuses where the class axis is split over a
+        # mesh's explicit axes (a slice of a sharded dimension narrower than the mesh axis)
+        return jnp.ones_like(x, shape=x.shape[:-1])
+
+    def take_last(self, x: Any, idx: Any) -> Any:
+        sharding = _explicit_sharding(x)
+        if sharding is not None and sharding.spec[-1:] != (None,) and len(sharding.spec) == x.ndim:
+            # the class axis is split over devices: a gather along it has no placement by type;
+            # the one-hot select and a sum over the classes (exact: one term is not 0) does
+            k = x.shape[-1]
+            hit = jnp.arange(k, dtype=idx.dtype) == idx[..., None]
+            return jnp.sum(jnp.where(hit, x, jnp.zeros((), x.dtype)), axis=-1)
+        return super().take_last(x, idx)
+
     def unsharded(self, x: Any) -> Any:
         # halves of the batch axis that do not split evenly over the devices: the per-example
         # values (a number an example) are gathered, and the sum is the single-device one

@@ -11,7 +11,8 @@ JAX with one):
 * a plain ``jax.jit`` of ``compiled.loss`` over logits sharded on the class axis
   (``NamedSharding(mesh, P(None, "vocab"))``) and of ``compiled.loss(x @ W + b)`` with ``W`` sharded
   by columns: the same values, and the compiled program gathers no ``(N, V)`` array (its HLO
-  has no all-gather of that shape).
+  has no all-gather of that shape); the same on a mesh of *explicit* axes (``jax.make_mesh``'s
+  default, where shardings are part of the arrays' types), batch and classes both split.
 
 Against the float64 reference of tests/vocab_cases.py with the tolerance table (docs/semantics.md
 §11); the linear case against float64 NumPy of the same formula, bound: twice the unsharded
@@ -61,10 +62,9 @@ def _child() -> dict:
 
     start = time.perf_counter()
     assert len(jax.devices()) == DEVICES, jax.devices()
-    # automatic axes: under explicit ones JAX refuses the dense loss's gather along a sharded class
-    # axis (the report of issue 18, part 3)
     mesh = jax.make_mesh((DEVICES,), ("vocab",), axis_types=(jax.sharding.AxisType.Auto,))
     cols = NamedSharding(mesh, P(None, "vocab"))
+    explicit = jax.make_mesh((2, DEVICES // 2), ("data", "vocab"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
     tolist = lambda a: np.asarray(a, np.float64).tolist()
     report: dict = {"cases": {}, "hlo": {}}
     for name in CASES:
@@ -84,7 +84,13 @@ def _child() -> dict:
             # the plain jit of the unsharded loss over the class-sharded logits
             dense = both(lambda z, *a: c.loss(z, *a, normalizer=norm)).lower(zs, y, *extra).compile()
             dv, dg = dense(zs, y, *extra)
-            report["cases"][f"{name}|{norm}"] = {"shard_map": [tolist(per), tolist(g)], "jit": [tolist(dv), tolist(dg)]}
+            # explicit axes, batch over 2 devices and classes over 4: shardings are types there
+            with jax.set_mesh(explicit):
+                put = lambda a, *spec: jax.device_put(a, NamedSharding(explicit, P(*spec)))
+                ea = (put(y, "data"),) + (() if sw is None else (put(sw, "data"),))
+                ev, eg = both(lambda z, *a: c.loss(z, *a, normalizer=norm))(put(z, "data", "vocab"), *ea)
+            report["cases"][f"{name}|{norm}"] = {"shard_map": [tolist(per), tolist(g)], "jit": [tolist(dv), tolist(dg)],
+                                                 "explicit jit": [tolist(ev), tolist(eg)]}
             if norm is None:
                 hlo = dense.as_text()
                 report["hlo"][name] = _gathers(hlo)
@@ -103,6 +109,10 @@ def _child() -> dict:
     v, g = plain(*args)
     report["linear_jit"] = [float(v), *(tolist(t) for t in g)]
     report["hlo"]["linear"] = _gathers(plain.lower(*args).compile().as_text())
+    with jax.set_mesh(explicit):
+        put = lambda a, *spec: jax.device_put(a, NamedSharding(explicit, P(*spec)))
+        v, g = plain(put(x, "data", None), put(W, None, "vocab"), put(b, "vocab"), put(y, "data"))
+    report["linear_explicit"] = [float(v), *(tolist(t) for t in g)]
     v, g = jax.jit(jax.value_and_grad(lambda x, w, bb, y: c.loss(x @ w + bb, y), argnums=(0, 1, 2)))(x, W, b, y)
     report["linear_one_device"] = [float(v), *(tolist(t) for t in g)]
     # errors: no axis bound; uneven default shards
@@ -144,7 +154,7 @@ def test_shard_map_and_sharded_jit_give_the_unsharded_loss(devices, name):
         if case != name:
             continue
         ref = reference(name, z, y, sw, None if norm == "None" else float(norm))
-        for how in ("shard_map", "jit"):
+        for how in ("shard_map", "jit", "explicit jit"):
             loss, grad = (np.asarray(a) for a in r[how])
             assert ulp_error(loss, ref["loss"]) <= tolerance(name, "loss"), (key, how)
             err = ulp_error(grad, ref["grad"], scale=ref["scale"])
@@ -169,8 +179,9 @@ def test_shard_map_column_parallel_linear(devices):
         err_one = np.max(np.abs(np.asarray(one[i]) - ref[i]))
         err = np.max(np.abs(np.asarray(got[i]) - ref[i]))
         assert err <= 2 * err_one + 4 * np.max(np.spacing(np.abs(np.float32(ref[i])))), (i, err, err_one)
-        err_jit = np.max(np.abs(np.asarray(devices["linear_jit"][i]) - ref[i]))
-        assert err_jit <= 2 * err_one + 4 * np.max(np.spacing(np.abs(np.float32(ref[i])))), (i, err_jit)
+        for how in ("linear_jit", "linear_explicit"):
+            err_jit = np.max(np.abs(np.asarray(devices[how][i]) - ref[i]))
+            assert err_jit <= 2 * err_one + 4 * np.max(np.spacing(np.abs(np.float32(ref[i])))), (how, i, err_jit)
 
 
 def test_errors_say_what_to_write(devices):

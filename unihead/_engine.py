@@ -258,7 +258,7 @@ class Engine:
         ops, xp, head = self.ops, self.ops.xp, self.head
         multilabel = head.task == "multilabel"
         if ones is None:
-            ones = (lambda: xp.ones_like(z)) if multilabel else (lambda: xp.ones_like(z[..., 0]))
+            ones = (lambda: xp.ones_like(z)) if multilabel else (lambda: ops.ones_rows(z))
         shape = tuple(z.shape) if multilabel else tuple(z.shape[:-1])
         cw = None if head.class_weights is None else ops.asarray(head.class_weights, like=z)
         w = None

@@ -218,6 +218,11 @@ class Ops:
         return xp.minimum(x, self.scalar(0.0, x)) - xp.log1p(xp.exp(-xp.abs(x)))
 
     # -- indexing along the class axis --------------------------------------------------------
+    def ones_rows(self, x: Any) -> Any:
+        """Ones shaped like ``x[..., 0]``, in ``x``'s dtype and on its device (``x``'s leading
+        dimensions may be unknown while a graph is traced)."""
+        return self.xp.ones_like(x[..., 0])
+
     def take_last(self, x: Any, idx: Any) -> Any:
         """``x[..., idx]`` for one index per row: ``(..., K), (...) -> (...)``."""
         xp = self.xp
@@ -326,29 +331,45 @@ class Ops:
     def compensated_total(self, x: Any) -> Any:
         """Sum of every element without a wider type: pairwise over contiguous halves, each
         level's rounding errors recovered exactly (TwoSum) and carried, added pairwise with the
-        next level's, to the end (one elementwise step per level, no reduction per level).
-        Nearly correctly rounded; infinities and NaN come through as in a plain sum."""
+        next level's, to the end (one elementwise step per level, no reduction per level).  A
+        level of odd length sets its last partial sum (and its carried error) aside; those, at
+        most one a level, are added at the end with their TwoSum errors (no padding to a power
+        of two: no copy of the input, and XLA's temporary buffers stay below a plain sum's
+        elementwise terms).  Nearly correctly rounded; infinities and NaN come through as in a
+        plain sum."""
         xp = self.xp
         if len(x.shape) > 1 and x.shape[-1] != 1:  # the class axis with the library's pairwise sum
             x = xp.sum(x, axis=-1)  # (a length-1 axis is dropped, not reduced: compilers make a
         x = self.unsharded(xp.reshape(x, (-1,)))  # reduction over it a scalar loop)
         if x.shape[0] == 0:
             return xp.sum(x)
-        size = 1
-        while size < x.shape[0]:
-            size *= 2
-        if size != x.shape[0]:  # zeros up to a power of two (fewer than there are elements)
-            x = xp.concat([x, xp.zeros_like(x[: size - x.shape[0]])])
+
+        def exact(e: Any) -> Any:  # inf - inf in an error term is not an error
+            return self.where0(xp.isfinite(e), e)
+
         err = None
+        aside: list[tuple[Any, Any]] = []  # (partial sum, its carried error or None)
         while x.shape[0] > 1:
+            n = x.shape[0]
+            if n % 2:
+                aside.append((x[n - 1], None if err is None else err[n - 1]))
+                x = x[: n - 1]
+                err = None if err is None else err[: n - 1]
             half = x.shape[0] // 2
             a, b = x[:half], x[half:]
             s = a + b
-            e = two_sum_error(a, b, s)
-            e = self.where0(xp.isfinite(e), e)  # inf - inf in an error term is not an error
+            e = exact(two_sum_error(a, b, s))
             err = e if err is None else e + (err[:half] + err[half:])
             x = s
-        return x[0] if err is None else x[0] + err[0]
+        total, err = x[0], (None if err is None else err[0])
+        for value, carried in aside:
+            s = total + value
+            e = exact(two_sum_error(total, value, s))
+            for extra in (e, carried):
+                if extra is not None:
+                    err = extra if err is None else err + extra
+            total = s
+        return total if err is None else total + err
 
     def pow2(self, n: Any) -> Any:
         """``2**n`` for integer-valued ``n`` in ``[-127, 127]`` (a float32 array), exactly 0 at
