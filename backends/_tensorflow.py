@@ -84,6 +84,10 @@ class TFNamespace:
     @staticmethod
     def log(x: Any) -> Any:
         return _via_float64(tf.math.log, x)
+
+    @staticmethod
+    def tanh(x: Any) -> Any:  # Eigen's float32 tanh is a rational approximation: as log, log1p
+        return _via_float64(tf.math.tanh, x)
     abs = staticmethod(tf.abs)
     sign = staticmethod(tf.sign)
     round = staticmethod(tf.round)

@@ -6,7 +6,10 @@ meets every logit regime (ordinary; large scale +-30 and +-1e4; huge, +-1e12, wh
 spacing exceeds exp's underflow gap; a confident correct class whose
 true loss is tiny; ties; -inf masked classes where defined; leading dimensions (N, T, K)), in
 float32, float64 and bfloat16 inputs.  Class counts: 1 and 2 outputs for binary heads; 2, 3, 10,
-1000 and 32000 for the others.
+1000 and 32000 for the others.  The z-loss and logit soft-capping options get cases of their own
+(:data:`ZSOFT_HEADS`: several coefficients and caps, alone and with smoothing, weights, ignored
+labels and focal loss, through the logit regimes, where ``+-30``, ``+-1e4`` and ``+-1e12`` saturate
+the caps' ``tanh``).
 """
 
 from __future__ import annotations
@@ -246,9 +249,76 @@ def generate(seed: int = 0, quick: bool = False, tasks: tuple[str, ...] | None =
                     z = _round_to(regime_logits(regime, (n, k), rng, head.activation == "softmax"), "float32")
                     y = _exact(_labels(head, z, rng, regime == "confident"), "float32")
                     cases.append(Case(f"{head!r}/K{k}/{regime}/float32", head, "float32", regime, z, y, None))
+    cases += _zsoft_cases(seed, quick)
     if tasks:
         cases = [c for c in cases if c.head.task in tasks]
     return cases
+
+
+#: (name, task, spec options, with sample weights) of the z-loss / soft-cap cases: each
+#: coefficient and cap alone, and with the options they interact with (smoothing, class and
+#: positive weights, ignored labels, focal loss, each reduction).  ``class_weights`` and
+#: ``pos_weight`` ``True``: drawn per case, as above.
+ZSOFT_HEADS: tuple[tuple[str, str, dict, bool], ...] = (
+    ("multiclass-sparse/zloss", "multiclass", {"num_classes": 10, "z_loss": 1e-4}, False),
+    ("multiclass-sparse/softcap", "multiclass", {"num_classes": 10, "logit_softcap": 30.0}, False),
+    ("multiclass-sparse/zsoft-all", "multiclass", {
+        "num_classes": 3, "z_loss": 0.01, "logit_softcap": 5.0, "label_smoothing": 0.1,
+        "class_weights": True, "ignore_index": -100}, True),
+    ("multiclass-one_hot/zsoft-focal", "multiclass", {
+        "num_classes": 10, "label_format": "one_hot", "z_loss": 1e-3, "logit_softcap": 15.0,
+        "focal_gamma": 2.0, "reduction": "sum"}, False),
+    ("multiclass-probabilities/zloss-none", "multiclass", {
+        "num_classes": 3, "label_format": "probabilities", "z_loss": 0.5, "reduction": "none"}, False),
+    ("binary-binary-2u/zsoft", "binary", {
+        "binary_units": 2, "z_loss": 0.01, "logit_softcap": 2.5, "pos_weight": True, "ignore_index": -1}, True),
+    ("binary-binary-1u/softcap", "binary", {"logit_softcap": 0.75, "label_smoothing": 0.1}, False),
+    ("multilabel-multi_hot/softcap", "multilabel", {
+        "num_classes": 10, "logit_softcap": 5.0, "pos_weight": True, "class_weights": True,
+        "reduction": "sum"}, True),
+    ("multilabel-probabilities/softcap-focal", "multilabel", {
+        "num_classes": 3, "label_format": "probabilities", "logit_softcap": 50.0, "focal_gamma": 0.5}, False),
+)
+
+
+def _zsoft_cases(seed: int, quick: bool) -> list[Case]:
+    """The cases of :data:`ZSOFT_HEADS` (``quick``: ordinary logits, float32)."""
+    out: list[Case] = []
+    for name, task, opts, weighted in ZSOFT_HEADS:
+        rng = np.random.default_rng([seed, zlib.crc32(name.encode()), 18])
+        kw = dict(opts)
+        k = 2 if task == "binary" else kw["num_classes"]
+        if kw.get("class_weights") is True:
+            kw["class_weights"] = _class_weights(k, rng)
+        if kw.get("pos_weight") is True:
+            kw["pos_weight"] = float(np.round(rng.uniform(0.5, 3.0), 3)) if task == "binary" else [
+                float(v) for v in np.round(rng.uniform(0.5, 3.0, k), 3)]
+        head = ClassificationHead(task, **kw)
+        softmax = head.activation == "softmax"
+        regimes = ("ordinary",) if quick else ("ordinary", "large30", "large1e4", "huge", "confident",
+                                               "ties", "masked")
+        for regime in regimes:
+            if regime == "masked" and not softmax:
+                continue
+            dtypes = ["float32"] + (["float64"] if not quick and regime in ("ordinary", "confident") else [])
+            for dtype in dtypes:
+                shape = (6, head.num_outputs)
+                z = _round_to(regime_logits(regime, shape, rng, softmax), dtype)
+                y = _exact(_labels(head, z, rng, regime == "confident"), dtype)
+                sw = None
+                if weighted:
+                    full = shape[:-1] + ((k,) if task == "multilabel" else ())
+                    sw = _exact(np.round(rng.uniform(0.0, 2.0, full), 3), dtype)
+                    sw.reshape(-1)[::5] = 0.0
+                out.append(Case(f"{name}/K{head.num_outputs}/{regime}/{dtype}", head, dtype, regime, z, y, sw))
+    if not quick:  # a language-model head: PaLM's coefficient, Gemma 2's cap, a large vocabulary
+        head = ClassificationHead.multiclass(32000, z_loss=1e-4, logit_softcap=30.0, ignore_index=-100)
+        for regime in ("ordinary", "confident"):
+            rng = np.random.default_rng([seed, 32000, 18, len(regime)])
+            z = _round_to(regime_logits(regime, (4, 32000), rng, True), "float32")
+            y = _exact(_labels(head, z, rng, regime == "confident"), "float32")
+            out.append(Case(f"{head!r}/K32000/{regime}/float32", head, "float32", regime, z, y, None))
+    return out
 
 
 def _dead_rows(case: Case) -> np.ndarray:

@@ -10,7 +10,9 @@ representable in float64 (down to 1e-330, after cancellations between terms up t
 exact to at least 50 digits.  It is slow (pure Python, one row at a time) and meant for small
 cases; :mod:`unihead.conformance` derives float64 values for large cases from it.
 
-Conventions written in docs/semantics.md: ``0 * log 0 = 0``; a softmax row with ``+inf`` or NaN,
+Conventions written in docs/semantics.md: a soft-capped head reads ``s * tanh(z / s)`` (``s`` in
+the logits' dtype) wherever it reads logits, ``+-inf`` giving ``+-s``; the z-loss adds
+``c * logsumexp(z)**2`` to each example's loss before weighting; ``0 * log 0 = 0``; a softmax row with ``+inf`` or NaN,
 or with every logit ``-inf``, is undefined (NaN); sigmoid logits ``+-inf`` are limits; an example
 with weight 0 contributes exactly 0 to the loss and its gradient.
 """
@@ -107,7 +109,32 @@ class MPReference:
         return p, q, -mpmath.log(1 + mpmath.exp(-v)), -mpmath.log(1 + mpmath.exp(v))
 
     def _rows(self, z: np.ndarray) -> list[list[Any]]:
-        return [[_mp(v) for v in row] for row in z.reshape(-1, z.shape[-1])]
+        """The logits the head reads, row by row: soft-capped when the head says so."""
+        rows = [[_mp(v) for v in row] for row in z.reshape(-1, z.shape[-1])]
+        s = self._cap(z)
+        if s is None:
+            return rows
+        return [[v if _isnan(v) else s * mpmath.tanh(v / s) for v in row] for row in rows]
+
+    def _cap(self, z: np.ndarray) -> Any:
+        """The cap ``s`` as the compute dtype holds it (float32 for float32/bfloat16 logits), or None."""
+        cap = self.head.logit_softcap
+        if cap is None:
+            return None
+        return _mp(np.float64(cap) if np.asarray(z).dtype == np.float64 else np.float32(cap))
+
+    def _slopes(self, z: np.ndarray) -> list[list[Any]] | None:
+        """``d/dz s tanh(z / s) = 1 / cosh(z / s)**2`` per logit (0 at +-inf), or None without a cap."""
+        s = self._cap(z)
+        if s is None:
+            return None
+        out = []
+        for row in z.reshape(-1, z.shape[-1]):
+            out.append([
+                _NAN if math.isnan(v) else mpmath.mpf(0) if math.isinf(v) else 1 / mpmath.cosh(_mp(v) / s) ** 2
+                for v in row
+            ])
+        return out
 
     def probabilities(self, z: np.ndarray) -> np.ndarray:
         with mpmath.workdps(DIGITS):
@@ -131,9 +158,21 @@ class MPReference:
 
     def predict(self, z: np.ndarray) -> np.ndarray:
         head = self.head
-        if head.task == "multiclass":
+        if head.task == "multiclass":  # s tanh(z / s) is increasing: the same first maximum
             return np.array([int(np.argmax(r)) for r in z.reshape(-1, z.shape[-1])]).reshape(z.shape[:-1])
         cut = z.dtype.type(math.log(head.threshold / (1 - head.threshold)))
+        if head.logit_softcap is not None:  # compared exactly on the capped logits
+            with mpmath.workdps(DIGITS):
+                c = self._rows(z)
+                if head.task == "binary" and head.binary_units == 2:
+                    # s tanh(z / s) is increasing: at cut 0, z1 > z0 decides (the capped values of
+                    # huge logits differ below any working precision)
+                    out = [int(r[1] - r[0] > _mp(cut)) if cut != 0 else int(zr[1] > zr[0])
+                           for r, zr in zip(c, z.reshape(-1, 2))]
+                    return np.array(out, np.int64).reshape(z.shape[:-1])
+                out = [[int(v > _mp(cut)) for v in r] for r in c]
+                shape = z.shape[:-1] if head.task == "binary" else z.shape
+                return np.array(out, np.int64).reshape(shape)
         if head.task == "binary":
             d = (z[..., 1] - z[..., 0]) if head.binary_units == 2 else z[..., 0]
             return (d > cut).astype(np.int64)
@@ -218,13 +257,17 @@ class MPReference:
         gamma = _mp(head.focal_gamma)
         with mpmath.workdps(DIGITS):
             rows = self._rows(z)
+            slopes = self._slopes(z)
             targets = self._targets(labels, lead, sample_weight)
             per, dper, sizes, weights = [], [], [], []
-            for row, (tgt, w) in zip(rows, targets):
+            for i, (row, (tgt, w)) in enumerate(zip(rows, targets)):
                 if head.activation == "softmax":
                     l, d, sz = self._softmax_loss(row, tgt, gamma, w)
                 else:
                     l, d, sz = self._sigmoid_loss(row, tgt, gamma, w)
+                if slopes is not None:  # the chain rule through the cap
+                    d = [g * c for g, c in zip(d, slopes[i])]
+                    sz = [g * c for g, c in zip(sz, slopes[i])]
                 per.append(l)
                 dper.append(d)
                 sizes.append(sz)
@@ -272,6 +315,10 @@ class MPReference:
             return -tau[c] * q[c] ** gamma * logp[c]
 
         loss = w * mpmath.fsum(term(c) for c in range(k))
+        zc = _mp(self.head.z_loss)
+        lse = mpmath.log(mpmath.fsum(mpmath.exp(v) for v in z)) if zc != 0 else 0  # PaLM's log Z
+        if zc != 0:
+            loss = loss + w * zc * lse**2
         # d/dz_j of -(1-p_c)^gamma log p_c = -(delta_cj - p_j) g_c,
         # g_c = (1-p_c)^gamma - gamma p_c (1-p_c)^(gamma-1) log p_c
         g = []
@@ -288,8 +335,9 @@ class MPReference:
         grad, size = [], []
         for j in range(k):
             others = mpmath.fsum(v[:j] + v[j + 1 :])
-            grad.append(w * (p[j] * others - v[j] * q[j]))
-            size.append(w * max(p[j] * others, v[j] * q[j]))
+            zterm = 2 * zc * lse * p[j]  # d(c lse**2)/dz_j
+            grad.append(w * (p[j] * others - v[j] * q[j] + zterm))
+            size.append(w * max(p[j] * others, v[j] * q[j], abs(zterm)))
         return loss, grad, size
 
     def _sigmoid_loss(self, z: list[Any], tgt: Any, gamma: Any, w: Any):
@@ -370,12 +418,33 @@ class F64Reference:
             logq = -np.where(z >= 0, z + np.log1p(np.exp(-z)), np.log1p(np.exp(z)))
             return p, q, logp, logq
 
-    def probabilities(self, z: np.ndarray) -> np.ndarray:
+    def _capped(self, z: Any) -> np.ndarray:
+        """The logits the head reads, in float64: ``s * tanh(z / s)`` with the cap ``s`` as the
+        compute dtype holds it (float32 for float32/bfloat16 logits)."""
+        dt = np.asarray(z).dtype
         z = np.asarray(z, np.float64)
+        cap = self.head.logit_softcap
+        if cap is None:
+            return z
+        s = float(np.float64(cap) if dt == np.float64 else np.float32(cap))
+        return s * np.tanh(z / s)
+
+    def _slope(self, z: Any) -> np.ndarray | float:
+        """``1 / cosh(z / s)**2`` (the cap's derivative; 0 at +-inf), or 1 without a cap."""
+        cap = self.head.logit_softcap
+        if cap is None:
+            return 1.0
+        dt = np.asarray(z).dtype
+        s = float(np.float64(cap) if dt == np.float64 else np.float32(cap))
+        with np.errstate(over="ignore"):
+            return 1.0 / np.cosh(np.asarray(z, np.float64) / s) ** 2
+
+    def probabilities(self, z: np.ndarray) -> np.ndarray:
+        z = self._capped(z)
         return self._softmax(z)[0] if self.head.activation == "softmax" else self._sigmoid(z)[0]
 
     def log_probabilities(self, z: np.ndarray) -> np.ndarray:
-        z = np.asarray(z, np.float64)
+        z = self._capped(z)
         return self._softmax(z)[1] if self.head.activation == "softmax" else self._sigmoid(z)[2]
 
     # -- targets ------------------------------------------------------------------------
@@ -420,7 +489,8 @@ class F64Reference:
     def evaluate(self, z: Any, labels: Any, sample_weight: Any = None) -> dict[str, Any]:
         """Like :meth:`MPReference.evaluate`, as float64 arrays."""
         head = self.head
-        z = np.asarray(z, np.float64)
+        slope = self._slope(z)
+        z = self._capped(z)
         labels = np.asarray(labels)
         lead = z.shape[:-1]
         if head.task == "binary" and labels.shape == lead + (1,):
@@ -448,6 +518,12 @@ class F64Reference:
                 others = np.where(first, np.where(first, 0.0, v).sum(-1, keepdims=True), v.sum(-1, keepdims=True) - v)
                 t1, t2 = p * others, v * q
                 dper, size = t1 - t2, np.maximum(np.abs(t1), np.abs(t2))
+                if head.z_loss:  # + c lse**2 per example; its gradient 2 c lse p
+                    m = z.max(-1, keepdims=True)
+                    lse = m + np.log(np.exp(z - m).sum(-1, keepdims=True))
+                    per = per + head.z_loss * lse[..., 0] ** 2
+                    t3 = 2.0 * head.z_loss * lse * p
+                    dper, size = dper + t3, np.maximum(size, np.abs(t3))
                 wv = np.where(w > 0, w * per, 0.0)
                 w_el = w[..., None]
             else:
@@ -474,6 +550,6 @@ class F64Reference:
                 loss = total / wsum if wsum > 0 else 0.0
                 scale = 1.0 / wsum if wsum > 0 else 0.0
             k = z.shape[-1] if head.activation == "sigmoid" else 1  # per-example value: mean over labels
-            grad = np.where(w_el > 0, w_el * dper, 0.0) * scale / k
-            gsize = np.where(w_el > 0, w_el * size, 0.0) * scale / k
+            grad = np.where(w_el > 0, w_el * dper * slope, 0.0) * scale / k
+            gsize = np.where(w_el > 0, w_el * size * slope, 0.0) * scale / k
         return {"none": wv, "loss": np.asarray(loss, np.float64), "grad": grad, "grad_scale": gsize}

@@ -280,7 +280,7 @@ def table_verdicts():
     doc = (ROOT / "docs" / "semantics.md").read_text()
     table = {}
     for line in doc.splitlines():
-        m = re.match(r"\| (mc\d+|b\d+|ml\d+) \|", line)
+        m = re.match(r"\| (mc\d+|b\d+|ml\d+|sc\d+|zl\d+) \|", line)
         if m:
             cells = [c.strip() for c in line.strip("|").split("|")]
             table[m.group(1)] = {fw: not cell.startswith("none") for fw, cell in zip(("torch", "keras"), cells[2:4])}
@@ -318,6 +318,10 @@ TABLE_HEADS = {  # the rows that are a head (and sample weights); mc13 (leading 
     "ml6": (H.multilabel(K, label_smoothing=0.1), None),
     "ml7": (H.multilabel(K, focal_gamma=2.0), None),
     "ml8": (H.multilabel(K, label_format="probabilities"), None),
+    "sc1": (H.multiclass(K, logit_softcap=2.5), None),
+    "sc2": (H.multilabel(K, logit_softcap=2.5), None),
+    "zl1": (H.multiclass(K, z_loss=0.01), None),
+    "zl2": (H.multiclass(K, z_loss=0.01, ignore_index=-100, class_weights=W5), None),
 }
 
 

@@ -35,7 +35,7 @@ def test_a_head_without_names_is_still_version_1():
     d = H.multiclass(3).to_dict()
     assert d["version"] == 1 and "class_names" not in d
     assert H.from_dict({"task": "multiclass", "num_classes": 3, "version": 1}) == H.multiclass(3)
-    with pytest.raises(HeadSpecError, match="'class_names' is a key of spec version 2"):
+    with pytest.raises(HeadSpecError, match="'class_names' is new in spec version 2"):
         H.from_dict({"task": "multiclass", "num_classes": 3, "version": 1, "class_names": list(NAMES)})
     with pytest.raises(HeadSpecError, match="spec version 3.*Upgrade unihead"):
         H.from_dict({"task": "multiclass", "num_classes": 3, "version": 3})

@@ -34,6 +34,7 @@ Z3 = RNG.normal(size=(3, 4, K)) * 2
 Y3 = RNG.integers(0, K, (3, 4))
 Y_IGN = np.where(np.arange(N) % 3 == 1, -100, Y)
 EPS, GAMMA, ALPHA, PW = 0.1, 2.0, 0.25, 3.0
+CAP = 2.5  # logit_softcap: small enough that the cap changes every loss
 PWM = np.array([1.0, 2.0, 0.5, 4.0, 1.5])
 
 
@@ -225,6 +226,21 @@ ROWS = {
         "keras": keras_call(lambda L, f: L.BinaryCrossentropy(from_logits=True)(f(QM), f(ZM))),
         "optax": optax_call(lambda o, jnp: o.sigmoid_binary_cross_entropy(ZM, QM).mean()),
     }),
+    # logit_softcap: the row's call on the capped logits (docs/semantics.md §5); the z-loss rows
+    # name no call (their lines are run by tests/test_zsoft.py)
+    "sc1": (lambda: ours(H.multiclass(K, logit_softcap=CAP), Z, Y), {
+        "torch": torch_call(lambda torch, F, t: F.cross_entropy(CAP * torch.tanh(t(Z) / CAP), t(Y))),
+        "keras": keras_call(lambda L, f: L.SparseCategoricalCrossentropy(from_logits=True)(
+            f(Y), CAP * __import__("keras").ops.tanh(f(Z) / CAP))),
+        "optax": optax_call(lambda o, jnp: o.softmax_cross_entropy_with_integer_labels(
+            CAP * jnp.tanh(Z / CAP), Y).mean()),
+    }),
+    "sc2": (lambda: ours(H.multilabel(K, logit_softcap=CAP), ZM, YM), {
+        "torch": torch_call(lambda torch, F, t: F.binary_cross_entropy_with_logits(CAP * torch.tanh(t(ZM) / CAP), t(YM))),
+        "keras": keras_call(lambda L, f: L.BinaryCrossentropy(from_logits=True)(
+            f(YM), CAP * __import__("keras").ops.tanh(f(ZM) / CAP))),
+        "optax": optax_call(lambda o, jnp: o.sigmoid_binary_cross_entropy(CAP * jnp.tanh(ZM / CAP), YM).mean()),
+    }),
 }
 
 CASES = [(row, fw) for row, (_, natives) in ROWS.items() for fw in natives]
@@ -248,13 +264,13 @@ def test_every_table_row_that_names_a_call_is_tested():
     doc = (Path(__file__).parents[1] / "docs" / "semantics.md").read_text()
     table = {}
     for line in doc.splitlines():
-        m = re.match(r"\| (mc\d+|b\d+|ml\d+) \|", line)
+        m = re.match(r"\| (mc\d+|b\d+|ml\d+|sc\d+|zl\d+) \|", line)
         if m:
             cells = [c.strip() for c in line.strip("|").split("|")]
             table[m.group(1)] = {
                 fw: not cell.startswith("none") for fw, cell in zip(("torch", "keras", "optax"), cells[2:5])
             }
-    assert len(table) == 30
+    assert len(table) == 34
     for rid, names in table.items():
         tested = set(ROWS.get(rid, (None, {}))[1])
         if rid == "mc12":

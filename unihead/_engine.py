@@ -48,12 +48,16 @@ class Engine:
         self.ops = ops
         self.gamma = float(head.focal_gamma)
         self.eps = float(head.label_smoothing)
+        self.cap = head.logit_softcap  # None, or s of s * tanh(z / s)
+        self.zl = float(head.z_loss)  # c of c * logsumexp(z)**2
         self._wide_engine: Engine | None = None
         self._path = self.path_of()
         # a 1-unit (sigmoid) head computes on its logits without the class axis of length 1:
         # compilers vectorise along the last axis (XLA on CPU: 2-3x faster on (N,) than on (N, 1))
         self._unit = head.num_outputs == 1
         self._lean = "sparse" if self._path == "sparse" else "sigmoid" if self.hard_sigmoid() else None
+        if self.cap is not None or self.zl != 0.0:  # the lean formulas have neither option
+            self._lean = None
 
     # ------------------------------------------------------------------ the wide policy
     @property
@@ -124,42 +128,88 @@ class Engine:
         return self.ops.xp.ones_like(loss)
 
     # ------------------------------------------------------------------ probabilities
+    def capped(self, z: Any, ops: Ops | None = None) -> Any:
+        """The logits the head reads: ``s * tanh(z / s)`` with ``logit_softcap = s``, else ``z``
+        (docs/semantics.md §5), rounded to ``z``'s dtype (:meth:`capped2` for the formulas)."""
+        return z if self.cap is None else F.softcap(ops or self.ops, z, self.cap)
+
+    def capped2(self, z: Any, ops: Ops | None = None) -> tuple[Any, Any]:
+        """The logits the head reads as the formulas take them: ``(hi, lo)``, ``lo`` None where
+        the capped logits are carried in one array.
+
+        A capped logit rounded to the dtype is off by up to half an ulp of the cap ``s``, and
+        every formula reads differences of logits (``exp(z_j - m)``, ``z_y - m``): that is
+        ``s/2`` ulp of relative error in a probability.  So where the result's own dtype is the
+        compute dtype, the cap is carried in double length (:func:`~unihead.formulas.softcap2`)
+        and the formulas add ``lo`` to first order.  Under the wide policy (float64 arrays
+        carrying float32 results, ``ops.compensate`` false) the rounded float64 cap has 29 bits
+        to spare: ``lo`` is None there, as it is without a cap."""
+        ops = ops or self.ops
+        if self.cap is None:
+            return z, None
+        if not ops.compensate or ops.bits(z) not in (32, 64):
+            return F.softcap(ops, z, self.cap), None
+        return F.softcap2(ops, z, self.cap)
+
     def probabilities(self, z: Any) -> Any:
         zw = self._widen(z)
         if zw is not None:  # sigmoid, or exp(log_softmax): a few float64 roundings, rounded once
             ops = self.wide.ops
+            zw = self.capped(zw, ops)
             p = ops.xp.exp(ops.log_softmax(zw)) if self.head.activation == "softmax" else ops.sigmoid(zw)
             return ops.xp.astype(p, z.dtype)
+        zc, lo = self.capped2(z)
         if self.head.activation == "softmax":
-            return F.softmax_probabilities(self.ops, F.softmax_stats(self.ops, z))
-        return F.sigmoid_probabilities(self.ops, z)[0]
+            return F.softmax_probabilities(self.ops, F.softmax_stats(self.ops, zc, lo))
+        return F.sigmoid_probabilities(self.ops, zc, lo)[0]
 
     def log_probabilities(self, z: Any) -> Any:
         zw = self._widen(z)
         if zw is not None:  # the top class's log p is -log1p(off-maximum mass): the stats, not log_softmax
             ops = self.wide.ops
+            zw = self.capped(zw, ops)
             if self.head.activation == "softmax":
                 lp = F.softmax_log_probabilities(ops, zw, F.softmax_stats(ops, zw))
             else:
                 lp = ops.log_sigmoid(zw)
             return ops.xp.astype(lp, z.dtype)
+        z, lo = self.capped2(z)
         if self.head.activation == "softmax":
-            return F.softmax_log_probabilities(self.ops, z, F.softmax_stats(self.ops, z))
-        return -F.sigmoid_stats(self.ops, z).nlp
+            return F.softmax_log_probabilities(self.ops, z, F.softmax_stats(self.ops, z, lo))
+        return -F.sigmoid_stats(self.ops, z, lo).nlp
 
     def predict(self, z: Any) -> Any:
         """Class ids ``(...)`` (binary, multiclass) or 0/1 ``(..., K)`` (multilabel).
 
         Sigmoid outputs: 1 where ``z > logit(threshold)``; a 2-unit binary head: 1 where
-        ``z_1 - z_0 > logit(threshold)``; multiclass: the first index of the maximum."""
+        ``z_1 - z_0 > logit(threshold)``; multiclass: the first index of the maximum.
+
+        A soft-capped head decides on its capped logits ``c(z) = s tanh(z / s)``.  ``c`` is
+        increasing, so the argmax and a 1-unit cut ``c(z) > t`` are decided on ``z`` itself
+        (``z > s atanh(t / s)``; never for ``t >= s``): exact, where rounded capped logits could
+        tie.  A 2-unit head compares ``c(z_1) - c(z_0)`` with ``t`` (``z_1 > z_0`` for the
+        default threshold)."""
         xp, head = self.ops.xp, self.head
         if head.task == "multiclass":
             return xp.argmax(z, axis=-1)
         cut = math.log(head.threshold / (1.0 - head.threshold))
+        if self.cap is not None and not (head.task == "binary" and head.binary_units == 2):
+            s = self.cap
+            cut = math.inf if cut >= s else -math.inf if cut <= -s else s * math.atanh(cut / s)
         if head.task == "binary":
-            d = z[..., 1] - z[..., 0] if head.binary_units == 2 else z[..., 0]
+            if head.binary_units == 2:
+                d = z[..., 1] - z[..., 0] if (self.cap is None or cut == 0.0) else self._capped_difference(z)
+            else:
+                d = z[..., 0]
             return xp.astype(d > cut, self.ops.index_dtype())
         return xp.astype(z > cut, self.ops.index_dtype())
+
+    def _capped_difference(self, z: Any) -> Any:
+        """``c(z_1) - c(z_0)`` of a soft-capped 2-unit head's logits ``z`` ``(..., 2)``, with the
+        capped logits' low parts (:meth:`capped2`)."""
+        hi, lo = self.capped2(z)
+        d = hi[..., 1] - hi[..., 0]
+        return d if lo is None else d + (lo[..., 1] - lo[..., 0])
 
     # ------------------------------------------------------------------ targets and weights
     def prepare(self, z: Any, labels: Any, sample_weight: Any = None) -> Prepared:
@@ -277,15 +327,25 @@ class Engine:
         """Names of the residuals :meth:`forward` returns for ``path`` (fixed by the head, so
         frameworks that trace can rely on them)."""
         focal = self.gamma != 0.0
-        if keep != "stats":
+        if keep != "stats":  # the logits as given ("z"): everything is recomputed
             names = ["z"]
-        elif path == "sigmoid":
-            names = ["p", "q"] + (["nlp", "nlq"] if focal else [])
-        elif path == "sparse":
-            names = ["A", "den", "S", "gap", "Yy"]
         else:
-            names = ["Y", "mask", "sp", "n", "den"] + (["z", "m", "L"] if focal else [])
+            if path == "sigmoid":
+                names = ["p", "q"] + (["nlp", "nlq"] if focal else [])
+            elif path == "sparse":
+                names = ["A", "den", "S", "gap", "Yy"]
+            else:
+                names = ["Y", "mask", "sp", "n", "den"] + (["zc", "m", "L"] if focal else [])
+                if focal and self._carries_low_parts():  # the capped logits' low parts
+                    names += ["z_lo", "m_lo"]
+            # the logits as given for the soft-cap's slope; logsumexp for the z-loss gradient
+            names += (["z"] if self.cap is not None else []) + (["lse"] if self.zl != 0.0 else [])
         return names + (["norm"] if self.head.reduction == "mean" else [])
+
+    def _carries_low_parts(self) -> bool:
+        """Whether :meth:`capped2` gives low parts with this engine's ops (for float32 or float64
+        logits)."""
+        return self.cap is not None and self.ops.compensate
 
     def forward(self, z: Any, prep: Prepared, keep: str = "stats") -> tuple[Any, dict[str, Any]]:
         """The reduced loss and the residuals for :meth:`backward` (named by
@@ -301,18 +361,26 @@ class Engine:
         if self._unit:
             z = z[..., 0]
         found: dict[str, Any] = {"z": z}
+        zc, lo = self.capped2(z)
+        found["zc"] = zc
         if prep.path == "sigmoid":
-            st = F.sigmoid_stats(ops, z)
+            st = F.sigmoid_stats(ops, zc, lo)
             per = F.sigmoid_loss(ops, st, prep.a, prep.b, gamma)
             found.update(st._asdict())
         elif prep.path == "sparse":
-            sst = F.softmax_sparse_stats(ops, z, prep.y)
+            sst = F.softmax_sparse_stats(ops, zc, prep.y, lo)
             found.update(sst._asdict())
-            per = F.softmax_sparse_loss(ops, z, sst, self.eps)
+            per = F.softmax_sparse_loss(ops, zc, sst, self.eps)
+            if self.zl != 0.0:
+                found["lse"] = _lse(sst.m, sst.m_lo, sst.L[..., None])[..., 0]
         else:
-            st = F.softmax_stats(ops, z)
+            st = F.softmax_stats(ops, zc, lo)
             found.update(st._asdict())
-            per = F.softmax_dense_loss(ops, z, st, prep.tau, gamma)
+            per = F.softmax_dense_loss(ops, zc, st, prep.tau, gamma)
+            if self.zl != 0.0:
+                found["lse"] = _lse(st.m, st.m_lo, st.L)[..., 0]
+        if self.zl != 0.0:  # PaLM's z-loss, per example: two non-negative terms
+            per = per + self.zl * (found["lse"] * found["lse"])
         loss, norm = self._reduce(per, prep.w)
         # residuals are arrays (frameworks save them for the backward pass)
         found["norm"] = ops.scalar(norm.n, loss) if isinstance(norm, _Count) else norm
@@ -329,7 +397,7 @@ class Engine:
     ) -> Any:
         """:meth:`backward`, re-preparing the targets from the labels (cheaper to recompute than to
         keep: a multilabel head's targets are as large as the logits)."""
-        like = next(res[name] for name in ("z", "Y", "A", "p") if name in res)  # the logits' shape
+        like = next(res[name] for name in ("z", "Y", "A", "p", "q") if name in res)  # the logits' shape
         if self._unit:
             like = like[..., None]
         return self.backward(res, self.prepare(like, labels, sample_weight), g)
@@ -400,36 +468,68 @@ class Engine:
 
     def backward(self, res: dict[str, Any], prep: Prepared, g: Any) -> Any:
         """Gradient of the loss with respect to the logits, times the upstream gradient ``g``
-        (a scalar, or per example for ``reduction="none"``), from :meth:`forward`'s residuals."""
+        (a scalar, or per example for ``reduction="none"``), from :meth:`forward`'s residuals.
+
+        With the z-loss, ``2 c lse p`` (times the example's scale) is added to the gradient with
+        respect to the capped logits; with the soft-cap, that gradient is multiplied by the
+        cap's slope ``sech(z / s)**2`` (:func:`~unihead.formulas.softcap_slope`)."""
         ops, xp = self.ops, self.ops.xp
         w = prep.w
         scale = self._scale(prep, g, res.get("norm"))
         recompute = set(res) <= {"z", "norm"}  # keep="inputs": only the logits were saved
+        z = res.get("z")  # the logits as given (for the cap's slope)
+        zc, lo = self.capped2(z) if recompute else (None, None)
+        options = self.cap is not None or self.zl != 0.0
         if prep.path == "sigmoid":
             if recompute:
-                st = F.sigmoid_stats(ops, res["z"])
+                st = F.sigmoid_stats(ops, zc, lo)
             else:
                 st = F.SigmoidStats(res["p"], res["q"], res.get("nlp"), res.get("nlq"))
-            grad = F.sigmoid_grad(ops, st, prep.a, prep.b, self.gamma, scale)
+            grad = self._chain(F.sigmoid_grad(ops, st, prep.a, prep.b, self.gamma, scale), z)
             if w is not None:
                 grad = ops.where0(w > 0, grad)
             return grad[..., None] if self._unit else grad
         if prep.path == "sparse":
             if recompute:
-                res = F.softmax_sparse_stats(ops, res["z"], prep.y)._asdict()
+                sst = F.softmax_sparse_stats(ops, zc, prep.y, lo)
+                res = dict(sst._asdict(), lse=_lse(sst.m, sst.m_lo, sst.L[..., None])[..., 0])
+            live = None if w is None else w > 0
             # the ignored rows are zeroed before the scatter: one elementwise pass, not two
-            return F.softmax_sparse_grad(
+            grad = F.softmax_sparse_grad(
                 ops, res["A"], res["den"], res["S"], prep.y, res["gap"], res["Yy"], self.eps, scale,
-                live=None if w is None else w > 0,
+                live=None if options else live,
             )
+            if not options:
+                return grad
+            if self.zl != 0.0:
+                coef = (2.0 * self.zl) * (scale * res["lse"])
+                grad = grad + F.z_loss_grad_sparse(ops, res["A"], res["den"], prep.y, res["Yy"], coef)
+            grad = self._chain(grad, z)
+            return grad if live is None else ops.where0(xp.expand_dims(live, axis=-1), grad)
         if recompute:
-            z = res["z"]
-            res = dict(F.softmax_stats(ops, z)._asdict(), z=z)
+            st = F.softmax_stats(ops, zc, lo)
+            res = dict(st._asdict(), zc=zc, lse=_lse(st.m, st.m_lo, st.L)[..., 0])
         st = F.SoftmaxStats(
-            res.get("m"), res["Y"], res["mask"], res["sp"], res["n"], res["den"], res.get("L")
+            res.get("m"), res["Y"], res["mask"], res["sp"], res["n"], res["den"], res.get("L"),
+            res.get("z_lo"), res.get("m_lo"),
         )
-        grad = F.softmax_dense_grad(ops, res.get("z"), st, prep.tau, self.gamma, scale)
+        grad = F.softmax_dense_grad(ops, res.get("zc"), st, prep.tau, self.gamma, scale)
+        if self.zl != 0.0:
+            coef = (2.0 * self.zl) * (scale * res["lse"])
+            grad = grad + xp.expand_dims(coef, axis=-1) * (st.Y / st.den)
+        grad = self._chain(grad, z)
         return grad if w is None else ops.where0(xp.expand_dims(w, axis=-1) > 0, grad)
+
+    def _chain(self, grad: Any, z: Any) -> Any:
+        """``grad`` (with respect to the capped logits) times the cap's slope at the logits ``z``
+        as given: the gradient with respect to ``z``.  ``grad`` itself without a cap."""
+        return grad if self.cap is None else grad * F.softcap_slope(self.ops, z, self.cap)
+
+
+def _lse(m: Any, m_lo: Any, L: Any) -> Any:
+    """``logsumexp`` of a row from its statistics ``(..., 1)``: ``m + L``, with the row maximum's
+    low part (double-length capped logits) when there is one."""
+    return m + L if m_lo is None else m + (m_lo + L)
 
 
 class _Count:

@@ -16,7 +16,9 @@ answer is one of two things, never a near miss presented as a match:
 What counts as one native call: the framework's loss (``nn.CrossEntropyLoss``,
 ``F.binary_cross_entropy_with_logits``, ``keras.losses.*``) on the logits (a 2-unit binary head
 may pass the difference of its two logits to the 1-unit loss, docs/semantics.md §2), with the
-labels transformed elementwise (a cast, smoothing, one-hot) and per-example weights built from
+labels transformed elementwise (a cast, smoothing, one-hot), the logits soft-capped elementwise
+first for a ``logit_softcap`` head (``logits = s * tanh(logits / s)``, Gemma 2's form: the
+probabilities line then reads the capped logits too), and per-example weights built from
 the labels passed to the loss' own weight argument (class weights, a 0/1 mask for ignored
 labels, sample weights), and at most a division by the sum of those weights (a weighted mean)
 or by the number of labels.  That is what the rows of the table that name a call do.
@@ -170,8 +172,24 @@ _NO_TORCH_FOCAL = ("PyTorch has no focal loss (torchvision.ops.sigmoid_focal_los
                    "for sigmoid heads, and applies the focal factor to the whole cross-entropy)")
 
 
+def _softcap_and_z_loss(b: _Build, tanh: str) -> None:
+    """The options outside the frameworks' losses: a soft-cap is a line before the loss (rows
+    sc1, sc2); no native loss has a z-loss (rows zl1, zl2)."""
+    h = b.head
+    if h.logit_softcap is not None:
+        s = _num(h.logit_softcap)
+        b.code.append(f"logits = {s} * {tanh}(logits / {s})  # logit_softcap: the head reads capped logits")
+        b.rows.append("sc1" if h.activation == "softmax" else "sc2")
+    if h.z_loss:
+        lse = "torch.logsumexp(logits, -1)" if b.framework == "torch" else "keras.ops.logsumexp(logits, axis=-1)"
+        b.cannot(f"no {_NAMES[b.framework]} loss has PaLM's z-loss: add {_num(h.z_loss)} * {lse} ** 2 to "
+                 f"each example's reduction='none' loss, then weight and reduce (docs/semantics.md §10, "
+                 f"rows zl1 and zl2)", "zl1")
+
+
 def _torch(h: ClassificationHead, sw: str | None) -> NativeLoss:
     b = _Build(h, "torch", sw)
+    _softcap_and_z_loss(b, "torch.tanh")
     if h.focal_gamma:
         b.cannot(_NO_TORCH_FOCAL, _rows(h, "mc14", "b6", "ml7"))
     two_unit_ce = (h.task == "binary" and h.binary_units == 2 and h.label_format == "binary"
@@ -293,6 +311,7 @@ def _torch_bce(b: _Build) -> None:
 # ------------------------------------------------------------------------------ Keras
 def _keras(h: ClassificationHead, sw: str | None) -> NativeLoss:
     b = _Build(h, "keras", sw)
+    _softcap_and_z_loss(b, "keras.ops.tanh")
     if h.pos_weight is not None:
         b.cannot("Keras' losses have no pos_weight (docs/semantics.md §10, rows b3 and ml4)",
                  _rows(h, "", "b3", "ml4"))

@@ -144,7 +144,13 @@ def _convert_units(head: ClassificationHead, w: dict[str, np.ndarray], units: in
             raise HeadSpecError(f"binary_units applies to binary heads; this head is {head!r}.")
         return head, w
     k, b = w["kernel"], w["bias"]
-    if units == 2:  # exact: logit z <=> logits [0, z]
+    if units == 1 and head.logit_softcap is not None:
+        raise HeadSpecError(
+            f"A soft-capped 2-unit head reads c(z1) - c(z0) with c(z) = s tanh(z / s), which no single "
+            f"capped logit gives: {head!r} cannot become a 1-unit head with the same probabilities. "
+            f"Port it with binary_units=2 (or leave binary_units out)."
+        )
+    if units == 2:  # exact: logit z <=> logits [0, z] (capped: [0, c(z)])
         return head.with_binary_units(2), {
             "kernel": np.concatenate([np.zeros_like(k), k], axis=1),
             "bias": np.concatenate([np.zeros_like(b), b]),
@@ -197,15 +203,21 @@ def _np(x: Any) -> np.ndarray:
 
 
 def _native_activation(framework: str, head: ClassificationHead, logits: Any) -> Any:
-    """The source framework's own softmax/sigmoid (what users of it call)."""
+    """The source framework's own softmax/sigmoid (what users of it call), of the logits capped
+    with the framework's own ``tanh`` for a soft-capped head (docs/semantics.md §10, row sc1)."""
     soft = head.activation == "softmax"
+    s = head.logit_softcap
     if framework == "torch":
         import torch
 
+        if s is not None:
+            logits = s * torch.tanh(logits / s)
         return torch.softmax(logits, -1) if soft else torch.sigmoid(logits)
     if framework == "keras":
         import keras
 
+        if s is not None:
+            logits = s * keras.ops.tanh(logits / s)
         return keras.ops.softmax(logits, axis=-1) if soft else keras.ops.sigmoid(logits)
     return None
 

@@ -503,8 +503,10 @@ def weights_mismatch(saved: ClassificationHead, head: ClassificationHead) -> str
     A layer's weights produce logits; what a logit means is fixed by the task (softmax over
     classes, independent sigmoids, a yes/no score) and the number of outputs (for a binary head:
     its units).  Everything else in a spec (label format, smoothing, class and positive weights,
-    ignore index, focal loss, reduction, threshold) is how the loss or the decision reads the
-    same logits: weights move freely between such heads."""
+    ignore index, focal loss, reduction, threshold, z-loss, and the soft-cap ``s tanh(z / s)``)
+    is how the loss, the probabilities or the decision read the same logits: weights move
+    freely between such heads (a cap changes the probabilities read from them, so a port's
+    check compares probabilities each computed with its own head's cap)."""
     if saved.task == head.task == "binary" and saved.binary_units != head.binary_units:
         return f"binary_units={saved.binary_units} vs {head.binary_units}"
     if saved.task != head.task:

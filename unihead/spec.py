@@ -33,10 +33,13 @@ LABEL_FORMATS = {
 _DEFAULT_FORMAT = {"binary": "binary", "multiclass": "sparse", "multilabel": "multi_hot"}
 REDUCTIONS = ("mean", "sum", "none")
 
-#: The newest version of the dict/JSON form :meth:`ClassificationHead.to_dict` writes (and
-#: :meth:`~ClassificationHead.from_dict` reads).  Version 2 adds ``class_names``; a head without
-#: class names is written as version 1, so older unihead versions still read it.
+#: Version of the dict/JSON form written by :meth:`ClassificationHead.to_dict`: the newest this
+#: unihead reads.  Version 2 added ``class_names``, ``z_loss`` and ``logit_softcap``; a head that
+#: uses none of them is written as version 1 (without those keys), so that older unihead versions
+#: still read it, and one that uses them is refused by those with "written with spec version 2;
+#: upgrade unihead".
 SPEC_VERSION = 2
+_SINCE = {"class_names": 2, "z_loss": 2, "logit_softcap": 2}  # keys newer than version 1
 _FORMAT_TAG = "unihead.ClassificationHead"
 
 _ALL_FORMATS = tuple(sorted({f for fs in LABEL_FORMATS.values() for f in fs}))
@@ -197,6 +200,10 @@ class ClassificationHead:
     - ``focal_gamma``: focal-loss exponent (0 = plain cross-entropy).
     - ``reduction``: ``"mean"`` (weighted mean), ``"sum"`` or ``"none"`` (per example).
     - ``threshold``: decision threshold on P(positive) for binary and multilabel heads.
+    - ``z_loss``: coefficient ``c >= 0`` of PaLM's auxiliary loss ``c * logsumexp(z)**2``, added
+      to each example's loss (softmax heads only: multiclass, binary with ``binary_units=2``).
+    - ``logit_softcap``: ``s > 0`` or None: the logits become ``s * tanh(z / s)`` (Gemma 2) before
+      everything else (probabilities, predictions, the loss and its gradient); every task.
     - ``class_names``: optional names of the classes, distinct non-empty strings, one per class:
       multiclass K, multilabel K (one per label), binary 2 (the negative class, then the
       positive one).  They change no number; ``predict_names`` returns them, and they travel
@@ -214,6 +221,8 @@ class ClassificationHead:
     focal_gamma: float = 0.0
     reduction: str = "mean"
     threshold: float = 0.5
+    z_loss: float = 0.0
+    logit_softcap: float | None = None
     class_names: tuple[str, ...] | None = None
 
     # ------------------------------------------------------------------ construction
@@ -428,6 +437,32 @@ class ClassificationHead:
         set_(self, "threshold", thr)
         set_(self, "class_names", _as_names(self.class_names, task, 2 if task == "binary" else num_classes))
 
+        # ---- z-loss, logit soft-capping
+        zl = _as_real("z_loss", self.z_loss)
+        if zl < 0:
+            raise HeadSpecError(
+                f"z_loss must be >= 0, got {zl}: it is the coefficient c of c * logsumexp(z)**2 "
+                f"added to each example's loss (0 turns it off; PaLM uses 1e-4)."
+            )
+        if zl != 0.0 and self.activation != "softmax":
+            raise HeadSpecError(
+                "z_loss applies to softmax heads: it penalises log(sum(exp(z))), the softmax's "
+                "normaliser, and a sigmoid has none. Remove z_loss"
+                + (", or write ClassificationHead.binary(binary_units=2, z_loss=...) (two logits "
+                   "+ softmax)." if task == "binary" else
+                   " (a multilabel head is K independent sigmoids).")
+            )
+        set_(self, "z_loss", zl)
+        cap = self.logit_softcap
+        if cap is not None:
+            cap = _as_real("logit_softcap", cap)
+            if cap <= 0:
+                raise HeadSpecError(
+                    f"logit_softcap must be > 0 (the cap s of s * tanh(z / s); Gemma 2 uses 30.0), "
+                    f"got {cap}. For no cap write logit_softcap=None."
+                )
+        set_(self, "logit_softcap", cap)
+
     # ------------------------------------------------------------------ readable constructors
     @classmethod
     def binary(
@@ -442,6 +477,8 @@ class ClassificationHead:
         focal_gamma: float = 0.0,
         reduction: str = "mean",
         threshold: float = 0.5,
+        z_loss: float = 0.0,
+        logit_softcap: float | None = None,
         class_names: Sequence[str] | None = None,
     ) -> "ClassificationHead":
         """A two-class head.  ``binary_units=1``: one logit + sigmoid; ``2``: two logits + softmax.
@@ -457,6 +494,8 @@ class ClassificationHead:
             focal_gamma=focal_gamma,
             reduction=reduction,
             threshold=threshold,
+            z_loss=z_loss,
+            logit_softcap=logit_softcap,
             class_names=class_names,
         )
 
@@ -471,6 +510,8 @@ class ClassificationHead:
         ignore_index: int | None = None,
         focal_gamma: float = 0.0,
         reduction: str = "mean",
+        z_loss: float = 0.0,
+        logit_softcap: float | None = None,
         class_names: Sequence[str] | None = None,
     ) -> "ClassificationHead":
         """Exactly one of ``num_classes`` classes per example: K logits + softmax."""
@@ -483,6 +524,8 @@ class ClassificationHead:
             ignore_index=ignore_index,
             focal_gamma=focal_gamma,
             reduction=reduction,
+            z_loss=z_loss,
+            logit_softcap=logit_softcap,
             class_names=class_names,
         )
 
@@ -498,6 +541,7 @@ class ClassificationHead:
         focal_gamma: float = 0.0,
         reduction: str = "mean",
         threshold: float = 0.5,
+        logit_softcap: float | None = None,
         class_names: Sequence[str] | None = None,
     ) -> "ClassificationHead":
         """Any subset of ``num_classes`` independent labels per example: K logits + sigmoid each."""
@@ -511,6 +555,7 @@ class ClassificationHead:
             focal_gamma=focal_gamma,
             reduction=reduction,
             threshold=threshold,
+            logit_softcap=logit_softcap,
             class_names=class_names,
         )
 
@@ -567,10 +612,12 @@ class ClassificationHead:
         A head without ``class_names`` is written as version 1 (without the key), which every
         unihead reads; with them, as version 2."""
         pw = self.pos_weight
-        names = {} if self.class_names is None else {"class_names": list(self.class_names)}
+        newer = {k: getattr(self, k) for k in _SINCE if getattr(self, k) != _FIELD_DEFAULTS[k]}
+        if "class_names" in newer:
+            newer["class_names"] = list(self.class_names)
         return {
             "format": _FORMAT_TAG,
-            "version": 2 if names else 1,
+            "version": max((_SINCE[k] for k in newer), default=1),
             "task": self.task,
             "num_classes": self.num_classes,
             "label_format": self.label_format,
@@ -582,7 +629,7 @@ class ClassificationHead:
             "focal_gamma": self.focal_gamma,
             "reduction": self.reduction,
             "threshold": self.threshold,
-            **names,
+            **newer,
         }
 
     @classmethod
@@ -612,11 +659,12 @@ class ClassificationHead:
                 )
         if "task" not in data:
             raise HeadSpecError("Head description has no 'task' key.")
-        if "class_names" in data and version < 2:
-            raise HeadSpecError(
-                f"'class_names' is a key of spec version 2, but this description says version {version}: "
-                "write version 2 (ClassificationHead.to_dict() does)."
-            )
+        for key, since in _SINCE.items():
+            if key in data and version < since:
+                raise HeadSpecError(
+                    f"Key {key!r} is new in spec version {since}, and this description says version "
+                    f"{version}: write 'version': {since} (or leave 'version' out)."
+                )
 
         def check(key: str, ok: bool, expected: str) -> None:
             if not ok:
@@ -645,6 +693,8 @@ class ClassificationHead:
             "focal_gamma": (is_num, "a number"),
             "reduction": (lambda v: isinstance(v, str), "a string"),
             "threshold": (is_num, "a number"),
+            "z_loss": (is_num, "a number"),
+            "logit_softcap": (lambda v: v is None or is_num(v), "a number or null"),
             "class_names": (lambda v: v is None or isinstance(v, list) and all(isinstance(x, str) for x in v),
                             "a list of strings or null"),
         }
@@ -680,3 +730,6 @@ class ClassificationHead:
             if value != defaults[f.name]:
                 parts.append(f"{f.name}={list(value) if isinstance(value, tuple) else value!r}")
         return f"ClassificationHead.{self.task}({', '.join(parts)})"
+
+
+_FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ClassificationHead)}
