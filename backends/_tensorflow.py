@@ -117,8 +117,18 @@ class TFNamespace:
         return tf.ones(shape, dtype=dtype or tf.float32)
 
     @staticmethod
+    def zeros(shape: Any, dtype: Any = None, device: Any = None) -> Any:
+        return tf.zeros(shape, dtype=dtype or tf.float32)
+
+    @staticmethod
     def ones_like(x: Any) -> Any:
         return tf.ones_like(x)
+
+    matmul = staticmethod(tf.linalg.matmul)
+
+    @staticmethod
+    def matrix_transpose(x: Any) -> Any:
+        return tf.linalg.matrix_transpose(x)
 
     @staticmethod
     def zeros_like(x: Any) -> Any:
@@ -173,6 +183,13 @@ class TFOps(Ops):
     def device(self, x: Any) -> Any:
         return None
 
+    def shape(self, x: Any) -> tuple:
+        static = tuple(x.shape)
+        if all(d is not None for d in static):
+            return static
+        dynamic = tf.shape(x)
+        return tuple(d if d is not None else dynamic[i] for i, d in enumerate(static))
+
     def index_dtype(self) -> Any:
         return tf.int64
 
@@ -194,6 +211,40 @@ class TFOps(Ops):
 
     def stop_gradient(self, x: Any) -> Any:
         return tf.stop_gradient(x)
+
+    # TF tensors cannot be written into: the fused loss's column chunks (visited in order) are
+    # kept and joined once, rather than copying the whole (D, V) gradient for every chunk
+    def empty_like_columns(self, x: Any) -> Any:
+        return _Columns(x)
+
+    def put_columns(self, buf: Any, start: Any, values: Any) -> Any:
+        return buf.put(start, values)
+
+    def finish_columns(self, buf: Any) -> Any:
+        return buf.join()
+
+
+class _Columns:
+    """The chunks of an array like ``like`` along its last axis, filled in order by
+    :meth:`TFOps.put_columns` and joined by :meth:`TFOps.finish_columns`."""
+
+    def __init__(self, like: Any) -> None:
+        self.dtype = like.dtype
+        self.width = like.shape[-1]
+        self.pieces: list = []
+        self.filled = 0
+
+    def put(self, start: Any, values: Any) -> "_Columns":
+        if not isinstance(start, int) or start != self.filled:  # unihead._fused visits them in order
+            raise AssertionError(f"column chunks out of order: at {start}, {self.filled} filled")
+        self.pieces.append(tf.cast(values, self.dtype))
+        self.filled += int(values.shape[-1])
+        return self
+
+    def join(self) -> Any:
+        if self.filled != self.width:
+            raise AssertionError(f"column chunks cover {self.filled} of {self.width} columns")
+        return self.pieces[0] if len(self.pieces) == 1 else tf.concat(self.pieces, axis=-1)
 
 
 _OPS = TFOps()
@@ -223,6 +274,28 @@ class TFHead(CompiledHead):
             return value, grad
 
         return loss(z)
+
+    def _fused_rows(self, h: Any, w: Any, b: Any, y: Any, chunk: int) -> Any:
+        """Per-row losses of ``h @ w + b`` (:mod:`unihead._fused`) with ``tf.custom_gradient``:
+        the backward pass recomputes each chunk's logits (nothing of size ``(N, V)`` is kept).
+        The chunks are a Python loop: unrolled in a ``tf.function`` graph, one chunk's ops each."""
+        from unihead import _fused
+
+        e = self._engine()
+        consts = dict(spec=_fused.row_spec(e), chunk=chunk)
+
+        def rows(h: Any, w: Any, b: Any) -> Any:
+            fin = _fused.rows_forward(_OPS, h, w, b, y, **consts)
+
+            def grad(g: Any) -> Any:
+                grads = _fused.rows_backward(_OPS, h, w, b, y, fin, tf.cast(g, fin.m.dtype), **consts)
+                return grads if b is not None else grads[:2]
+
+            return fin.loss, grad
+
+        if b is None:
+            return tf.custom_gradient(lambda h, w: rows(h, w, None))(h, w)
+        return tf.custom_gradient(rows)(h, w, b)
 
 
 def compile_head(head: ClassificationHead, *, validate: bool = True) -> TFHead:

@@ -140,6 +140,42 @@ def _versions() -> list[str]:
 _CLEARED_ENV = ("TORCHINDUCTOR_", "TORCH_COMPILE_", "TORCHDYNAMO_")
 #: A build lock older than this is a build that died: it is taken over.
 LOCK_STALE = 1800.0
+#: Background builds running at once on this machine (per cache directory): each is a compiler
+#: and ~300 MB, and a program with many hot heads (a sweep, the conformance suite) would
+#: otherwise start one per head at the same time.  A head whose build finds no free slot keeps
+#: its eager formulas and asks again every :data:`POLL_EVERY` calls; ``warmup()`` does not wait
+#: for a slot.
+BUILD_SLOTS = max(1, int(os.environ.get("UNIHEAD_TORCH_BUILDS", "1")))
+#: A build slot older than this belongs to a build that was killed: it is taken over.
+SLOT_STALE = 600.0
+
+
+def _take_file(path: Path, stale: float) -> bool:
+    """Create ``path`` if it does not exist (atomically), taking over one older than ``stale``
+    seconds (left by a process that died)."""
+    for _ in range(2):
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            return True
+        except FileExistsError:
+            try:
+                if time.time() - path.stat().st_mtime < stale:
+                    return False
+                path.unlink()
+            except OSError:
+                pass
+        except OSError:  # an unwritable cache: no build
+            return False
+    return False
+
+
+def _take_slot() -> Path | None:
+    """A free background-build slot of this machine (its lock file), or None."""
+    for i in range(BUILD_SLOTS):
+        slot = cache_dir() / f"build-slot-{i}.lock"
+        if _take_file(slot, SLOT_STALE):
+            return slot
+    return None
 
 
 # ------------------------------------------------------------------------------ the kernel
@@ -232,6 +268,7 @@ class _Entry:
         self.runner: Any = None
         self.state = "new"  # new | building | waiting (another process builds) | ready | off
         self.proc: subprocess.Popen | None = None
+        self.slot: Path | None = None  # the machine's build slot our build holds
         self.started = 0.0
         self._lock = threading.Lock()
 
@@ -259,20 +296,15 @@ class _Entry:
         self.state = "ready"
         return True
 
+    def _built_elsewhere(self) -> bool:
+        """Whether another process holds this kernel's build lock (it then needs no slot here)."""
+        try:
+            return time.time() - self._file(".lock").stat().st_mtime < LOCK_STALE
+        except OSError:
+            return False
+
     def _take_lock(self) -> bool:
-        lock = self._file(".lock")
-        for _ in range(2):
-            try:
-                os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-                return True
-            except FileExistsError:
-                try:
-                    if time.time() - lock.stat().st_mtime < LOCK_STALE:
-                        return False  # another process builds this kernel
-                    lock.unlink()  # a build that died
-                except OSError:
-                    pass
-        return False
+        return _take_file(self._file(".lock"), LOCK_STALE)  # else another process builds it
 
     def _start(self, wait: bool) -> None:
         if not compiler_available():
@@ -284,7 +316,14 @@ class _Entry:
             self.state = "off"
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        slot = None
+        if not wait and not self._built_elsewhere():
+            slot = _take_slot()
+            if slot is None:  # other builds run: ask again in POLL_EVERY calls
+                return
         if not self._take_lock():
+            if slot is not None:
+                slot.unlink(missing_ok=True)
             self.state = "waiting"
             self.started = time.time()
             if wait:
@@ -295,13 +334,14 @@ class _Entry:
         with open(self._file(".log"), "wb") as log_file:  # a file, not a pipe: nothing can fill up
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "unihead.backends._torch_aot", json.dumps(dataclasses.asdict(self.sig)),
-                 str(self.path)],
+                 str(self.path), *([] if slot is None else [str(slot)])],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=log_file,
                 env=env,
                 start_new_session=True,  # the caller's Ctrl-C is not the build's
             )
+        self.slot = slot
         self.state = "building"
         self.started = time.time()
         if wait:
@@ -333,11 +373,13 @@ class _Entry:
             except OSError:
                 pass
         finally:
-            for suffix in (".lock", ".log"):
+            for path in (self._file(".lock"), self._file(".log"), self.slot):
                 try:
-                    self._file(suffix).unlink()
+                    if path is not None:
+                        path.unlink()
                 except OSError:
                     pass
+            self.slot = None
 
     def get(self, mode: Any, count: bool = True) -> Any:
         """The kernel's runner, or None while there is none (yet).  ``mode is True``: build or
@@ -352,7 +394,7 @@ class _Entry:
             if self.state == "new":
                 if self.path.exists() and self._load():
                     return self.runner
-                if mode is True or self.calls >= HOT_CALLS:
+                if mode is True or (self.calls >= HOT_CALLS and (self.calls - HOT_CALLS) % POLL_EVERY == 0):
                     self._start(wait=mode is True)
             elif self.state == "building":
                 if mode is True:
@@ -412,7 +454,11 @@ def _main(argv: list[str]) -> int:
     except (AttributeError, OSError):
         pass
     sig = Signature(**json.loads(spec))
-    build(sig, out)
+    try:
+        build(sig, out)
+    finally:
+        if len(argv) > 2:  # the machine's build slot this build holds
+            Path(argv[2]).unlink(missing_ok=True)
     return 0
 
 

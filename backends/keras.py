@@ -18,11 +18,14 @@ NumPy backend.  What a Keras user gets:
 * ``compiled.keras_metrics()`` -> ``[HeadAccuracy]``: accuracy under the head's decision rule
   (the compiled head's ``predict``);
 * ``compiled.compile_model(model, optimizer)`` puts all three into ``model.compile``;
+* ``compiled.linear_loss(hidden, kernel, labels, bias)`` (the fused linear + loss, without the
+  ``(N, V)`` logits) on Keras tensors, and :class:`FusedHeadModel`, a ``keras.Model`` ``backbone
+  -> HeadDense`` whose ``fit`` trains with it (``predict`` still emits logits);
 * :class:`GradientAccumulation` wraps a Keras optimizer: it applies one update every ``steps``
   micro-batches with the whole window's weighted-mean gradient (``model.fit`` as usual), in place
   of ``gradient_accumulation_steps=``, which averages the micro-batches' mean gradients uniformly.
 
-All four are registered Keras serializables (package ``"unihead"``): a model saved with
+All five are registered Keras serializables (package ``"unihead"``): a model saved with
 ``model.save("m.keras")`` loads with ``keras.models.load_model`` without ``custom_objects`` once
 ``unihead`` is imported (``import unihead`` registers them when Keras is imported, without
 importing Keras itself).  The layer and the loss keep the options of the compiled head they
@@ -53,7 +56,8 @@ from keras import ops
 from unihead.compiled import CompiledHead, canonical_weights, check_choice
 from unihead.spec import ClassificationHead
 
-__all__ = ["compile_head", "KerasHead", "HeadDense", "HeadLoss", "HeadAccuracy", "GradientAccumulation"]
+__all__ = ["compile_head", "KerasHead", "HeadDense", "HeadLoss", "HeadAccuracy", "GradientAccumulation",
+           "FusedHeadModel"]
 
 _PACKAGE = "unihead"
 
@@ -89,11 +93,10 @@ def _as_head(head: Any) -> ClassificationHead:
     return head if isinstance(head, ClassificationHead) else ClassificationHead.from_dict(head)
 
 
-_NO_FUSED = (
-    "linear_loss (the fused linear + loss) has no Keras form yet: compute the logits and use "
-    "compiled.loss(keras.ops.matmul(hidden, kernel) + bias, labels), or, in PyTorch or JAX code, "
-    "unihead.compile(head, 'torch').linear_loss(...) / unihead.compile(head, 'jax').linear_loss(...)."
-)
+def _tensor(x: Any) -> Any:
+    """A Keras variable as the current backend's tensor (its value: differentiable where the
+    backend differentiates it, traced under Keras' stateless JAX scope); anything else as it is."""
+    return x.value if isinstance(x, keras.Variable) else x
 
 
 class KerasHead(CompiledHead):
@@ -119,15 +122,27 @@ class KerasHead(CompiledHead):
         self, hidden: Any, kernel: Any, labels: Any, bias: Any = None, sample_weight: Any = None, *,
         normalizer: Any = None, chunk_size: int | None = None,
     ) -> Any:
-        """Not on Keras yet (docs/api.md, "The fused linear + loss"): refused with what to use."""
-        raise NotImplementedError(_NO_FUSED)
+        """The loss of ``hidden @ kernel + bias`` without the ``(N, V)`` logits or their gradient
+        (:meth:`unihead.CompiledHead.linear_loss`) on the current Keras backend's tensors (Keras
+        variables too), differentiable with its autodiff: the JAX backend's ``jax.custom_vjp`` on
+        Keras-on-JAX, the PyTorch backend's ``autograd.Function`` on Keras-on-PyTorch, and on
+        TensorFlow the same chunked passes (:mod:`unihead._fused`) under ``tf.custom_gradient``.
+        In a Keras model, :class:`FusedHeadModel` calls it with its :class:`HeadDense`'s weights
+        (:meth:`HeadDense.linear_loss`)."""
+        return self.native.linear_loss(
+            _tensor(hidden), _tensor(kernel), labels, _tensor(bias), sample_weight,
+            normalizer=normalizer, chunk_size=chunk_size,
+        )
 
     def linear_loss_terms(
         self, hidden: Any, kernel: Any, labels: Any, bias: Any = None, sample_weight: Any = None, *,
         chunk_size: int | None = None,
     ) -> tuple[Any, Any]:
-        """Not on Keras yet: refused with what to use (see :meth:`linear_loss`)."""
-        raise NotImplementedError(_NO_FUSED)
+        """``(total, weight)`` of :meth:`linear_loss` (see
+        :meth:`unihead.CompiledHead.linear_loss_terms`)."""
+        return self.native.linear_loss_terms(
+            _tensor(hidden), _tensor(kernel), labels, _tensor(bias), sample_weight, chunk_size=chunk_size
+        )
 
     def options(self) -> dict[str, Any]:
         return {"validate": self.validate, **self._native_options}
@@ -262,6 +277,33 @@ class HeadDense(keras.layers.Dense):
             return self.set_canonical_weights(weights)
         return super().set_weights(weights)
 
+    def linear_loss(
+        self, hidden: Any, labels: Any, sample_weight: Any = None, *, normalizer: Any = None,
+        chunk_size: int | None = None,
+    ) -> Any:
+        """The head's loss of this layer's logits for ``hidden`` (its inputs), computed without
+        them: :meth:`KerasHead.linear_loss` with this layer's ``kernel`` and ``bias``,
+        differentiable with respect to ``hidden`` and both weights.  ``hidden`` is cast to the
+        layer's compute dtype as :meth:`call` casts its inputs (the kernel too, under a mixed
+        precision policy); ``sample_weight`` may have the trailing axis of 1 Keras pipelines give.
+        What :class:`FusedHeadModel` computes in ``fit``."""
+        if not self.built:
+            raise ValueError(
+                "this HeadDense is not built yet, so it has no kernel to compute the loss with: "
+                "build it first (layer.build((None, in_features)), or call it on data)."
+            )
+        dtype = self.compute_dtype
+        if hasattr(hidden, "dtype") and keras.backend.is_float_dtype(hidden.dtype):
+            hidden = ops.cast(hidden, dtype)
+        kernel = ops.cast(self.kernel, dtype) if self.kernel.dtype != dtype else self.kernel
+        bias = self.bias
+        if bias is not None and bias.dtype != dtype:
+            bias = ops.cast(bias, dtype)
+        return self.compiled().linear_loss(
+            hidden, kernel, labels, bias, _per_example(self.head, sample_weight, hidden),
+            normalizer=normalizer, chunk_size=chunk_size,
+        )
+
     def compiled(self, **options: Any) -> KerasHead:
         """The compiled head of this layer: the one it was built from (or one with its saved
         ``compile_options``); ``options`` change some of them."""
@@ -330,9 +372,7 @@ class HeadLoss(keras.losses.Loss):
         return self._compiled(self.head)
 
     def __call__(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> Any:
-        if sample_weight is not None and len(sample_weight.shape) == len(y_pred.shape) and sample_weight.shape[-1] == 1 \
-                and self.head.task != "multilabel":
-            sample_weight = ops.squeeze(sample_weight, axis=-1)
+        sample_weight = _per_example(self.head, sample_weight, y_pred)
         compiled = self._compiled(self.head)
         if _ACCUMULATING:  # a GradientAccumulation weights this micro-batch by its loss weight
             _record_weight(self, compiled, y_true, sample_weight)
@@ -349,6 +389,169 @@ class HeadLoss(keras.losses.Loss):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "HeadLoss":
         return cls(**config)
+
+
+def _per_example(head: ClassificationHead, sample_weight: Any, rows: Any) -> Any:
+    """A sample weight as Keras hands it to a loss (``(..., 1)`` for ``rows`` of shape ``(...,
+    width)``: logits or hidden states) without its trailing axis, for a head with one weight per
+    example (not multilabel, whose weights may also be per label)."""
+    if sample_weight is not None and hasattr(sample_weight, "shape") and len(sample_weight.shape) == len(rows.shape) \
+            and sample_weight.shape[-1] == 1 and head.task != "multilabel":
+        return ops.squeeze(sample_weight, axis=-1)
+    return sample_weight
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class FusedHeadModel(keras.Model):
+    """``backbone -> head_layer`` (a :class:`HeadDense`) as a Keras model whose training loss is
+    the head's fused linear + loss: ``fit`` never forms the ``(batch, ..., num_outputs)`` logits
+    or their gradient (docs/large-vocabulary.md, "Keras").
+
+    * ``model(x)``, ``predict`` and ``evaluate`` return / use the logits, as any model ending in
+      :class:`HeadDense` (probabilities come from the compiled head as usual);
+    * ``fit(x, y, sample_weight=..., class_weight=...)`` computes, in each training step,
+      ``head_layer.linear_loss(hidden, y, sample_weight)`` (:meth:`HeadDense.linear_loss`): the
+      head's loss, reduction and weights exactly, from the backbone's hidden states and the head
+      layer's kernel and bias.
+
+    Why a model and not a loss or an endpoint layer: Keras hands a loss only ``(y_true,
+    y_pred)``, so a ``keras.losses.Loss`` sees logits that would already exist; an endpoint layer
+    calling ``add_loss`` would need the labels and sample weights as model inputs.  The documented
+    hook that gets ``x``, ``y``, the model's output and ``fit``'s sample weight is
+    :meth:`compute_loss`; in a training step (``training=True``) :meth:`call` stops at the
+    backbone's hidden states, which :meth:`compute_loss` turns into the fused loss.  Metrics
+    compiled with the model need logits: they are computed in ``evaluate`` and on
+    ``validation_data`` (``val_accuracy``) and left out of the training steps' logs.
+
+    ``backbone``: a Keras layer or model mapping the inputs to hidden states ``(..., in_features)``
+    (called with ``training=``); ``head_layer``: a :class:`HeadDense` of a head the fused loss
+    supports (softmax heads with class ids; not ``reduction="none"``, which gives no training
+    loss).  Its weights are those of the plain layer, so they port both ways with
+    ``get_weights``/``set_weights`` (the model's list is the backbone's, then ``[kernel, bias]``).
+    ``chunk_size``: classes per chunk (None: chosen from the sizes).  Compile without ``loss=``
+    (the loss is the head's): ``model.compile(optimizer, metrics=compiled.keras_metrics())``.
+    Saved and loaded with ``model.save`` / ``keras.models.load_model`` (a registered
+    serializable)."""
+
+    def __init__(self, backbone: Any, head_layer: Any, *, chunk_size: int | None = None, **kwargs: Any):
+        from unihead import _fused
+
+        super().__init__(**kwargs)
+        if not isinstance(backbone, keras.layers.Layer):
+            raise TypeError(
+                f"FusedHeadModel(backbone, head_layer): backbone must be a Keras layer or model "
+                f"mapping the inputs to hidden states; got {type(backbone).__name__}."
+            )
+        if not isinstance(head_layer, HeadDense):
+            raise TypeError(
+                f"FusedHeadModel(backbone, head_layer): head_layer must be a unihead HeadDense "
+                f"(compiled.layer(in_features), or HeadDense(head)); got "
+                f"{type(head_layer).__name__}."
+            )
+        problem = _fused.unsupported(head_layer.head)
+        if problem is not None:
+            raise ValueError(
+                f"FusedHeadModel trains with the fused linear + loss, which this head does not "
+                f"have: {problem} In Keras: keras.Sequential([backbone, head_layer]) compiled "
+                f"with compiled.loss_fn()."
+            )
+        if head_layer.head.reduction == "none":
+            raise ValueError(
+                "FusedHeadModel trains on the head's loss, and this head has reduction='none' (a "
+                "loss per example, no training objective): use reduction='mean' (the default) or "
+                "'sum' in the head spec."
+            )
+        if chunk_size is not None:
+            chunk_size = _fused.check_chunk_size(chunk_size)
+        self.backbone = backbone
+        self.head_layer = head_layer
+        self.chunk_size = chunk_size
+        self._head_loss = head_layer.compiled().loss_fn()  # evaluation: the loss of the logits
+
+    def call(self, inputs: Any, training: Any = None) -> Any:
+        hidden = self.backbone(inputs, training=training)
+        if training:  # a training step: the fused loss takes the hidden states (compute_loss)
+            if not self.head_layer.built:
+                self.head_layer.build(tuple(hidden.shape))
+            return hidden
+        return self.head_layer(hidden)
+
+    def compute_loss(
+        self, x: Any = None, y: Any = None, y_pred: Any = None, sample_weight: Any = None,
+        training: bool = True,
+    ) -> Any:
+        """The head's loss: in a training step the fused loss of the hidden states ``y_pred``
+        (:meth:`HeadDense.linear_loss`), in evaluation that of the logits (:class:`HeadLoss`);
+        plus the losses of the layers (``add_loss``, regularizers), as Keras' own."""
+        object.__setattr__(self, "_fused_step", bool(training))  # for compute_metrics, same step
+        if y is None:
+            raise ValueError(
+                "FusedHeadModel computes its head's loss from the labels: pass them to fit / "
+                "evaluate (model.fit(x, y), or a dataset of (x, y) or (x, y, sample_weight))."
+            )
+        if training:
+            layer = self.head_layer
+            if _ACCUMULATING:  # a GradientAccumulation weights this micro-batch by its loss weight
+                _record_weight(self._head_loss, layer.compiled(), y, _per_example(layer.head, sample_weight, y_pred))
+            loss = layer.linear_loss(y_pred, y, sample_weight, chunk_size=self.chunk_size)
+        else:
+            loss = self._head_loss(y, y_pred, sample_weight)
+        extra = [self._aggregate_additional_loss(extra) for extra in self.losses]
+        return loss if not extra else ops.sum(ops.stack([loss, *[ops.cast(e, loss.dtype) for e in extra]]))
+
+    def compute_metrics(self, x: Any, y: Any, y_pred: Any, sample_weight: Any = None) -> dict:
+        """Keras' metrics; in a training step, whose ``y_pred`` are hidden states (no logits were
+        formed), all but the metrics compiled with the model."""
+        if not self.__dict__.get("_fused_step", False):
+            return super().compute_metrics(x, y, y_pred, sample_weight)
+        return self._results(lambda metric, compiled: metric is compiled)
+
+    def get_metrics_result(self) -> dict:
+        """Keras' metric results, without the compiled metrics while no evaluation has built
+        them (only training steps ran)."""
+        return self._results(lambda metric, compiled: metric is compiled and not metric.built)
+
+    def _results(self, skip: Any) -> dict:
+        compiled = getattr(self, "_compile_metrics", None)
+        results: dict = {}
+        for metric in self.metrics:
+            if skip(metric, compiled):
+                continue
+            value = metric.result()
+            results.update(value if isinstance(value, dict) else {metric.name: value})
+        return results
+
+    def compile(self, optimizer: Any = "rmsprop", loss: Any = None, **kwargs: Any) -> None:
+        """``keras.Model.compile`` without ``loss`` (the model's loss is its head's)."""
+        if loss is not None:
+            raise ValueError(
+                "FusedHeadModel's loss is its head layer's (fused in training): compile it "
+                "without loss=, e.g. model.compile(optimizer, metrics=compiled.keras_metrics())."
+            )
+        super().compile(optimizer=optimizer, **kwargs)
+
+    def compile_from_config(self, config: dict[str, Any]) -> None:
+        """What ``keras.models.load_model`` calls with the saved compile arguments (Keras' own,
+        which only skips models whose ``compile`` is overridden: this one's only refuses
+        ``loss=``, which a saved FusedHeadModel has not)."""
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        if hasattr(self, "optimizer") and self.built:
+            self.optimizer.build(self.trainable_variables)
+
+    def get_config(self) -> dict[str, Any]:
+        config = {"name": self.name, "trainable": self.trainable,
+                  "backbone": keras.saving.serialize_keras_object(self.backbone),
+                  "head_layer": keras.saving.serialize_keras_object(self.head_layer)}
+        if self.chunk_size is not None:
+            config["chunk_size"] = self.chunk_size
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], custom_objects: Any = None) -> "FusedHeadModel":
+        config = dict(config)
+        backbone = keras.saving.deserialize_keras_object(config.pop("backbone"), custom_objects=custom_objects)
+        head_layer = keras.saving.deserialize_keras_object(config.pop("head_layer"), custom_objects=custom_objects)
+        return cls(backbone, head_layer, **config)
 
 
 #: The Keras name of each head reduction (``HeadLoss.reduction``), and back.

@@ -28,7 +28,7 @@ multilabel; the native call is the native-equivalence table's (docs/semantics.md
    CPU; probe: exp(-100) == 0) errors are measured after the conformance suite's allowance of K
    times the smallest normal float32 (docs/semantics.md §11), for unihead and native alike.
 4. Overhead: per-call time at (32, 10), where Python dispatch dominates.
-5. Large vocabulary (``--sections large-vocab``, paths ``torch`` and ``jax``): the fused
+5. Large vocabulary (``--sections large-vocab``, paths ``torch``, ``jax``, ``keras-jax``): the fused
    ``compiled.linear_loss`` against the dense path and PyTorch's ``F.linear_cross_entropy``
    (benchmarks/large_vocab.py says what is measured).
 

@@ -494,8 +494,21 @@ class KerasAdapter(Adapter):
 
     jitted = JaxAdapter.jitted
 
-    def fuses(self, c: Any) -> bool:
-        return False  # the fused linear loss has no Keras form yet (docs/api.md)
+    def fused_outputs(self, case: Case, c: Any) -> dict[str, Any]:
+        if self.backend == "jax":  # one jax.jit program per head, as JAX (and Keras' trainer) runs it
+            return JaxAdapter.fused_outputs(self, case, c)
+        return super().fused_outputs(case, c)
+
+    def fused_value_and_grad(self, c: Any, h: Any, w: Any, y: Any, sw: Any, chunk: int) -> tuple[Any, Any]:
+        if self.backend == "torch":
+            return TorchAdapter.fused_value_and_grad(self, c, h, w, y, sw, chunk)
+        import tensorflow as tf
+
+        v = tf.Variable(h)
+        with tf.GradientTape() as tape:
+            loss = c.linear_loss(v, w, y, None, sw, chunk_size=chunk)
+            total = tf.reduce_sum(loss)
+        return loss, tape.gradient(total, v)
 
     def shards(self, c: Any) -> bool:
         return False  # the class-sharded loss is PyTorch's and JAX's (docs/large-vocabulary.md)
@@ -524,7 +537,7 @@ class KerasAdapter(Adapter):
 
         out = outputs(self.logits(case.logits, case.dtype))
         out = {k: self.to_numpy(v) for k, v in out.items()}
-        out.update(self.split_outputs(case, c))  # eager, as a loop over micro-batches runs
+        out.update(self.contract_outputs(case, c))  # eager, as a loop over micro-batches runs
         return out
 
 

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -287,3 +288,48 @@ print(json.dumps(out))
             assert abs(t_loss - ref_loss) <= 4 * ulp, (head, fused, t_loss, ref_loss)
             gulp = np.spacing(np.abs(ref_grad).astype(np.float32)).astype(np.float64)
             assert (np.abs(t_grad - ref_grad) / gulp).max() <= 6, (head, fused)
+
+
+def test_background_builds_take_the_machines_build_slots(tmp_path, monkeypatch):
+    """Many hot heads at once (a sweep, the conformance suite) start one background build at a
+    time (``BUILD_SLOTS``), not one per head: a head that finds the slots taken keeps its eager
+    formulas and asks again every ``POLL_EVERY`` calls; a build frees its slot when it ends."""
+    A = _aot()
+    monkeypatch.setenv("UNIHEAD_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(A, "HOT_CALLS", 3)
+    monkeypatch.setattr(A, "POLL_EVERY", 2)
+    monkeypatch.setattr(A, "compiler_available", lambda: True)
+    started: list = []
+
+    class FakeBuild:  # the build process: records its argv, ends when told to
+        def __init__(self, argv, **kw):
+            self.argv, self.returncode = argv, None
+            started.append(self)
+
+        def poll(self):
+            return self.returncode
+
+        def wait(self):
+            self.returncode = 1
+            return 1
+
+    monkeypatch.setattr(A, "subprocess", types.SimpleNamespace(Popen=FakeBuild, DEVNULL=subprocess.DEVNULL))
+    sigs = [A.Signature(head=H.multiclass(k).to_json(), weight_ndim=0, label_dtype="int64") for k in (3, 4, 5)]
+    entries = [A._Entry(s) for s in sigs]
+    for _ in range(A.HOT_CALLS):
+        for e in entries:
+            e.get("auto")
+    assert [e.state for e in entries] == ["building", "new", "new"] and len(started) == 1
+    slot = Path(started[0].argv[-1])
+    assert slot.exists() and slot.name == "build-slot-0.lock"
+    for _ in range(4):  # the slot is taken: the others ask again, and wait
+        for e in entries[1:]:
+            e.get("auto")
+    assert len(started) == 1
+    started[0].returncode = 1  # the build ends (here: failed); its parent sees it when it polls
+    for _ in range(A.POLL_EVERY):
+        entries[0].get("auto")
+    assert entries[0].state == "off" and not slot.exists()
+    for _ in range(A.POLL_EVERY):
+        entries[1].get("auto")
+    assert entries[1].state == "building" and len(started) == 2

@@ -71,6 +71,7 @@ __all__ = [
     "rows_forward",
     "rows_backward",
     "DEFAULT_CHUNK_ELEMENTS",
+    "UNKNOWN_ROWS",
 ]
 
 #: The number of logits one chunk holds (rows x classes) by default: 2**22 (16 MiB in float32).
@@ -78,6 +79,9 @@ __all__ = [
 #: steps per chunk cost nothing next to it; small enough that a chunk and its few temporaries stay
 #: far below the ``(N, V)`` logits (the point of the fused call).
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
+#: The number of rows the default chunk size assumes where it is unknown while tracing (a
+#: TensorFlow graph whose batch dimension is None): 1024 classes a chunk (:func:`chunk_size_for`).
+UNKNOWN_ROWS = 4096
 #: Chunks have at least this many classes (unless the head has fewer): narrower matmuls lose rate.
 MIN_CHUNK_CLASSES = 128
 
@@ -565,7 +569,7 @@ def rows_backward(
         gw = ops.put_columns(gw, start, xp.matmul(xp.matrix_transpose(h), dzm))
         return gh, gw, gb
 
-    gh = xp.zeros((h.shape[0], h.shape[1]), dtype=dt, device=ops.device(h))
+    gh = xp.zeros(ops.shape(h), dtype=dt, device=ops.device(h))
     gw = ops.empty_like_columns(w)
     gb = None if b is None else ops.empty_like_columns(xp.astype(b, dt) if low else b)
     carry = (gh, gw, gb)
@@ -576,6 +580,8 @@ def rows_backward(
     if full and rest:
         carry = grads(full * chunk, rest, carry)
     gh, gw, gb = carry
+    gw = ops.finish_columns(gw)
+    gb = None if gb is None else ops.finish_columns(gb)
     gh = xp.astype(gh, h.dtype) if low else gh
     gb = None if gb is None else (xp.astype(gb, b.dtype) if gb.dtype != b.dtype else gb)
     return gh, gw, gb

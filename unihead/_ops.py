@@ -110,6 +110,12 @@ class Ops:
     def device(self, x: Any) -> Any:
         return getattr(x, "device", None)
 
+    def shape(self, x: Any) -> tuple:
+        """``x``'s shape, a dimension unknown while tracing as a 0-d integer array of its size
+        (what ``reshape`` and ``ones`` take); the static shape where the library has no unknown
+        dimensions."""
+        return tuple(x.shape)
+
     def unsharded(self, x: Any) -> Any:
         """``x`` whole on each device holding a part of it: what :meth:`compensated_total` slices
         in halves (a backend whose arrays' types carry a sharding refuses halves that do not
@@ -279,6 +285,11 @@ class Ops:
     def empty_like_columns(self, x: Any) -> Any:
         """An uninitialised array like ``x`` that :meth:`put_columns` fills chunk by chunk."""
         return self.xp.empty_like(x)
+
+    def finish_columns(self, buf: Any) -> Any:
+        """The array :meth:`put_columns` filled, once every chunk is in (``buf`` itself here; a
+        backend whose arrays cannot be written into keeps the chunks and joins them here)."""
+        return buf
 
     # -- reductions ---------------------------------------------------------------------------
     def accumulate64(self, x: Any) -> bool:

@@ -311,7 +311,8 @@ class CompiledHead:
             y = ops.convert(labels, x)
             sw = None if sample_weight is None else ops.convert(sample_weight, x)
         y, sw = check_inputs(ops, head, like, y, sw, validate=self._validate_values())
-        ones = lambda: xp.ones(lead, dtype=dtype, device=ops.device(x))
+        sizes = lead if _count(lead) is not None else ops.shape(x)[:-1]  # unknown ones as 0-d arrays
+        ones = lambda: xp.ones(sizes, dtype=dtype, device=ops.device(x))
         weights, q = self._engine().example_weights(y, sw, like, ones=ones)
         if q.dtype != ops.index_dtype():
             q = xp.astype(q, ops.index_dtype())
@@ -334,9 +335,13 @@ class CompiledHead:
         lead, like, y, sw, weights, q = self._rows_of(h, labels, sample_weight)
         n = _count(lead)
         d, v = w.shape
-        chunk = _fused.chunk_size_for(n, v) if chunk_size is None else _fused.check_chunk_size(chunk_size)
-        per = self._fused_rows(xp.reshape(h, (n, d)), w, b, xp.reshape(q, (n,)), min(chunk, v))
-        return xp.reshape(per, lead), weights, like, y, sw
+        if chunk_size is not None:
+            chunk = _fused.check_chunk_size(chunk_size)
+        else:  # rows unknown while tracing (a TensorFlow graph's batch): sized for UNKNOWN_ROWS
+            chunk = _fused.chunk_size_for(_fused.UNKNOWN_ROWS if n is None else n, v)
+        rows = -1 if n is None else n
+        per = self._fused_rows(xp.reshape(h, (rows, d)), w, b, xp.reshape(q, (rows,)), min(chunk, v))
+        return xp.reshape(per, lead if n is not None else self.ops.shape(h)[:-1]), weights, like, y, sw
 
     def _validate_values(self) -> bool:
         """Whether :meth:`linear_loss` checks the values of labels and weights (the head's
@@ -439,7 +444,11 @@ class CompiledHead:
         return f"<unihead {self.backend} head: {self.head!r}>"
 
 
-def _count(shape: tuple) -> int:
+def _count(shape: tuple) -> int | None:
+    """The number of elements of an array of ``shape``; None where a dimension is unknown (a
+    traced TensorFlow graph's batch)."""
+    if any(d is None for d in shape):
+        return None
     n = 1
     for d in shape:
         n *= int(d)
