@@ -138,6 +138,9 @@ class NumpyHead(CompiledHead):
     probabilities = _quiet(CompiledHead.probabilities)
     log_probabilities = _quiet(CompiledHead.log_probabilities)
     predict = _quiet(CompiledHead.predict)
+    loss_terms = _quiet(CompiledHead.loss_terms)
+    linear_loss_terms = _quiet(CompiledHead.linear_loss_terms)
+    _class_sharded = _quiet(CompiledHead._class_sharded)
 
     @_quiet
     def loss(self, logits: Any, labels: Any, sample_weight: Any = None, *, normalizer: Any = None) -> np.ndarray:
