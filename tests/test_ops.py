@@ -40,7 +40,7 @@ def _ops(name):
 
 
 @pytest.mark.parametrize("backend", ["numpy", "torch", "jax"])
-@pytest.mark.parametrize("n", [1, 2, 3, 7, 1000, 4097])
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 1000, 4097, 16000, 123457])  # padded (1000, 16000) and in pieces
 def test_compensated_total_is_nearly_correctly_rounded(backend, n):
     ops, arr = _ops(backend)
     rng = np.random.default_rng(n)

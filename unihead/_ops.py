@@ -342,41 +342,49 @@ class Ops:
     def compensated_total(self, x: Any) -> Any:
         """Sum of every element without a wider type: pairwise over contiguous halves, each
         level's rounding errors recovered exactly (TwoSum) and carried, added pairwise with the
-        next level's, to the end (one elementwise step per level, no reduction per level).  A
-        level of odd length sets its last partial sum (and its carried error) aside; those, at
-        most one a level, are added at the end with their TwoSum errors (no padding to a power
-        of two: no copy of the input, and XLA's temporary buffers stay below a plain sum's
-        elementwise terms).  Nearly correctly rounded; infinities and NaN come through as in a
-        plain sum."""
+        next level's, to the end (one elementwise step per level, no reduction per level).
+        Nearly correctly rounded; infinities and NaN come through as in a plain sum.
+
+        The pairwise tree needs a power-of-two length.  A length within 1/16 of the next power
+        of two is padded with zeros (a copy of the input, but XLA fuses a power-of-two tree's
+        levels two at a time: 57 against 68 MiB of buffers for the loss and gradient of 4096000
+        one-logit rows under ``jax.jit``); any other length is cut into power-of-two pieces, one
+        per bit of the length (no copy: 0.6 against 0.7 MiB at 40960 rows), whose totals and
+        carried errors are added at the end with their TwoSum errors."""
         xp = self.xp
         if len(x.shape) > 1 and x.shape[-1] != 1:  # the class axis with the library's pairwise sum
             x = xp.sum(x, axis=-1)  # (a length-1 axis is dropped, not reduced: compilers make a
         x = self.unsharded(xp.reshape(x, (-1,)))  # reduction over it a scalar loop)
-        if x.shape[0] == 0:
+        n = x.shape[0]
+        if n == 0:
             return xp.sum(x)
 
         def exact(e: Any) -> Any:  # inf - inf in an error term is not an error
             return self.where0(xp.isfinite(e), e)
 
-        err = None
-        aside: list[tuple[Any, Any]] = []  # (partial sum, its carried error or None)
-        while x.shape[0] > 1:
-            n = x.shape[0]
-            if n % 2:
-                aside.append((x[n - 1], None if err is None else err[n - 1]))
-                x = x[: n - 1]
-                err = None if err is None else err[: n - 1]
-            half = x.shape[0] // 2
-            a, b = x[:half], x[half:]
-            s = a + b
-            e = exact(two_sum_error(a, b, s))
-            err = e if err is None else e + (err[:half] + err[half:])
-            x = s
-        total, err = x[0], (None if err is None else err[0])
-        for value, carried in aside:
+        def tree(t: Any) -> tuple[Any, Any]:  # a power-of-two length: (total, carried error)
+            err = None
+            while t.shape[0] > 1:
+                half = t.shape[0] // 2
+                a, b = t[:half], t[half:]
+                s = a + b
+                e = exact(two_sum_error(a, b, s))
+                err = e if err is None else e + (err[:half] + err[half:])
+                t = s
+            return t[0], (None if err is None else err[0])
+
+        size = 1 << (n - 1).bit_length()
+        if size != n and (size - n) * 16 <= n:
+            x, n = xp.concat([x, xp.zeros_like(x[: size - n])]), size
+        parts, start = [], 0
+        while start < n:
+            piece = 1 << ((n - start).bit_length() - 1)
+            parts.append(tree(x[start:start + piece]))
+            start += piece
+        total, err = parts[0]
+        for value, carried in parts[1:]:
             s = total + value
-            e = exact(two_sum_error(total, value, s))
-            for extra in (e, carried):
+            for extra in (exact(two_sum_error(total, value, s)), carried):
                 if extra is not None:
                     err = extra if err is None else err + extra
             total = s
