@@ -52,6 +52,13 @@ def missing(name: str) -> list[str]:
     return [m for m in needs if importlib.util.find_spec(m) is None]
 
 
+#: The fused columns run cases of at most this many classes: their kernel is the ``K x K``
+#: identity, 64 MiB at 4096 classes in float32 and 4 GB at 32000, where a full run on a 24 GB
+#: machine ran out of memory (the fused path at large class counts: tests/test_fused.py and the
+#: large-vocabulary benchmark).
+FUSED_MAX_CLASSES = 4096
+
+
 class Adapter:
     """Runs cases on one backend.  Subclasses implement :meth:`arrays` and :meth:`compile`."""
 
@@ -129,10 +136,12 @@ class Adapter:
         return loss, grad, total, weight
 
     def fuses(self, c: Any) -> bool:
-        """Whether this backend's head ``c`` has the fused linear loss (``linear_loss``)."""
+        """Whether this backend's head ``c`` has the fused linear loss (``linear_loss``) and the
+        case's identity kernel is small enough (:data:`FUSED_MAX_CLASSES`)."""
         from unihead import _fused
 
-        return hasattr(c, "linear_loss") and _fused.unsupported(c.head) is None
+        return (hasattr(c, "linear_loss") and _fused.unsupported(c.head) is None
+                and c.head.num_outputs <= FUSED_MAX_CLASSES)
 
     def fused_value_and_grad(self, c: Any, h: Any, w: Any, y: Any, sw: Any, chunk: int) -> tuple[Any, Any]:
         """``c.linear_loss(h, w, y, None, sw)`` and its gradient with respect to ``h`` (of the sum
@@ -421,6 +430,10 @@ class FlaxAdapter(JaxAdapter):
 
             c, none = self.compiled(head), self.compiled(head.replace(reduction="none"))
             k = head.num_outputs
+            # one layer at a time: the identity kernel of 32000 classes is 4 GB (a full run kept
+            # every case's layer and ran out of memory)
+            for old in [key_ for key_ in self._cache if isinstance(key_, tuple) and key_[0] == "layer"]:
+                del self._cache[old]
             layer = c.layer(k, weights=(np.eye(k), np.zeros(k)), param_dtype=getattr(jnp, dtype))
 
             @nnx.jit
