@@ -67,7 +67,8 @@ FUSED_NOTE = (
     "case's logits and kernel = the identity (hidden @ kernel is the logits exactly), chunks of 1/3 of the "
     "classes, cases of up to 4096 classes (the identity of 32000 is 4 GB); fused = the worst of its loss "
     "and its per-example values (reduction='none'), fused grad = the gradient with respect to hidden "
-    "(= d loss / d logits); softmax heads with class ids only, cases with finite logits (a -inf or NaN logit times 0 in the matmul is NaN); same tolerances as loss and grad"
+    "(= d loss / d logits); softmax heads with class ids only, cases with finite logits (a -inf or NaN "
+    "logit times 0 in the matmul is NaN); same tolerances as loss and grad"
 )
 
 #: What the sharded column is (the command's footnote, the JSON report's "sharded")
