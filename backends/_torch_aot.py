@@ -3,9 +3,18 @@
 Why.  In eager PyTorch every array operation is a kernel launch of one to two microseconds on a
 CPU; the accurate formulas are about twenty operations where ``F.cross_entropy`` is two, so at the
 batch sizes of most training (tens to hundreds of examples) the loss costs several times the native
-one although its arithmetic is trivial.  The *same function* exported with ``torch.export`` and
-compiled by AOTInductor is one C++ kernel: about fifteen microseconds a call, with the numbers of
-the eager formulas (Inductor keeps IEEE semantics: no fast-math, no contraction on CPU).
+one although its arithmetic is trivial.  The loss and its gradient, exported with
+``torch.export`` and compiled by AOTInductor, are one C++ kernel: about fifteen microseconds a
+call plus one vectorised pass over the logits (Inductor keeps IEEE semantics: no fast-math, no
+contraction on CPU).  Which formulas (:func:`float32_formulas`):
+
+* a softmax head: the eager path's own (float64, rounded once), so the kernel's numbers are the
+  eager ones bit for bit;
+* a sigmoid head: the float32 formulas with error-free transformations (those ``torch.compile``
+  fuses for large inputs).  Per logit a sigmoid loss is two float64 transcendentals, which cost
+  three to four times float32's: the wide kernel took twice the native time from 32768 logits
+  on.  The float32 kernel agrees with the eager formulas within docs/semantics.md §11, not bit
+  for bit.
 
 When.  Nothing is compiled in the caller's process and nothing waits (``fused="auto"``):
 
@@ -16,7 +25,7 @@ When.  Nothing is compiled in the caller's process and nothing waits (``fused="a
    milliseconds) and runs it from then on.  In a new process an existing package is loaded at the
    first call.
 3. Without a C++ compiler (or if the build fails) the head keeps its eager formulas: the same
-   numbers, slower.  The reason is logged once (logger ``"unihead"``), and a failed build is not
+   numbers (a softmax head) or numbers within the same tolerances (a sigmoid head), slower.  The reason is logged once (logger ``"unihead"``), and a failed build is not
    retried for a day (delete its ``.failed`` file to retry now).
 
 ``fused=True`` builds on the first call and waits (what :meth:`TorchHead.warmup` does);
@@ -179,10 +188,17 @@ def _take_slot() -> Path | None:
 
 
 # ------------------------------------------------------------------------------ the kernel
+def float32_formulas(head: Any) -> bool:
+    """Whether the kernel of ``head`` runs the float32 formulas (sigmoid heads) rather than the
+    wide ones (softmax heads; see the module's docstring)."""
+    return head.activation == "sigmoid"
+
+
 def kernel_function(sig: Signature) -> Any:
     """The module exported for ``sig``: ``(z, labels[, sample_weight]) -> (loss, grad, bad)``:
-    the loss and its gradient for a unit upstream gradient (``Engine.loss_and_grad``) and whether
-    any label or weight value is invalid (``validation.value_errors``), all in one kernel."""
+    the loss and its gradient for a unit upstream gradient (``Engine.loss_and_grad``, with the
+    formulas of :func:`float32_formulas`) and whether any label or weight value is invalid
+    (``validation.value_errors``), all in one kernel."""
     import torch
 
     from unihead._engine import Engine
@@ -192,7 +208,7 @@ def kernel_function(sig: Signature) -> Any:
     from .torch import TorchOps
 
     head = ClassificationHead.from_json(sig.head)
-    ops = TorchOps()
+    ops = TorchOps(wide=not float32_formulas(head))
     engine = Engine(head, ops)
 
     normal = torch.int64 if head.label_format == "sparse" else torch.float32
@@ -310,7 +326,7 @@ class _Entry:
         if not compiler_available():
             self.state = "off"
             log.info("unihead: no C++ compiler found; PyTorch losses run their eager formulas "
-                     "(the same numbers, slower)")
+                     "(slower, within the same tolerances)")
             return
         if self._failed_recently():
             self.state = "off"
@@ -367,7 +383,7 @@ class _Entry:
             self.state = "off"
             tail = err.strip().splitlines()[-1] if err.strip() else f"exit status {proc.returncode}"
             log.info("unihead: building a fused PyTorch kernel failed (%s); the eager formulas stay "
-                     "in use (the same numbers)", tail)
+                     "in use (slower, within the same tolerances)", tail)
             try:
                 self._file(".failed").write_text(err[-20000:])
             except OSError:
@@ -417,6 +433,7 @@ class KernelCache:
     def __init__(self, head: Any, mode: Any):
         self.head_json = head.to_json()
         self.mode = mode  # "auto" | True
+        self.float32_formulas = float32_formulas(head)
         self._entries: dict[tuple, _Entry] = {}
         self._lock = threading.Lock()
 
@@ -441,7 +458,7 @@ class KernelCache:
         return self._entry(weight_ndim, label_dtype).get(True) is not None
 
     def __getstate__(self) -> dict:
-        return {"head_json": self.head_json, "mode": self.mode}
+        return {"head_json": self.head_json, "mode": self.mode, "float32_formulas": self.float32_formulas}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state, _entries={}, _lock=threading.Lock())

@@ -18,8 +18,9 @@ the Array API; this module adds what is PyTorch-specific:
   of a step all-reduced over the workers with the gradient averaging compensated, and
   :func:`global_loss`, the step's global loss for logging (docs/scaling-out.md);
 * speed: float32 logits on the CPU are evaluated in float64 and rounded once (the wide formulas,
-  a dozen native kernels), and a head called often gets the same function compiled into one
-  kernel in the background (:mod:`._torch_aot`); large inputs run fused float32 kernels
+  a dozen native kernels); a head called often gets its loss and gradient compiled into one
+  kernel in the background (:mod:`._torch_aot`: the same wide formulas for a softmax head, the
+  float32 ones for a sigmoid head); large inputs run fused float32 kernels (``torch.compile``)
   (:class:`_Kernels`; docs/benchmarks.md, "Compilation").
 
 Validation of label values reads them (a device synchronisation on accelerators): it runs by
@@ -98,8 +99,9 @@ class TorchOps(Ops):
     wide = True  # on CPU: float32 in float64, rounded once (see Ops.wide and TorchHead.loss)
 
 
-    def __init__(self) -> None:
+    def __init__(self, wide: bool = True) -> None:
         super().__init__(_XP)
+        self.wide = wide  # False: the float32 formulas (the compiled kernels, _torch_aot)
 
     def wide_dtype(self, x: Any) -> Any:
         # CPU only: float64 is 1/32 to 1/64 of float32's rate on most GPUs
@@ -221,12 +223,13 @@ def _own_code(fn: Any) -> Any:
 class _Kernels:
     """Forward and backward passes of one head, in one of three modes.
 
-    * ``"wide"`` (float32 on the CPU, except large inputs with fused kernels): the wide formulas
-      (float64, rounded once; a dozen native kernels), or the same function compiled ahead of time
-      into one kernel (:mod:`._torch_aot`) where one has been built, up to :data:`AOT_MAX_ROWS`
-      rows.  The forward pass also forms the gradient (float32, what the backward pass scales),
-      so the backward pass is one multiply.  Also what large inputs take when nothing can be
-      compiled: two to three times faster in eager mode than the float32 formulas.
+    * ``"wide"`` (float32 on the CPU, except large inputs with fused kernels): the loss and its
+      gradient as one compiled kernel (:mod:`._torch_aot`; a softmax head's runs the wide
+      formulas, up to :data:`AOT_MAX_ROWS` rows, a sigmoid head's the float32 ones) where one
+      has been built, else the wide formulas (float64, rounded once; a dozen native kernels).  The forward pass also forms the gradient (float32, what the backward pass
+      scales), so the backward pass is one multiply.  The wide formulas are also what large
+      inputs take when nothing can be compiled: two to three times faster in eager mode than the
+      float32 formulas op by op.
     * ``"eager"``: the float32 formulas with error-free transformations, op by op (CUDA, float64
       logits, ``torch.func`` transforms, and inside ``torch.compile``, which fuses them itself).
     * ``"fused"``: the *same functions* as ``"eager"`` through ``torch.compile`` (dynamic shapes)
@@ -238,8 +241,9 @@ class _Kernels:
 
     def __init__(self, engine: Engine, aot: Any = None):
         self.engine = engine
-        self.aot = aot  # _torch_aot.KernelCache: the wide formulas as one compiled kernel
+        self.aot = aot  # _torch_aot.KernelCache: the loss and gradient as one compiled kernel
         self.path = engine.path_of()
+        self.narrow = aot is not None and aot.float32_formulas
         # The wide forward pass forms the gradient.  A softmax head keeps it: one (..., K) tensor,
         # what F.cross_entropy keeps (its log-softmax).  BCEWithLogits keeps nothing of its own (it
         # recomputes from the logits and targets), so a sigmoid head's gradient is recomputed in the
@@ -279,10 +283,10 @@ class _Kernels:
         return self.run(0, mode == "fused", z, labels, sw)
 
     def wide(self, z: Any, labels: Any, sw: Any, count: bool = True) -> tuple[Any, tuple]:
-        """The wide formulas on validated inputs: the compiled kernel where there is one, else op
-        by op.  ``count``: this call counts towards building the kernel (not when the short path
-        of :meth:`TorchHead.loss` already counted it).  The residuals: the gradient, or none where
-        it is recomputed (:meth:`keeps_grad`)."""
+        """The loss and gradient of validated inputs: the compiled kernel where there is one, else
+        the wide formulas op by op.  ``count``: this call counts towards building the kernel
+        (not when the short path of :meth:`TorchHead.loss` already counted it).  The residuals:
+        the gradient, or none where it is recomputed (:meth:`keeps_grad`)."""
         loss, grad = self._wide(z, labels, sw, count)
         return loss, ((grad,) if self.keeps_grad(z) else ())
 
@@ -291,12 +295,12 @@ class _Kernels:
         return not (self.recompute_large and z.numel() >= FUSED_MIN_ELEMENTS)
 
     def wide_grad(self, z: Any, labels: Any, sw: Any) -> Any:
-        """The gradient of the wide formulas for a unit upstream gradient, recomputed."""
+        """The gradient for a unit upstream gradient, recomputed (as :meth:`wide`)."""
         return self._wide(z, labels, sw, False)[1]
 
     def _wide(self, z: Any, labels: Any, sw: Any, count: bool) -> tuple[Any, Any]:
         runner = None
-        if self.aot is not None and _aot_size(z) and not torch.compiler.is_compiling():
+        if self.aot is not None and _aot_size(z, self.narrow) and not torch.compiler.is_compiling():
             flat = _flatten(self.engine.head, z, labels, sw)
             runner = self.aot.runner(0 if flat[2] is None else flat[2].dim(), flat[1].dtype, count=count)
         if runner is None:
@@ -338,17 +342,22 @@ class _InvalidValues(Exception):
     """A label or weight value is invalid: ``TorchHead.loss`` runs the checks that say which."""
 
 
-#: The compiled kernel of the wide formulas is used for at most this many rows and elements:
-#: Inductor's code for it costs about 150 ns a row at K = 10 (masked vectors, per-row
-#: transcendentals) where the eager kernels cost ~40 us a call plus ~40 ns a row, so from a few
-#: hundred rows on the eager formulas are faster (measured; docs/benchmarks.md).
+#: The compiled kernel of a softmax head (the wide formulas) is used for at most this many rows
+#: and elements: Inductor's code for it costs about 150 ns a row at K = 10 (masked vectors,
+#: per-row float64 transcendentals) where the eager kernels cost ~40 us a call plus ~40 ns a row,
+#: so from a few hundred rows on the eager formulas are faster (measured; docs/benchmarks.md).
+#: A sigmoid head's kernel (the float32 formulas) is faster than the eager ones at every size:
+#: it takes everything below :data:`FUSED_MIN_ELEMENTS`.
 AOT_MAX_ROWS = 256
 AOT_MAX_ELEMENTS = 1 << 15
 
 
-def _aot_size(z: Any) -> bool:
-    """Whether logits ``z`` are small enough for the compiled kernel of the wide formulas."""
+def _aot_size(z: Any, narrow: bool) -> bool:
+    """Whether logits ``z`` take the compiled kernel (:mod:`._torch_aot`) of a head whose kernel
+    runs the float32 formulas (``narrow``) or the wide ones."""
     n = z.numel()
+    if narrow:
+        return n < FUSED_MIN_ELEMENTS
     return n <= AOT_MAX_ELEMENTS and n <= AOT_MAX_ROWS * z.shape[-1]
 
 
@@ -519,21 +528,21 @@ class _ChunkKernels:
 
 
 class _Kernel(torch.autograd.Function):
-    """The compiled kernel of the wide formulas, called with the fewest Python steps (the common
-    case of :meth:`TorchHead.loss`): ``(runner, check, z, labels) -> loss``; the gradient it
-    returned, times the upstream gradient, is the backward pass."""
+    """The compiled kernel, called with the fewest Python steps (the common case of
+    :meth:`TorchHead.loss`): ``(runner, check, z, labels) -> loss``; the gradient it returned,
+    times the upstream gradient, is the backward pass."""
 
     @staticmethod
     def forward(ctx: Any, runner: Any, check: bool, z: Any, labels: Any) -> Any:
         loss, grad, bad = runner.run([z, labels])
         if check and bad.item():
             raise _InvalidValues
-        ctx.grad = grad  # small inputs: kept (see _Kernels.keeps_grad)
+        ctx.save_for_backward(grad)  # kept (see _Kernels.keeps_grad), and seen by saved-tensor hooks
         return loss
 
     @staticmethod
     def backward(ctx: Any, g: Any) -> Any:
-        return None, None, _OPS.times_upstream(ctx.grad, g), None
+        return None, None, _OPS.times_upstream(ctx.saved_tensors[0], g), None
 
 
 _KERNEL = super(torch.autograd.Function, _Kernel).apply
@@ -661,7 +670,7 @@ class TorchHead(CompiledHead):
             and logits.dtype is torch.float32
             and logits.dim() == 2
             and logits.shape[1] == self._k
-            and _aot_size(logits)
+            and _aot_size(logits, self._kernels.narrow)
             and logits.is_cpu
             and labels.is_cpu
             and labels.shape == (logits.shape if self._dense_labels else logits.shape[:1])
@@ -881,13 +890,16 @@ def compile_head(head: ClassificationHead, *, validate: bool = True, fused: Any 
 
     * ``"auto"``: logits of at least :data:`FUSED_MIN_ELEMENTS` elements (CPU, CUDA) run through
       kernels compiled by ``torch.compile`` at their first call (a few seconds per head, then
-      PyTorch's disk cache); small float32 CPU inputs run the wide formulas, and once a head has
-      been called :data:`~unihead.backends._torch_aot.HOT_CALLS` times with one kind of input,
-      the same function compiled into one kernel in a background process (cached on disk);
+      PyTorch's disk cache); smaller float32 CPU inputs run the wide formulas, and once a head
+      has been called :data:`~unihead.backends._torch_aot.HOT_CALLS` times with one kind of
+      input, one kernel compiled in a background process (cached on disk): a softmax head's the
+      same function (bit for bit), a sigmoid head's the float32 formulas (within
+      docs/semantics.md §11 of the wide ones);
     * ``True``: as ``"auto"``, but the small-input kernel is built (or loaded) at the first call,
       which waits for it (:meth:`TorchHead.warmup` does it ahead);
-    * ``False``: nothing is compiled (also: environment variable ``UNIHEAD_TORCH_FUSED=0``); the
-      same numbers, slower."""
+    * ``False``: nothing is compiled (also: environment variable ``UNIHEAD_TORCH_FUSED=0``):
+      float32 logits on the CPU always take the wide formulas (the same numbers, bit for bit, on
+      every machine), slower."""
     return TorchHead(head, validate=validate, fused=fused)
 
 

@@ -408,9 +408,11 @@ class FlaxAdapter(JaxAdapter):
     bias ``0``: ``x @ I + 0`` is ``x`` exactly, in every dtype), under ``nnx.jit``, and the
     gradient is the one with respect to the layer's input (``jax.grad`` through the layer, the
     loss's ``custom_vjp`` and the matmul's transpose: ``g @ I``, exact).  A case with infinite
-    logits (the masked regime) cannot come out of a finite layer (``-inf * 0`` is NaN): it runs
-    on the compiled head directly, as on ``jax``.  The split columns run the compiled head's
-    ``loss_weight``/``loss_terms`` as on ``jax``."""
+    logits (the masked regime) cannot come out of a finite layer (``-inf * 0`` is NaN), and a
+    case of more than :data:`FUSED_MAX_CLASSES` classes would need a ``K x K`` kernel (4 GB at
+    32000 classes, with its copies in the jitted program: a full run ran out of memory on 24 GB):
+    both run on the compiled head directly, as on ``jax``.  The split columns run the compiled
+    head's ``loss_weight``/``loss_terms`` as on ``jax``."""
 
     name = "flax"
 
@@ -434,7 +436,8 @@ class FlaxAdapter(JaxAdapter):
             # every case's layer and ran out of memory)
             for old in [key_ for key_ in self._cache if isinstance(key_, tuple) and key_[0] == "layer"]:
                 del self._cache[old]
-            layer = c.layer(k, weights=(np.eye(k), np.zeros(k)), param_dtype=getattr(jnp, dtype))
+            wdt = np.float64 if dtype == "float64" else np.float32  # exact for bfloat16 too
+            layer = c.layer(k, weights=(np.eye(k, dtype=wdt), np.zeros(k, wdt)), param_dtype=getattr(jnp, dtype))
 
             @nnx.jit
             def outputs(layer: Any, x: Any, y: Any, sw: Any) -> dict[str, Any]:
@@ -448,7 +451,7 @@ class FlaxAdapter(JaxAdapter):
         return self._cache[key]
 
     def run(self, case: Case) -> dict[str, np.ndarray]:
-        if not np.all(np.isfinite(case.logits)):
+        if not np.all(np.isfinite(case.logits)) or case.head.num_outputs > FUSED_MAX_CLASSES:
             return JaxAdapter.run(self, case)
         import jax
 
