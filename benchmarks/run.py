@@ -219,7 +219,10 @@ class TorchAdapter(Adapter):
         import unihead
 
         zt, yt = self._tensors(head, z, y)
-        ours = unihead.compile(head.replace(reduction="none"), "torch").loss(zt, yt)
+        c = unihead.compile(head.replace(reduction="none"), "torch")
+        if not self.compiled:
+            c.warmup()  # the compiled kernel a hot head runs (a sigmoid head's: the float32 formulas)
+        ours = c.loss(zt, yt)
         if head.task == "multiclass":
             nat = F.cross_entropy(zt, yt, reduction="none")
         elif head.task == "binary":
