@@ -13,8 +13,10 @@ contraction on CPU).  Which formulas (:func:`float32_formulas`):
 * a sigmoid head: the float32 formulas with error-free transformations (those ``torch.compile``
   fuses for large inputs).  Per logit a sigmoid loss is two float64 transcendentals, which cost
   three to four times float32's: the wide kernel took twice the native time from 32768 logits
-  on.  The float32 kernel agrees with the eager formulas within docs/semantics.md §11, not bit
-  for bit.
+  on.  The float32 kernels agree with the eager formulas within docs/semantics.md §11, not bit
+  for bit.  They are two (:func:`parts`): the loss for the forward pass, the gradient for the
+  backward pass, recomputed from the logits and labels, so that nothing of the logits' size is
+  kept in between (``BCEWithLogits`` keeps nothing either).
 
 When.  Nothing is compiled in the caller's process and nothing waits (``fused="auto"``):
 
@@ -194,11 +196,24 @@ def float32_formulas(head: Any) -> bool:
     return head.activation == "sigmoid"
 
 
-def kernel_function(sig: Signature) -> Any:
-    """The module exported for ``sig``: ``(z, labels[, sample_weight]) -> (loss, grad, bad)``:
-    the loss and its gradient for a unit upstream gradient (``Engine.loss_and_grad``, with the
-    formulas of :func:`float32_formulas`) and whether any label or weight value is invalid
-    (``validation.value_errors``), all in one kernel."""
+def parts(head: Any) -> tuple[str, ...]:
+    """The kernels of one signature, the package's first: a softmax head's ``"main"``; a sigmoid
+    head's ``"loss"`` (the forward pass) and ``"grad"`` (the backward pass, which recomputes the
+    gradient as ``BCEWithLogits`` does: nothing of the logits' size is kept in between)."""
+    return ("loss", "grad") if float32_formulas(head) else ("main",)
+
+
+def part_path(path: Path, part: str) -> Path:
+    """Where kernel ``part`` of the package ``path`` (the signature's first part) is stored."""
+    return path if part in ("main", "loss") else path.with_suffix(f".{part}.pt2")
+
+
+def kernel_function(sig: Signature, part: str = "main") -> Any:
+    """The module exported for ``sig``, ``(z, labels[, sample_weight]) -> outputs``:
+    ``"main"``: ``(loss, grad, bad)``, the loss and its gradient for a unit upstream gradient
+    (``Engine.loss_and_grad``, with the formulas of :func:`float32_formulas`) and whether any
+    label or weight value is invalid (``validation.value_errors``), all in one kernel;
+    ``"loss"``: ``(loss, bad)``; ``"grad"``: ``(grad,)`` (see :func:`parts`)."""
     import torch
 
     from unihead._engine import Engine
@@ -214,9 +229,11 @@ def kernel_function(sig: Signature) -> Any:
     normal = torch.int64 if head.label_format == "sparse" else torch.float32
 
     def run(z: Any, labels: Any, weight: Any) -> Any:
+        if part == "grad":  # values checked by the forward pass
+            return (engine.loss_and_grad(z, labels.to(normal), weight)[1],)
         bad = value_errors(ops, head, labels, weight)  # on the values as given
-        loss, grad = engine.loss_and_grad(z, labels.to(normal), weight)
-        return loss, grad, bad
+        loss, grad = engine.loss_and_grad(z, labels.to(normal), weight, grad=part == "main")
+        return (loss, grad, bad) if part == "main" else (loss, bad)
 
     class Kernel(torch.nn.Module):
         def forward(self, z: Any, labels: Any) -> Any:
@@ -251,23 +268,37 @@ def example_inputs(sig: Signature, m: int = 16) -> tuple[Any, ...]:
 
 
 def build(sig: Signature, out: Path) -> None:
-    """Export and compile the kernel of ``sig`` into the package ``out`` (written atomically)."""
+    """Export and compile the kernels of ``sig`` into the package ``out`` and its other parts
+    (:func:`parts`), each written atomically, ``out`` last: once it exists, all do."""
     import torch
     from torch.export import Dim
+
+    from unihead.spec import ClassificationHead
 
     args = example_inputs(sig)
     m = Dim("M", min=1, max=2**40)
     dynamic = tuple({0: m} for _ in args)
-    program = torch.export.export(kernel_function(sig), args, dynamic_shapes=dynamic, strict=False)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".pt2", dir=out.parent)
-    os.close(fd)
-    try:
-        torch._inductor.aoti_compile_and_package(program, package_path=tmp)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    for part in reversed(parts(ClassificationHead.from_json(sig.head))):
+        program = torch.export.export(kernel_function(sig, part), args, dynamic_shapes=dynamic, strict=False)
+        fd, tmp = tempfile.mkstemp(suffix=".pt2", dir=out.parent)
+        os.close(fd)
+        try:
+            torch._inductor.aoti_compile_and_package(program, package_path=tmp)
+            os.replace(tmp, part_path(out, part))
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+class _SplitRunner:
+    """A sigmoid head's kernels: ``run`` is the forward pass's (``(loss, bad)``), ``grad`` the
+    backward pass's (``(grad,)``)."""
+
+    __slots__ = ("run", "grad")
+
+    def __init__(self, loss: Any, grad: Any):
+        self.run, self.grad = loss.run, grad.run
 
 
 # ------------------------------------------------------------------------------ the cache
@@ -277,9 +308,12 @@ class _Entry:
     package to appear."""
 
     def __init__(self, sig: Signature):
+        from unihead.spec import ClassificationHead
+
         self.sig = sig
         self.key = sig.key()
         self.path = cache_dir() / f"{self.key}.pt2"
+        self.parts = parts(ClassificationHead.from_json(sig.head))
         self.calls = 0
         self.runner: Any = None
         self.state = "new"  # new | building | waiting (another process builds) | ready | off
@@ -300,15 +334,18 @@ class _Entry:
     def _load(self) -> bool:
         import torch
 
+        paths = [part_path(self.path, part) for part in self.parts]
         try:
-            self.runner = torch._inductor.aoti_load_package(str(self.path)).loader
-        except Exception as exc:  # a corrupt or foreign package: rebuild it
+            loaders = [torch._inductor.aoti_load_package(str(p)).loader for p in paths]
+        except Exception as exc:  # a corrupt or foreign package, a missing part: rebuild it
             log.info("unihead: could not load the fused kernel %s (%s)", self.path, exc)
-            try:
-                self.path.unlink()
-            except OSError:
-                pass
+            for p in paths:
+                try:
+                    p.unlink()
+                except OSError:
+                    pass
             return False
+        self.runner = loaders[0] if len(loaders) == 1 else _SplitRunner(*loaders)
         self.state = "ready"
         return True
 

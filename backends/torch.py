@@ -283,32 +283,43 @@ class _Kernels:
         return self.run(0, mode == "fused", z, labels, sw)
 
     def wide(self, z: Any, labels: Any, sw: Any, count: bool = True) -> tuple[Any, tuple]:
-        """The loss and gradient of validated inputs: the compiled kernel where there is one, else
-        the wide formulas op by op.  ``count``: this call counts towards building the kernel
-        (not when the short path of :meth:`TorchHead.loss` already counted it).  The residuals:
-        the gradient, or none where it is recomputed (:meth:`keeps_grad`)."""
-        loss, grad = self._wide(z, labels, sw, count)
-        return loss, ((grad,) if self.keeps_grad(z) else ())
+        """The loss of validated inputs and the residuals of the backward pass: the compiled
+        kernel where there is one, else the wide formulas op by op.  ``count``: this call counts
+        towards building the kernel (not when the short path of :meth:`TorchHead.loss` already
+        counted it).  The residuals: the gradient, or none where :meth:`wide_grad` recomputes it
+        (a sigmoid head's compiled kernels, and large sigmoid inputs: :meth:`keeps_grad`)."""
+        runner, args = self._runner(z, labels, sw, count)
+        if runner is None:
+            loss, grad = self.engine.loss_and_grad(z, labels, sw)
+            return loss, ((grad,) if self.keeps_grad(z) else ())
+        if self.narrow:  # the loss kernel; the gradient kernel runs in the backward pass
+            return self._shaped_loss(runner.run(args)[0], z), ()
+        loss, grad, _ = runner.run(args)  # values checked before
+        return self._shaped_loss(loss, z), (grad if z.dim() == 2 else grad.reshape(z.shape),)
 
     def keeps_grad(self, z: Any) -> bool:
-        """Whether the wide forward pass keeps its gradient (else it is recomputed)."""
+        """Whether the wide formulas' forward pass keeps its gradient (else it is recomputed)."""
         return not (self.recompute_large and z.numel() >= FUSED_MIN_ELEMENTS)
 
     def wide_grad(self, z: Any, labels: Any, sw: Any) -> Any:
         """The gradient for a unit upstream gradient, recomputed (as :meth:`wide`)."""
-        return self._wide(z, labels, sw, False)[1]
-
-    def _wide(self, z: Any, labels: Any, sw: Any, count: bool) -> tuple[Any, Any]:
-        runner = None
-        if self.aot is not None and _aot_size(z, self.narrow) and not torch.compiler.is_compiling():
-            flat = _flatten(self.engine.head, z, labels, sw)
-            runner = self.aot.runner(0 if flat[2] is None else flat[2].dim(), flat[1].dtype, count=count)
+        runner, args = self._runner(z, labels, sw, False)
         if runner is None:
-            return self.engine.loss_and_grad(z, labels, sw)
-        loss, grad, _ = runner.run([t for t in flat if t is not None])  # values checked before
-        if z.dim() != 2:
-            loss, grad = loss.reshape(z.shape[:-1]) if loss.dim() else loss, grad.reshape(z.shape)
-        return loss, grad
+            return self.engine.loss_and_grad(z, labels, sw)[1]
+        grad = runner.grad(args)[0] if self.narrow else runner.run(args)[1]
+        return grad if z.dim() == 2 else grad.reshape(z.shape)
+
+    def _runner(self, z: Any, labels: Any, sw: Any, count: bool) -> tuple[Any, list]:
+        """The compiled kernel for these inputs (or None) and its arguments."""
+        if self.aot is None or not _aot_size(z, self.narrow) or torch.compiler.is_compiling():
+            return None, []
+        flat = _flatten(self.engine.head, z, labels, sw)
+        runner = self.aot.runner(0 if flat[2] is None else flat[2].dim(), flat[1].dtype, count=count)
+        return runner, [t for t in flat if t is not None]
+
+    @staticmethod
+    def _shaped_loss(loss: Any, z: Any) -> Any:
+        return loss.reshape(z.shape[:-1]) if loss.dim() and z.dim() != 2 else loss
 
     def backward(self, mode: str, res: tuple, labels: Any, sw: Any, g: Any) -> Any:
         return self.run(1, mode == "fused", res, labels, sw, g, self.path)
@@ -402,7 +413,7 @@ class _Loss(torch.autograd.Function):
         ctx.mark_non_differentiable(*output[1:])
         ctx.set_materialize_grads(False)  # the residual outputs get no gradient: no zero tensors
         ctx.has_sw = sw is not None
-        ctx.kept = mode.startswith("wide") and kernels.keeps_grad(z)
+        ctx.kept = mode.startswith("wide") and len(output) > 1  # the forward pass kept the gradient
         if ctx.kept:  # the gradient itself: nothing else
             ctx.save_for_backward(*output[1:])
             return
@@ -548,6 +559,30 @@ class _Kernel(torch.autograd.Function):
 _KERNEL = super(torch.autograd.Function, _Kernel).apply
 
 
+class _SplitKernel(torch.autograd.Function):
+    """A sigmoid head's compiled kernels, called as :class:`_Kernel`: the loss in the forward
+    pass, the gradient recomputed from the logits and labels in the backward pass.  Nothing of
+    the logits' size is kept, as ``BCEWithLogits`` keeps nothing (the gradient is the price of
+    one more pass: one ``exp`` a logit)."""
+
+    @staticmethod
+    def forward(ctx: Any, runner: Any, check: bool, z: Any, labels: Any) -> Any:
+        loss, bad = runner.run([z, labels])
+        if check and bad.item():
+            raise _InvalidValues
+        ctx.runner = runner
+        ctx.save_for_backward(z, labels)
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, g: Any) -> Any:
+        z, labels = ctx.saved_tensors
+        return None, None, _OPS.times_upstream(ctx.runner.grad([z, labels])[0], g), None
+
+
+_SPLIT_KERNEL = super(torch.autograd.Function, _SplitKernel).apply
+
+
 def _in_graph(kernels: _Kernels) -> Any:
     """The loss on checked tensors as one opaque call for Dynamo, transparent to what follows.
 
@@ -684,7 +719,7 @@ class TorchHead(CompiledHead):
             if runner is not None:
                 check = self.validate and validation_enabled()
                 try:
-                    return _KERNEL(runner, check, logits, labels)
+                    return (_SPLIT_KERNEL if self._kernels.narrow else _KERNEL)(runner, check, logits, labels)
                 except (_InvalidValues, RuntimeError) as exc:
                     self._inputs(logits, labels, None, validate=True)  # raises the error that says which
                     if isinstance(exc, _InvalidValues):  # the same checks on the same values: unreachable

@@ -163,6 +163,35 @@ def test_compiled_kernel_gives_the_eager_numbers_or_the_float32_formulas_within_
     assert entries and all(e.state == "ready" for e in entries)
 
 
+@pytest.mark.slow
+def test_a_hot_sigmoid_head_keeps_only_its_inputs_for_the_backward_pass(compiler):
+    """As BCEWithLogits: between the forward and the backward pass a sigmoid head with its
+    compiled kernels keeps nothing but the logits and labels (the gradient kernel recomputes from
+    them), on the short path of TorchHead.loss and the general one (leading dimensions); the
+    gradient is the eager formulas' within the tolerances (reference: docs/semantics.md §11).
+    A softmax head keeps its gradient, as F.cross_entropy keeps its log-softmax."""
+    rng = np.random.default_rng(3)
+    for head, shape in ((H.binary(), (40960, 1)), (H.multilabel(10), (4096, 10)), (H.multiclass(10), (256, 10))):
+        c = unihead.compile(head, "torch", fused=True)
+        assert c.warmup()
+        z, y, _ = _inputs(head, shape[0], "ordinary", rng, False)
+        for lead in ((shape[0],), (4, shape[0] // 4)):
+            zl, yl = z.reshape(*lead, -1), y.reshape(*lead, *y.shape[1:])
+            x = zl.clone().requires_grad_()
+            saved = []
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+                loss = c.loss(x, yl)
+            kept = {t.untyped_storage().data_ptr() for t in saved} - {
+                x.untyped_storage().data_ptr(), yl.untyped_storage().data_ptr()}
+            if head.activation == "sigmoid":
+                assert not kept, (head, lead)
+            else:
+                assert sum(t.untyped_storage().nbytes() for t in saved) == x.numel() * 4, (head, lead)
+            loss.backward()
+            errs = _reference_errors(head, zl.reshape(-1, shape[1]), y, None, loss.detach(), x.grad.reshape(-1, shape[1]))
+            assert errs[0] <= 4 and errs[1] <= 6, (head, lead, errs)
+
+
 @pytest.mark.parametrize("task", ["multiclass", "multilabel"])
 def test_the_kernel_is_only_offered_inputs_it_is_fast_for(monkeypatch, task):
     """A softmax head's kernel (the wide formulas) runs up to AOT_MAX_ROWS rows and
