@@ -54,6 +54,24 @@ def require(module: str):
         pytest.skip(f"{module} is not installed")
 
 
+def run_keras_suite(suite: str, backend: str, timeout: float = 1800) -> None:
+    """Run the pytest file ``suite`` (relative to the repository) in a child process with
+    ``KERAS_BACKEND=backend`` (Keras binds its backend once per process); fail with the tail of
+    its output unless it ran and passed every test, skipping none."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", suite, "-q", "-p", "no:cacheprovider", "-W", "ignore::DeprecationWarning"],
+        cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=timeout,
+    )
+    tail = "\n".join((out.stdout + out.stderr).splitlines()[-40:])
+    assert out.returncode == 0, f"{suite} with Keras on {backend}:\n{tail}"
+    assert " passed" in out.stdout and " skipped" not in out.stdout, tail
+
+
 def pyproject() -> dict:
     """The repository's pyproject.toml, parsed (``tomllib`` from Python 3.11; on 3.10 pytest itself
     depends on ``tomli``, the same parser)."""

@@ -7,22 +7,10 @@ import ast
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from .conftest import require
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _run_suite(backend: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.run(
-        [sys.executable, "-m", "pytest", "tests/keras_suite.py", "-q", "-p", "no:cacheprovider", "-W",
-         "ignore::DeprecationWarning"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800,
-    )
+from .conftest import require, run_keras_suite
 
 
 @pytest.mark.slow
@@ -30,10 +18,7 @@ def _run_suite(backend: str) -> subprocess.CompletedProcess:
 def test_keras_suite(backend):
     require("keras")
     require({"jax": "jax", "torch": "torch", "tensorflow": "tensorflow"}[backend])
-    out = _run_suite(backend)
-    tail = "\n".join((out.stdout + out.stderr).splitlines()[-40:])
-    assert out.returncode == 0, f"Keras on {backend}:\n{tail}"
-    assert " passed" in out.stdout and " skipped" not in out.stdout, tail
+    run_keras_suite("tests/keras_suite.py", backend)
 
 
 def test_keras_numpy_backend_runs_inference(tmp_path):

@@ -3,16 +3,9 @@ per ``KERAS_BACKEND`` (Keras binds its backend once per process)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-from .conftest import require
-
-ROOT = Path(__file__).resolve().parents[1]
+from .conftest import require, run_keras_suite
 
 
 @pytest.mark.slow
@@ -20,12 +13,4 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_keras_hub_suite(backend):
     require("keras_hub")
     require({"jax": "jax", "torch": "torch", "tensorflow": "tensorflow"}[backend])
-    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
-    out = subprocess.run(
-        [sys.executable, "-m", "pytest", "tests/keras_hub_suite.py", "-q", "-p", "no:cacheprovider", "-W",
-         "ignore::DeprecationWarning"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800,
-    )
-    tail = "\n".join((out.stdout + out.stderr).splitlines()[-40:])
-    assert out.returncode == 0, f"keras-hub on {backend}:\n{tail}"
-    assert " passed" in out.stdout and " skipped" not in out.stdout, tail
+    run_keras_suite("tests/keras_hub_suite.py", backend)
