@@ -27,8 +27,9 @@ When.  Nothing is compiled in the caller's process and nothing waits (``fused="a
    milliseconds) and runs it from then on.  In a new process an existing package is loaded at the
    first call.
 3. Without a C++ compiler (or if the build fails) the head keeps its eager formulas: the same
-   numbers (a softmax head) or numbers within the same tolerances (a sigmoid head), slower.  The reason is logged once (logger ``"unihead"``), and a failed build is not
-   retried for a day (delete its ``.failed`` file to retry now).
+   numbers (a softmax head) or numbers within the same tolerances (a sigmoid head), slower.
+   The reason is logged once (logger ``"unihead"``), and a failed build is not retried for a
+   day (delete its ``.failed`` file to retry now).
 
 ``fused=True`` builds on the first call and waits (what :meth:`TorchHead.warmup` does);
 ``fused=False`` or ``UNIHEAD_TORCH_FUSED=0`` never compiles.  A package is keyed by the head, the

@@ -223,13 +223,15 @@ def _own_code(fn: Any) -> Any:
 class _Kernels:
     """Forward and backward passes of one head, in one of three modes.
 
-    * ``"wide"`` (float32 on the CPU, except large inputs with fused kernels): the loss and its
-      gradient as one compiled kernel (:mod:`._torch_aot`; a softmax head's runs the wide
-      formulas, up to :data:`AOT_MAX_ROWS` rows, a sigmoid head's the float32 ones) where one
-      has been built, else the wide formulas (float64, rounded once; a dozen native kernels).  The forward pass also forms the gradient (float32, what the backward pass
-      scales), so the backward pass is one multiply.  The wide formulas are also what large
-      inputs take when nothing can be compiled: two to three times faster in eager mode than the
-      float32 formulas op by op.
+    * ``"wide"`` (float32 on the CPU, except large inputs with fused kernels): the compiled
+      kernels (:mod:`._torch_aot`) where they have been built, else the wide formulas (float64,
+      rounded once; a dozen native kernels).  A softmax head's kernel runs the wide formulas too,
+      up to :data:`AOT_MAX_ROWS` rows; it and the wide formulas form the gradient in the forward
+      pass (float32, what the backward pass scales), so the backward pass is one multiply.  A
+      sigmoid head's kernels run the float32 formulas: the loss in the forward pass, the
+      gradient recomputed in the backward pass (:meth:`wide_grad`).  The wide formulas are also
+      what large inputs take when nothing can be compiled: two to three times faster in eager
+      mode than the float32 formulas op by op.
     * ``"eager"``: the float32 formulas with error-free transformations, op by op (CUDA, float64
       logits, ``torch.func`` transforms, and inside ``torch.compile``, which fuses them itself).
     * ``"fused"``: the *same functions* as ``"eager"`` through ``torch.compile`` (dynamic shapes)
