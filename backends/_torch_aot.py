@@ -96,6 +96,12 @@ class Signature:
     weight_ndim: int  # 0: no sample weight
     label_dtype: str = ""  # as given ("int32", "int64", "float32", ...), converted in the kernel; "" = normal form
 
+    def parts(self) -> tuple[str, ...]:
+        """The kernels of this signature (:func:`parts`)."""
+        from unihead.spec import ClassificationHead
+
+        return parts(ClassificationHead.from_json(self.head))
+
     def key(self) -> str:
         text = json.dumps(
             [dataclasses.asdict(self), _source_hash(), _versions()], sort_keys=True
@@ -274,13 +280,11 @@ def build(sig: Signature, out: Path) -> None:
     import torch
     from torch.export import Dim
 
-    from unihead.spec import ClassificationHead
-
     args = example_inputs(sig)
     m = Dim("M", min=1, max=2**40)
     dynamic = tuple({0: m} for _ in args)
     out.parent.mkdir(parents=True, exist_ok=True)
-    for part in reversed(parts(ClassificationHead.from_json(sig.head))):
+    for part in reversed(sig.parts()):
         program = torch.export.export(kernel_function(sig, part), args, dynamic_shapes=dynamic, strict=False)
         fd, tmp = tempfile.mkstemp(suffix=".pt2", dir=out.parent)
         os.close(fd)
@@ -309,12 +313,10 @@ class _Entry:
     package to appear."""
 
     def __init__(self, sig: Signature):
-        from unihead.spec import ClassificationHead
-
         self.sig = sig
         self.key = sig.key()
         self.path = cache_dir() / f"{self.key}.pt2"
-        self.parts = parts(ClassificationHead.from_json(sig.head))
+        self.parts = sig.parts()
         self.calls = 0
         self.runner: Any = None
         self.state = "new"  # new | building | waiting (another process builds) | ready | off
@@ -496,10 +498,13 @@ class KernelCache:
         return self._entry(weight_ndim, label_dtype).get(True) is not None
 
     def __getstate__(self) -> dict:
-        return {"head_json": self.head_json, "mode": self.mode, "float32_formulas": self.float32_formulas}
+        return {"head_json": self.head_json, "mode": self.mode}
 
     def __setstate__(self, state: dict) -> None:
+        from unihead.spec import ClassificationHead
+
         self.__dict__.update(state, _entries={}, _lock=threading.Lock())
+        self.float32_formulas = float32_formulas(ClassificationHead.from_json(self.head_json))
 
 
 def _main(argv: list[str]) -> int:

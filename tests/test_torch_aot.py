@@ -413,3 +413,15 @@ def test_background_builds_take_the_machines_build_slots(tmp_path, monkeypatch):
     for _ in range(A.POLL_EVERY):
         entries[1].get("auto")
     assert entries[1].state == "building" and len(started) == 2
+
+
+def test_a_kernel_cache_pickles_with_its_formulas():
+    """A pickled kernel cache knows again which formulas its head's kernels run (derived from the
+    head, not stored)."""
+    import pickle
+
+    for head, narrow in ((H.multilabel(4), True), (H.binary(), True), (H.multiclass(4), False)):
+        cache = pickle.loads(pickle.dumps(_aot().KernelCache(head, "auto")))
+        assert cache.float32_formulas is narrow and cache.head_json == head.to_json()
+        entry = cache._entry(0, torch.float32)
+        assert entry.parts == (("loss", "grad") if narrow else ("main",))
