@@ -206,8 +206,23 @@ def float32_formulas(head: Any) -> bool:
 def parts(head: Any) -> tuple[str, ...]:
     """The kernels of one signature, the package's first: a softmax head's ``"main"``; a sigmoid
     head's ``"loss"`` (the forward pass) and ``"grad"`` (the backward pass, which recomputes the
-    gradient as ``BCEWithLogits`` does: nothing of the logits' size is kept in between)."""
-    return ("loss", "grad") if float32_formulas(head) else ("main",)
+    gradient as ``BCEWithLogits`` does: nothing of the logits' size is kept in between), each
+    also as a ``"-parallel"`` kernel for inputs of :data:`PARALLEL_MIN` logits or more."""
+    if float32_formulas(head):
+        return ("loss", "grad", "loss-parallel", "grad-parallel")
+    return ("main",)
+
+
+#: A sigmoid head's input of this many logits or more runs its ``-parallel`` kernels.  Inductor
+#: decides at compile time, from the size of the example input, whether a loop is spread over
+#: the cores (OpenMP): the kernels exported with a small example are one thread, which costs
+#: BCEWithLogits' speed from about 10^4 logits on (multilabel (4096, 10) on 2 cores: loss
+#: 80 us, parallel 49); exported with a large one, the parallel region costs 1-4 us a call,
+#: which is most of a small input's time.  So a sigmoid head has both.
+PARALLEL_MIN = 8192
+#: The number of logits of the example input the ``-parallel`` kernels are exported with: large
+#: enough that Inductor spreads the loop over every core (it wants 512 elements a thread).
+PARALLEL_EXAMPLE = 2**17
 
 
 def part_path(path: Path, part: str) -> Path:
@@ -253,13 +268,16 @@ def kernel_function(sig: Signature, part: str = "main") -> Any:
     return WeightedKernel() if sig.weight_ndim else Kernel()
 
 
-def example_inputs(sig: Signature, m: int = 16) -> tuple[Any, ...]:
+def example_inputs(sig: Signature, part: str = "main") -> tuple[Any, ...]:
+    """Zeros of the signature's shapes and dtypes: 16 rows, or :data:`PARALLEL_EXAMPLE` logits
+    for a ``-parallel`` part."""
     import torch
 
     from unihead.spec import ClassificationHead
 
     head = ClassificationHead.from_json(sig.head)
     k = head.num_outputs
+    m = -(-PARALLEL_EXAMPLE // k) if part.endswith("-parallel") else 16
     z = torch.zeros(m, k)
     dtype = getattr(torch, sig.label_dtype) if sig.label_dtype else (
         torch.int64 if head.label_format == "sparse" else torch.float32)
@@ -280,12 +298,13 @@ def build(sig: Signature, out: Path) -> None:
     import torch
     from torch.export import Dim
 
-    args = example_inputs(sig)
     m = Dim("M", min=1, max=2**40)
-    dynamic = tuple({0: m} for _ in args)
     out.parent.mkdir(parents=True, exist_ok=True)
     for part in reversed(sig.parts()):
-        program = torch.export.export(kernel_function(sig, part), args, dynamic_shapes=dynamic, strict=False)
+        args = example_inputs(sig, part)
+        dynamic = tuple({0: m} for _ in args)
+        program = torch.export.export(kernel_function(sig, part.removesuffix("-parallel")), args,
+                                      dynamic_shapes=dynamic, strict=False)
         fd, tmp = tempfile.mkstemp(suffix=".pt2", dir=out.parent)
         os.close(fd)
         try:
@@ -298,12 +317,20 @@ def build(sig: Signature, out: Path) -> None:
 
 class _SplitRunner:
     """A sigmoid head's kernels: ``run`` is the forward pass's (``(loss, bad)``), ``grad`` the
-    backward pass's (``(grad,)``)."""
+    backward pass's (``(grad,)``), each the ``-parallel`` one from :data:`PARALLEL_MIN` logits
+    on."""
 
-    __slots__ = ("run", "grad")
+    __slots__ = ("_loss", "_grad", "_loss_parallel", "_grad_parallel")
 
-    def __init__(self, loss: Any, grad: Any):
-        self.run, self.grad = loss.run, grad.run
+    def __init__(self, loss: Any, grad: Any, loss_parallel: Any, grad_parallel: Any):
+        self._loss, self._grad = loss.run, grad.run
+        self._loss_parallel, self._grad_parallel = loss_parallel.run, grad_parallel.run
+
+    def run(self, args: list) -> Any:
+        return (self._loss_parallel if args[0].numel() >= PARALLEL_MIN else self._loss)(args)
+
+    def grad(self, args: list) -> Any:
+        return (self._grad_parallel if args[0].numel() >= PARALLEL_MIN else self._grad)(args)
 
 
 # ------------------------------------------------------------------------------ the cache

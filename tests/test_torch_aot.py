@@ -195,6 +195,42 @@ def test_a_hot_sigmoid_head_keeps_only_its_inputs_for_the_backward_pass(compiler
             assert errs[0] <= 4 and errs[1] <= 6, (head, lead, errs)
 
 
+@pytest.mark.slow
+def test_a_sigmoid_heads_parallel_kernels_give_the_numbers_of_its_serial_ones(compiler):
+    """A sigmoid head's kernels exist twice, exported with a small and a large example (Inductor
+    spreads only the second's loop over the cores); inputs of PARALLEL_MIN logits or more run
+    the parallel ones.  Both compute the same function: per-example losses and gradients bit for
+    bit, the mean within one ulp (its float64 sum, taken in another order, may round to the
+    neighbouring float32)."""
+    from unihead._ulp import ulp_error
+    from unihead.backends import _torch_aot as A
+
+    rng = np.random.default_rng(5)
+    for head in (H.binary(), H.multilabel(6)):  # the heads of HEADS: kernels built once a session
+        c = unihead.compile(head.replace(reduction="none"), "torch", fused=True)
+        assert c.warmup()
+        runner = c._kernels.aot.runner(0, torch.float32)
+        assert isinstance(runner, A._SplitRunner)
+        means = unihead.compile(head, "torch", fused=True)
+        assert means.warmup()
+        mean_runner = means._kernels.aot.runner(0, torch.float32)
+        for n in (1, 7, 4096, 20000):
+            z, y, _ = _inputs(head, n, "ordinary", rng, False)
+            args = [z, y]
+            for a, b in ((runner._loss, runner._loss_parallel), (runner._grad, runner._grad_parallel)):
+                for x, x_par in zip(a(args), b(args)):
+                    assert torch.equal(x, x_par), (head, n)
+            (m, _), (m_par, _) = mean_runner._loss(args), mean_runner._loss_parallel(args)
+            assert ulp_error(m.numpy(), m_par.numpy()) <= 1, (head, n)
+        calls = []
+        runner._loss, runner._loss_parallel = (lambda a: calls.append("serial")), (lambda a: calls.append("parallel"))
+        runner._grad, runner._grad_parallel = runner._loss, runner._loss_parallel
+        for k in (A.PARALLEL_MIN - 1, A.PARALLEL_MIN):
+            runner.run([torch.zeros(k, 1)])
+            runner.grad([torch.zeros(k // 2, 2)])
+        assert calls == ["serial", "serial", "parallel", "parallel"]
+
+
 @pytest.mark.parametrize("task", ["multiclass", "multilabel"])
 def test_the_kernel_is_only_offered_inputs_it_is_fast_for(monkeypatch, task):
     """A softmax head's kernel (the wide formulas) runs up to AOT_MAX_ROWS rows and
@@ -424,4 +460,4 @@ def test_a_kernel_cache_pickles_with_its_formulas():
         cache = pickle.loads(pickle.dumps(_aot().KernelCache(head, "auto")))
         assert cache.float32_formulas is narrow and cache.head_json == head.to_json()
         entry = cache._entry(0, torch.float32)
-        assert entry.parts == (("loss", "grad") if narrow else ("main",))
+        assert entry.parts == (("loss", "grad", "loss-parallel", "grad-parallel") if narrow else ("main",))
