@@ -102,6 +102,12 @@ class Signature:
 
         return parts(ClassificationHead.from_json(self.head))
 
+    def parallel_from(self) -> int:
+        """The number of logits from which this signature's ``-parallel`` kernels run."""
+        from unihead.spec import ClassificationHead
+
+        return parallel_from(ClassificationHead.from_json(self.head))
+
     def key(self) -> str:
         text = json.dumps(
             [dataclasses.asdict(self), _source_hash(), _versions()], sort_keys=True
@@ -206,23 +212,30 @@ def float32_formulas(head: Any) -> bool:
 def parts(head: Any) -> tuple[str, ...]:
     """The kernels of one signature, the package's first: a softmax head's ``"main"``; a sigmoid
     head's ``"loss"`` (the forward pass) and ``"grad"`` (the backward pass, which recomputes the
-    gradient as ``BCEWithLogits`` does: nothing of the logits' size is kept in between), each
-    also as a ``"-parallel"`` kernel for inputs of :data:`PARALLEL_MIN` logits or more."""
-    if float32_formulas(head):
-        return ("loss", "grad", "loss-parallel", "grad-parallel")
-    return ("main",)
+    gradient as ``BCEWithLogits`` does: nothing of the logits' size is kept in between).  Each
+    also as a ``"-parallel"`` kernel, for inputs of :func:`parallel_from` logits or more."""
+    serial = ("loss", "grad") if float32_formulas(head) else ("main",)
+    return serial + tuple(f"{part}-parallel" for part in serial)
 
 
-#: A sigmoid head's input of this many logits or more runs its ``-parallel`` kernels.  Inductor
-#: decides at compile time, from the size of the example input, whether a loop is spread over
-#: the cores (OpenMP): the kernels exported with a small example are one thread, which costs
-#: BCEWithLogits' speed from about 10^4 logits on (multilabel (4096, 10) on 2 cores: loss
-#: 80 us, parallel 49); exported with a large one, the parallel region costs 1-4 us a call,
-#: which is most of a small input's time.  So a sigmoid head has both.
-PARALLEL_MIN = 8192
+#: Inputs of this many logits or more run a head's ``-parallel`` kernels (:func:`parallel_from`).
+#: Inductor decides at compile time, from the size of the example input, whether a loop is
+#: spread over the cores (OpenMP): exported with a small example, a kernel is one thread, and a
+#: sigmoid head's loss costs 80 us at multilabel (4096, 10) on 2 cores (BCEWithLogits' forward:
+#: 60-85), a softmax head's 650 us at (4096, 10); exported with a large one, 49 and 330 us, but
+#: the parallel region costs 1-4 us a call for a sigmoid head and 5-11 for a softmax head (a few
+#: regions) where a small input's whole call is 3-15 us.  Measured crossovers on 2 cores: a
+#: softmax kernel about 2000 logits, a sigmoid head's loss 2000-3000 and gradient about 16000.
+PARALLEL_FROM_SOFTMAX = 2048
+PARALLEL_FROM_SIGMOID = 8192
 #: The number of logits of the example input the ``-parallel`` kernels are exported with: large
-#: enough that Inductor spreads the loop over every core (it wants 512 elements a thread).
+#: enough that Inductor spreads the loops over every core (it wants 512 elements a thread).
 PARALLEL_EXAMPLE = 2**17
+
+
+def parallel_from(head: Any) -> int:
+    """The number of logits from which ``head``'s ``-parallel`` kernels run."""
+    return PARALLEL_FROM_SIGMOID if float32_formulas(head) else PARALLEL_FROM_SOFTMAX
 
 
 def part_path(path: Path, part: str) -> Path:
@@ -315,22 +328,25 @@ def build(sig: Signature, out: Path) -> None:
                 os.unlink(tmp)
 
 
-class _SplitRunner:
-    """A sigmoid head's kernels: ``run`` is the forward pass's (``(loss, bad)``), ``grad`` the
-    backward pass's (``(grad,)``), each the ``-parallel`` one from :data:`PARALLEL_MIN` logits
-    on."""
+class _Runner:
+    """One signature's kernels (:func:`parts`): ``run`` is the forward pass's (``"main"``: ``(loss,
+    grad, bad)``; ``"loss"``: ``(loss, bad)``), ``grad`` a sigmoid head's backward pass's
+    (``(grad,)``); each call takes the ``-parallel`` kernel from ``parallel_from`` logits on."""
 
-    __slots__ = ("_loss", "_grad", "_loss_parallel", "_grad_parallel")
+    __slots__ = ("_run", "_run_parallel", "_grad", "_grad_parallel", "_from")
 
-    def __init__(self, loss: Any, grad: Any, loss_parallel: Any, grad_parallel: Any):
-        self._loss, self._grad = loss.run, grad.run
-        self._loss_parallel, self._grad_parallel = loss_parallel.run, grad_parallel.run
+    def __init__(self, loaders: dict[str, Any], parallel_from: int):
+        first = "loss" if "loss" in loaders else "main"
+        self._run, self._run_parallel = loaders[first].run, loaders[f"{first}-parallel"].run
+        if "grad" in loaders:
+            self._grad, self._grad_parallel = loaders["grad"].run, loaders["grad-parallel"].run
+        self._from = parallel_from
 
     def run(self, args: list) -> Any:
-        return (self._loss_parallel if args[0].numel() >= PARALLEL_MIN else self._loss)(args)
+        return (self._run_parallel if args[0].numel() >= self._from else self._run)(args)
 
     def grad(self, args: list) -> Any:
-        return (self._grad_parallel if args[0].numel() >= PARALLEL_MIN else self._grad)(args)
+        return (self._grad_parallel if args[0].numel() >= self._from else self._grad)(args)
 
 
 # ------------------------------------------------------------------------------ the cache
@@ -344,6 +360,7 @@ class _Entry:
         self.key = sig.key()
         self.path = cache_dir() / f"{self.key}.pt2"
         self.parts = sig.parts()
+        self.parallel_from = sig.parallel_from()
         self.calls = 0
         self.runner: Any = None
         self.state = "new"  # new | building | waiting (another process builds) | ready | off
@@ -375,7 +392,7 @@ class _Entry:
                 except OSError:
                     pass
             return False
-        self.runner = loaders[0] if len(loaders) == 1 else _SplitRunner(*loaders)
+        self.runner = _Runner(dict(zip(self.parts, loaders)), self.parallel_from)
         self.state = "ready"
         return True
 

@@ -48,6 +48,8 @@ from unihead.compiled import CompiledHead, canonical_weights, check_choice, comp
 from unihead.spec import ClassificationHead
 from unihead._validation import has_class_axis, label_kinds, validation_enabled
 
+from . import _torch_aot
+
 __all__ = [
     "compile_head", "TorchHead", "TorchOps", "HeadLinear", "HeadLoss", "global_normalizer", "global_loss",
     "class_sharded_loss",
@@ -226,7 +228,7 @@ class _Kernels:
     * ``"wide"`` (float32 on the CPU, except large inputs with fused kernels): the compiled
       kernels (:mod:`._torch_aot`) where they have been built, else the wide formulas (float64,
       rounded once; a dozen native kernels).  A softmax head's kernel runs the wide formulas too,
-      up to :data:`AOT_MAX_ROWS` rows; it and the wide formulas form the gradient in the forward
+      up to :data:`AOT_PARALLEL_MAX_ROWS` rows (:func:`_aot_size`); it and the wide formulas form the gradient in the forward
       pass (float32, what the backward pass scales), so the backward pass is one multiply.  A
       sigmoid head's kernels run the float32 formulas: the loss in the forward pass, the
       gradient recomputed in the backward pass (:meth:`wide_grad`).  The wide formulas are also
@@ -355,23 +357,28 @@ class _InvalidValues(Exception):
     """A label or weight value is invalid: ``TorchHead.loss`` runs the checks that say which."""
 
 
-#: The compiled kernel of a softmax head (the wide formulas) is used for at most this many rows
-#: and elements: Inductor's code for it costs about 150 ns a row at K = 10 (masked vectors,
-#: per-row float64 transcendentals) where the eager kernels cost ~40 us a call plus ~40 ns a row,
-#: so from a few hundred rows on the eager formulas are faster (measured; docs/benchmarks.md).
-#: A sigmoid head's kernel (the float32 formulas) is faster than the eager ones at every size:
-#: it takes everything below :data:`FUSED_MIN_ELEMENTS`.
+#: The compiled kernels of a softmax head (the wide formulas) are used for at most this many
+#: rows: below :func:`._torch_aot.parallel_from` logits AOT_MAX_ROWS (the one-thread kernel; a
+#: (1000, 5) input goes to the eager kernels), from there on AOT_PARALLEL_MAX_ROWS (the parallel
+#: kernel).  Inductor's code costs about 150 ns a row at K = 10 on one thread and 80 on two
+#: (masked vectors, per-row float64 transcendentals), where the eager kernels cost ~40 us a call
+#: plus ~40 ns a row: on 2 cores the two cost the same at 8192 rows of 10 classes (measured;
+#: docs/benchmarks.md).  A sigmoid head's kernels (the float32 formulas) are faster than the
+#: eager ones at every size.  Both take nothing from :data:`FUSED_MIN_ELEMENTS` logits on.
 AOT_MAX_ROWS = 256
-AOT_MAX_ELEMENTS = 1 << 15
+AOT_PARALLEL_MAX_ROWS = 8192
 
 
 def _aot_size(z: Any, narrow: bool) -> bool:
-    """Whether logits ``z`` take the compiled kernel (:mod:`._torch_aot`) of a head whose kernel
-    runs the float32 formulas (``narrow``) or the wide ones."""
+    """Whether logits ``z`` take the compiled kernels (:mod:`._torch_aot`) of a head whose kernels
+    run the float32 formulas (``narrow``) or the wide ones."""
     n = z.numel()
+    if n >= FUSED_MIN_ELEMENTS:
+        return False
     if narrow:
-        return n < FUSED_MIN_ELEMENTS
-    return n <= AOT_MAX_ELEMENTS and n <= AOT_MAX_ROWS * z.shape[-1]
+        return True
+    parallel = n >= _torch_aot.PARALLEL_FROM_SOFTMAX
+    return n <= (AOT_PARALLEL_MAX_ROWS if parallel else AOT_MAX_ROWS) * z.shape[-1]
 
 
 def _flatten(head: ClassificationHead, z: Any, labels: Any, sw: Any) -> tuple[Any, Any, Any]:
@@ -620,9 +627,7 @@ class TorchHead(CompiledHead):
         self._dense_labels = has_class_axis(head)
         aot = None
         if fused is not False:
-            from ._torch_aot import KernelCache
-
-            aot = KernelCache(head, fused)
+            aot = _torch_aot.KernelCache(head, fused)
         self._kernels = _Kernels(self._engine(), aot)
         self._in_graph = _in_graph(self._kernels)
         # loss_terms and normalizer= compute with this head's reduction="sum" twin: built now,
@@ -759,13 +764,14 @@ class TorchHead(CompiledHead):
         return self._in_graph(z, y, sw)
 
     def warmup(self, sample_weight: Any = False, label_dtype: Any = None) -> bool:
-        """Build the compiled kernel of this head's loss now and wait for it (or load it from the
-        cache): the kernel ``fused="auto"`` builds in the background after a head's first
+        """Build the compiled kernels of this head's loss now and wait for them (or load them from
+        the cache): the kernels ``fused="auto"`` builds in the background after a head's first
         calls.  ``sample_weight``: for calls without one (False), with one weight per example
         (True), or one per label of a multilabel head (``"per_label"``).  ``label_dtype``: the
         dtype the labels come in (default: int64 ids for ``sparse`` labels, float32 otherwise);
-        one kernel per kind of input.  Returns whether the kernel is in use (False without a C++
-        compiler, or with ``fused=False``).  See docs/benchmarks.md, "Compilation"."""
+        each kind of input has kernels of its own.  Returns whether they are in use (False
+        without a C++ compiler, or with ``fused=False``).  See docs/benchmarks.md,
+        "Compilation"."""
         if self._kernels.aot is None:
             return False
         ndim = 0 if sample_weight is False else 2 if sample_weight == "per_label" else 1
@@ -929,10 +935,10 @@ def compile_head(head: ClassificationHead, *, validate: bool = True, fused: Any 
       kernels compiled by ``torch.compile`` at their first call (a few seconds per head, then
       PyTorch's disk cache); smaller float32 CPU inputs run the wide formulas, and once a head
       has been called :data:`~unihead.backends._torch_aot.HOT_CALLS` times with one kind of
-      input, one kernel compiled in a background process (cached on disk): a softmax head's the
-      same function (bit for bit), a sigmoid head's the float32 formulas (within
-      docs/semantics.md §11 of the wide ones);
-    * ``True``: as ``"auto"``, but the small-input kernel is built (or loaded) at the first call,
+      input, its kernels compiled in a background process (cached on disk; one thread for small
+      inputs, parallel for larger ones): a softmax head's the same function (bit for bit), a
+      sigmoid head's the float32 formulas (within docs/semantics.md §11 of the wide ones);
+    * ``True``: as ``"auto"``, but the small-input kernels are built (or loaded) at the first call,
       which waits for it (:meth:`TorchHead.warmup` does it ahead);
     * ``False``: nothing is compiled (also: environment variable ``UNIHEAD_TORCH_FUSED=0``):
       float32 logits on the CPU always take the wide formulas (the same numbers, bit for bit, on

@@ -196,9 +196,9 @@ def test_a_hot_sigmoid_head_keeps_only_its_inputs_for_the_backward_pass(compiler
 
 
 @pytest.mark.slow
-def test_a_sigmoid_heads_parallel_kernels_give_the_numbers_of_its_serial_ones(compiler):
-    """A sigmoid head's kernels exist twice, exported with a small and a large example (Inductor
-    spreads only the second's loop over the cores); inputs of PARALLEL_MIN logits or more run
+def test_a_heads_parallel_kernels_give_the_numbers_of_its_serial_ones(compiler):
+    """A head's kernels exist twice, exported with a small and a large example (Inductor spreads
+    only the second's loops over the cores); inputs of parallel_from(head) logits or more run
     the parallel ones.  Both compute the same function: per-example losses and gradients bit for
     bit, the mean within one ulp (its float64 sum, taken in another order, may round to the
     neighbouring float32)."""
@@ -206,56 +206,68 @@ def test_a_sigmoid_heads_parallel_kernels_give_the_numbers_of_its_serial_ones(co
     from unihead.backends import _torch_aot as A
 
     rng = np.random.default_rng(5)
-    for head in (H.binary(), H.multilabel(6)):  # the heads of HEADS: kernels built once a session
-        c = unihead.compile(head.replace(reduction="none"), "torch", fused=True)
-        assert c.warmup()
-        runner = c._kernels.aot.runner(0, torch.float32)
-        assert isinstance(runner, A._SplitRunner)
-        means = unihead.compile(head, "torch", fused=True)
-        assert means.warmup()
-        mean_runner = means._kernels.aot.runner(0, torch.float32)
-        for n in (1, 7, 4096, 20000):
+    for head in (H.binary(), H.multilabel(6), H.multiclass(10)):  # of HEADS: kernels built once a session
+        label_dtype = torch.int64 if head.label_format == "sparse" else torch.float32
+        runners = {}
+        for h in (head, head.replace(reduction="none")):
+            c = unihead.compile(h, "torch", fused=True)
+            assert c.warmup()
+            runners[h.reduction] = c._kernels.aot.runner(0, label_dtype)
+            assert isinstance(runners[h.reduction], A._Runner)
+        sigmoid = head.activation == "sigmoid"
+        for n in (1, 7, 256, 4096):
             z, y, _ = _inputs(head, n, "ordinary", rng, False)
             args = [z, y]
-            for a, b in ((runner._loss, runner._loss_parallel), (runner._grad, runner._grad_parallel)):
-                for x, x_par in zip(a(args), b(args)):
+            r = runners["none"]
+            pairs = [(r._run, r._run_parallel)] + ([(r._grad, r._grad_parallel)] if sigmoid else [])
+            for serial, parallel in pairs:
+                for x, x_par in zip(serial(args), parallel(args)):
                     assert torch.equal(x, x_par), (head, n)
-            (m, _), (m_par, _) = mean_runner._loss(args), mean_runner._loss_parallel(args)
+            r = runners["mean"]
+            (m, *rest), (m_par, *rest_par) = r._run(args), r._run_parallel(args)
             assert ulp_error(m.numpy(), m_par.numpy()) <= 1, (head, n)
+            for x, x_par in zip(rest, rest_par):  # the gradient and the flags of bad values
+                assert torch.equal(x, x_par), (head, n)
+        # which one runs
         calls = []
-        runner._loss, runner._loss_parallel = (lambda a: calls.append("serial")), (lambda a: calls.append("parallel"))
-        runner._grad, runner._grad_parallel = runner._loss, runner._loss_parallel
-        for k in (A.PARALLEL_MIN - 1, A.PARALLEL_MIN):
-            runner.run([torch.zeros(k, 1)])
-            runner.grad([torch.zeros(k // 2, 2)])
+        r = runners["none"]
+        r._run, r._run_parallel = (lambda a: calls.append("serial")), (lambda a: calls.append("parallel"))
+        r._grad, r._grad_parallel = r._run, r._run_parallel
+        first = A.parallel_from(head)
+        assert first == (8192 if sigmoid else 2048)
+        for k in (first - 1, first):
+            r.run([torch.zeros(k, 1)])
+            r.grad([torch.zeros(k // 2, 2)])
         assert calls == ["serial", "serial", "parallel", "parallel"]
 
 
 @pytest.mark.parametrize("task", ["multiclass", "multilabel"])
 def test_the_kernel_is_only_offered_inputs_it_is_fast_for(monkeypatch, task):
-    """A softmax head's kernel (the wide formulas) runs up to AOT_MAX_ROWS rows and
-    AOT_MAX_ELEMENTS logits (Inductor's code for it is slower than the eager kernels beyond); a
-    sigmoid head's (the float32 formulas) everything below FUSED_MIN_ELEMENTS (larger inputs
-    take the torch.compile kernels): both the short path of TorchHead.loss and the general one
-    ask for it then, and only then.  (A regression: 256 rows of 32000 classes went to it.)"""
-    from unihead.backends import torch as backend
-
-    head = H.multiclass(200) if task == "multiclass" else H.multilabel(200)
-    c = unihead.compile(head, "torch")
-    asked = []
-    monkeypatch.setattr(c._kernels.aot, "runner", lambda *a, **k: asked.append(a) or None)
-    for n, weighted in ((64, False), (64, True), (256, False), (200, False), (257, False), (1310, False),
-                        (1311, False), (1311, True)):
-        z = torch.randn(n, 200)
-        sw = torch.ones(n) if weighted else None
+    """A softmax head's kernels (the wide formulas) run up to 256 rows below 2048 logits (the
+    one-thread kernel) and up to 8192 rows from there on (the parallel one): Inductor's code for
+    them costs more per row than the eager kernels; a sigmoid head's (the float32 formulas) run
+    at every size.  Neither takes 2**18 logits or more (those take the torch.compile kernels).
+    Both the short path of TorchHead.loss and the general one ask for them then, and only then.
+    (A regression: 256 rows of 32000 classes went to it.)"""
+    offered = {  # (rows, classes, weighted): asked for the kernel
+        (64, 200, False): True, (64, 200, True): True, (256, 200, False): True, (1310, 200, False): True,
+        (1311, 200, False): False, (1311, 200, True): False, (5, 32000, False): True, (9, 32000, False): False,
+        (256, 4, False): True, (300, 4, False): task == "multilabel", (512, 4, False): True,
+        (8192, 4, True): True, (8193, 4, False): task == "multilabel", (65535, 4, False): task == "multilabel",
+        (65536, 4, False): False,
+    }
+    compiled, asked = {}, []
+    for (n, k, weighted), expected in offered.items():
+        if k not in compiled:
+            head = H.multiclass(k) if task == "multiclass" else H.multilabel(k)
+            compiled[k] = unihead.compile(head, "torch")
+            monkeypatch.setattr(compiled[k]._kernels.aot, "runner", lambda *a, **kw: asked.append(a) or None)
         asked.clear()
-        y = torch.randint(0, 200, (n,)) if task == "multiclass" else (torch.rand(n, 200) < 0.5).float()
-        c.loss(z, y, sw)
-        if task == "multiclass":
-            expected = n * 200 <= backend.AOT_MAX_ELEMENTS and n <= backend.AOT_MAX_ROWS
-        else:
-            expected = n * 200 < backend.FUSED_MIN_ELEMENTS
-        assert bool(asked) == expected, n
+        z = torch.randn(n, k)
+        sw = torch.ones(n) if weighted else None
+        y = torch.randint(0, k, (n,)) if task == "multiclass" else (torch.rand(n, k) < 0.5).float()
+        compiled[k].loss(z, y, sw)
+        assert bool(asked) == expected, (n, k, weighted)
 
 
 def test_labels_in_other_dtypes_take_kernels_of_their_own(compiler):
@@ -460,4 +472,5 @@ def test_a_kernel_cache_pickles_with_its_formulas():
         cache = pickle.loads(pickle.dumps(_aot().KernelCache(head, "auto")))
         assert cache.float32_formulas is narrow and cache.head_json == head.to_json()
         entry = cache._entry(0, torch.float32)
-        assert entry.parts == (("loss", "grad", "loss-parallel", "grad-parallel") if narrow else ("main",))
+        assert entry.parts == (("loss", "grad", "loss-parallel", "grad-parallel") if narrow
+                               else ("main", "main-parallel"))
