@@ -220,9 +220,9 @@ def parts(head: Any) -> tuple[str, ...]:
 
 #: Inputs of this many logits or more run a head's ``-parallel`` kernels (:func:`parallel_from`).
 #: Inductor decides at compile time, from the size of the example input, whether a loop is
-#: spread over the cores (OpenMP): exported with a small example, a kernel is one thread, and a
+#: spread over the cores (OpenMP); :func:`build` makes the others one thread.  One thread, a
 #: sigmoid head's loss costs 80 us at multilabel (4096, 10) on 2 cores (BCEWithLogits' forward:
-#: 60-85), a softmax head's 650 us at (4096, 10); exported with a large one, 49 and 330 us, but
+#: 60-85), a softmax head's 650 us at (4096, 10); exported with a large example, 49 and 330 us, but
 #: the parallel region costs 1-4 us a call for a sigmoid head and 5-11 for a softmax head (a few
 #: regions) where a small input's whole call is 3-15 us.  Measured crossovers on 2 cores: a
 #: softmax kernel about 2000 logits, a sigmoid head's loss 2000-3000 and gradient about 16000.
@@ -290,7 +290,8 @@ def example_inputs(sig: Signature, part: str = "main") -> tuple[Any, ...]:
 
     head = ClassificationHead.from_json(sig.head)
     k = head.num_outputs
-    m = -(-PARALLEL_EXAMPLE // k) if part.endswith("-parallel") else 16
+    # at least 2 rows: export fixes a dimension of example size 1 to a constant
+    m = max(2, -(-PARALLEL_EXAMPLE // k)) if part.endswith("-parallel") else 16
     z = torch.zeros(m, k)
     dtype = getattr(torch, sig.label_dtype) if sig.label_dtype else (
         torch.int64 if head.label_format == "sparse" else torch.float32)
@@ -313,19 +314,30 @@ def build(sig: Signature, out: Path) -> None:
 
     m = Dim("M", min=1, max=2**40)
     out.parent.mkdir(parents=True, exist_ok=True)
-    for part in reversed(sig.parts()):
-        args = example_inputs(sig, part)
-        dynamic = tuple({0: m} for _ in args)
-        program = torch.export.export(kernel_function(sig, part.removesuffix("-parallel")), args,
-                                      dynamic_shapes=dynamic, strict=False)
-        fd, tmp = tempfile.mkstemp(suffix=".pt2", dir=out.parent)
-        os.close(fd)
-        try:
-            torch._inductor.aoti_compile_and_package(program, package_path=tmp)
-            os.replace(tmp, part_path(out, part))
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+    # Inductor writes a plain `omp parallel` (as many threads as the caller's process has when the
+    # kernel runs) only if the compiling process has one thread per CPU; otherwise it hard-codes
+    # its own count (an OMP_NUM_THREADS=1 under torchrun would make every loop serial, in a
+    # package cached for later processes).  The one-thread kernels are one thread whatever the
+    # number of classes (16 rows of 64 classes would be spread over 2 cores).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        for part in reversed(sig.parts()):
+            args = example_inputs(sig, part)
+            dynamic = tuple({0: m} for _ in args)
+            program = torch.export.export(kernel_function(sig, part.removesuffix("-parallel")), args,
+                                          dynamic_shapes=dynamic, strict=False)
+            configs = {} if part.endswith("-parallel") else {"cpp.threads": 1}
+            fd, tmp = tempfile.mkstemp(suffix=".pt2", dir=out.parent)
+            os.close(fd)
+            try:
+                torch._inductor.aoti_compile_and_package(program, package_path=tmp, inductor_configs=configs)
+                os.replace(tmp, part_path(out, part))
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+    finally:
+        torch.set_num_threads(threads)
 
 
 class _Runner:

@@ -939,7 +939,7 @@ def compile_head(head: ClassificationHead, *, validate: bool = True, fused: Any 
       inputs, parallel for larger ones): a softmax head's the same function (bit for bit), a
       sigmoid head's the float32 formulas (within docs/semantics.md §11 of the wide ones);
     * ``True``: as ``"auto"``, but the small-input kernels are built (or loaded) at the first call,
-      which waits for it (:meth:`TorchHead.warmup` does it ahead);
+      which waits for them (:meth:`TorchHead.warmup` does it ahead);
     * ``False``: nothing is compiled (also: environment variable ``UNIHEAD_TORCH_FUSED=0``):
       float32 logits on the CPU always take the wide formulas (the same numbers, bit for bit, on
       every machine), slower."""

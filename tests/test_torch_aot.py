@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import types
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -121,9 +122,9 @@ def test_compiled_kernel_gives_the_eager_numbers_or_the_float32_formulas_within_
         compiled["eager", h] = unihead.compile(h, "torch", fused=False)
     fused = compiled["kernel", head]
     rng = np.random.default_rng(0)
-    rows = (1, 3, 64, 256)
+    rows = (1, 3, 64, 256, 4096)  # one-thread and parallel kernels
     if not same_numbers:  # a sigmoid head's kernels take every size below FUSED_MIN_ELEMENTS
-        rows += (4096, (backend.FUSED_MIN_ELEMENTS - 1) // head.num_outputs)
+        rows += ((backend.FUSED_MIN_ELEMENTS - 1) // head.num_outputs,)
     worst = {"kernel": [0.0, 0.0], "eager": [0.0, 0.0]}
     for regime in ("ordinary", "large30", "confident", "masked"):
         for n in rows:
@@ -228,6 +229,14 @@ def test_a_heads_parallel_kernels_give_the_numbers_of_its_serial_ones(compiler):
             assert ulp_error(m.numpy(), m_par.numpy()) <= 1, (head, n)
             for x, x_par in zip(rest, rest_par):  # the gradient and the flags of bad values
                 assert torch.equal(x, x_par), (head, n)
+        # the parallel kernels' loops are OpenMP regions with the caller's thread count, the others' not
+        entry = next(iter(c._kernels.aot._entries.values()))
+        for part in entry.parts:
+            with zipfile.ZipFile(A.part_path(entry.path, part)) as package:
+                code = "".join(package.read(name).decode() for name in package.namelist()
+                               if name.endswith(".kernel.cpp"))
+            assert ("#pragma omp parallel" in code) == part.endswith("-parallel"), (head, part)
+            assert "num_threads(" not in code, (head, part)
         # which one runs
         calls = []
         r = runners["none"]
@@ -239,6 +248,17 @@ def test_a_heads_parallel_kernels_give_the_numbers_of_its_serial_ones(compiler):
             r.run([torch.zeros(k, 1)])
             r.grad([torch.zeros(k // 2, 2)])
         assert calls == ["serial", "serial", "parallel", "parallel"]
+
+
+def test_a_parallel_kernel_is_exported_with_at_least_two_rows():
+    """torch.export fixes a dimension whose example size is 1 to a constant: a head of 2**17
+    classes or more still gets a parallel kernel for any number of rows."""
+    A = _aot()
+    for k, rows in ((10, 13108), (2**17, 2), (256000, 2)):
+        sig = A.Signature(H.multiclass(k).to_json(), 0, "int64")
+        z, labels = A.example_inputs(sig, "main-parallel")
+        assert z.shape == (rows, k) and labels.shape == (rows,)
+        assert A.example_inputs(sig, "main")[0].shape == (16, k)
 
 
 @pytest.mark.parametrize("task", ["multiclass", "multilabel"])
@@ -254,7 +274,7 @@ def test_the_kernel_is_only_offered_inputs_it_is_fast_for(monkeypatch, task):
         (1311, 200, False): False, (1311, 200, True): False, (5, 32000, False): True, (9, 32000, False): False,
         (256, 4, False): True, (300, 4, False): task == "multilabel", (512, 4, False): True,
         (8192, 4, True): True, (8193, 4, False): task == "multilabel", (65535, 4, False): task == "multilabel",
-        (65536, 4, False): False,
+        (65536, 4, False): False, (1023, 2, False): task == "multilabel", (1024, 2, False): True,
     }
     compiled, asked = {}, []
     for (n, k, weighted), expected in offered.items():
