@@ -227,9 +227,10 @@ class _Kernels:
 
     * ``"wide"`` (float32 on the CPU, except large inputs with fused kernels): the compiled
       kernels (:mod:`._torch_aot`) where they have been built, else the wide formulas (float64,
-      rounded once; a dozen native kernels).  A softmax head's kernel runs the wide formulas too,
-      up to :data:`AOT_PARALLEL_MAX_ROWS` rows (:func:`_aot_size`); it and the wide formulas form the gradient in the forward
-      pass (float32, what the backward pass scales), so the backward pass is one multiply.  A
+      rounded once; a dozen native kernels).  A softmax head's kernels run the wide formulas
+      too, up to :data:`AOT_PARALLEL_MAX_ROWS` rows (:func:`_aot_size`); they and the wide
+      formulas form the gradient in the forward pass (float32, what the backward pass scales),
+      so the backward pass is one multiply.  A
       sigmoid head's kernels run the float32 formulas: the loss in the forward pass, the
       gradient recomputed in the backward pass (:meth:`wide_grad`).  The wide formulas are also
       what large inputs take when nothing can be compiled: two to three times faster in eager
