@@ -161,3 +161,89 @@ def test_polynomial_coefficients_are_the_fit_the_tool_makes():
     fitted = tool.fit()
     assert np.all(np.abs(fitted - shipped) <= np.spacing(shipped))
     assert tool.float32_error(shipped) < 0.75
+
+
+_TF_BLOCKED_SUMS = r'''
+import math
+import re
+import numpy as np
+import tensorflow as tf
+from unihead import ClassificationHead as H
+from unihead.backends import _tensorflow as T
+from unihead.backends.numpy import compile_head as numpy_head
+from unihead import _ulp
+from unihead.conformance.reference import ulp_error
+
+ops = T.TFOps()
+rng = np.random.default_rng(7)
+assert T.BLOCKED_SUM_FROM <= 3 * 70001 and 300 * 333 >= T.BLOCKED_SUM_FROM
+
+def worst(got, rows):  # float32 results against exactly rounded sums (math.fsum)
+    return max(ulp_error(g, math.fsum(map(float, r))) for g, r in zip(np.ravel(got), rows))
+
+# row sums over 70001 classes (a length that is not a multiple of the block) and totals of
+# 99900 and 2**17 elements, in one XLA program; each float32 result within half an ulp
+x = rng.normal(size=(3, 70001)).astype(np.float32) * np.float32(1e3)
+t = rng.exponential(size=(300, 333)).astype(np.float32)
+v = rng.normal(size=(1 << 17,)).astype(np.float32)
+f = tf.function(lambda x, t, v: (ops.row_sum(x), ops.total(t), ops.total(v)), jit_compile=True)
+rs, tt, tv = (r.numpy() for r in f(x, t, v))
+assert rs.shape == (3, 1) and worst(rs, x) <= 0.501, worst(rs, x)
+assert worst(tt, [t.ravel()]) <= 0.501 and worst(tv, [v]) <= 0.501, (worst(tt, [t.ravel()]), worst(tv, [v]))
+# what XLA writes (the arrays of the program's top level): float64 block sums, no float64 copy
+# of an input (the conversion written out whole, as TensorFlow 2.21's XLA does for one-stage sums)
+hlo = f.experimental_get_compiler_ir(x, t, v)(stage="optimized_hlo")
+written = set(re.findall(r"= (f64\[[0-9,]*\])", hlo[hlo.index("ENTRY"):]))
+assert not written & {"f64[3,70001]", "f64[300,333]", "f64[99900]", "f64[131072]"}, written
+assert {"f64[3,2187]", "f64[4096]"} <= written, written
+# a wide class axis whose rows are not counted when traced (as Keras' fit traces its step)
+g = tf.function(lambda x: (ops.row_sum(x), ops.total(x)), jit_compile=True,
+                input_signature=[tf.TensorSpec([None, 1000], tf.float32)])
+xs = rng.normal(size=(200, 1000)).astype(np.float32)
+rs, tt = (r.numpy() for r in g(xs))
+assert worst(rs, xs) <= 0.501 and worst(tt, [xs.ravel()]) <= 0.501
+written = set(re.findall(r"= (f64\[[0-9,]*\])", g.experimental_get_compiler_ir(xs)(stage="optimized_hlo").split("ENTRY")[1]))
+assert "f64[200,1000]" not in written, written
+# the gradient passes through the barrier
+with tf.GradientTape() as tape:
+    xv = tf.constant(v[:64])
+    tape.watch(xv)
+    out = tf.reduce_sum(3.0 * T._xla_barrier(xv))
+assert np.all(tape.gradient(out, xv).numpy() == 3.0)
+# heads whose sums are blocked under XLA: loss and gradient as the NumPy backend's (float64)
+for head, n, k in ((H.multilabel(1024), 80, 1024), (H.multiclass(1000), 80, 1000)):
+    z = (rng.normal(size=(n, k)) * 4).astype(np.float32)
+    y = (rng.random((n, k)) < 0.2).astype(np.float32) if head.task == "multilabel" else rng.integers(0, k, n)
+    c = T.compile_head(head, validate=False)
+
+    @tf.function(jit_compile=True)
+    def step(z, y):
+        with tf.GradientTape() as tape:
+            tape.watch(z)
+            value = c.loss(z, y)
+        return value, tape.gradient(value, z)
+
+    value, grad = (r.numpy() for r in step(tf.constant(z), tf.constant(y)))
+    ref, ref_grad = numpy_head(head, validate=False).loss_and_gradient(z.astype(np.float64), y)
+    assert ulp_error(value, float(ref)) <= 1.0, (head.task, float(value), float(ref))
+    g = _ulp.ulp_error(grad.ravel().tolist(), ref_grad.ravel().tolist(), "float32")
+    assert g <= 4.0, (head.task, g)
+print("ok")
+'''
+
+
+@pytest.mark.slow
+def test_tensorflow_float64_sums_under_xla_are_taken_in_blocks():
+    """Keras on TensorFlow under XLA: float32 row sums and totals accumulated in float64 over
+    2**16 elements or more are summed in blocks (TFOps.row_sum / total), so XLA does not write a
+    float64 copy of the input; the results stay within half an ulp of the exactly rounded sums,
+    and a head's loss and gradient match the NumPy backend's (a child process: TensorFlow)."""
+    import os
+    import subprocess
+    import sys
+
+    require("tensorflow")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    res = subprocess.run([sys.executable, "-c", _TF_BLOCKED_SUMS], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout[-2000:] + res.stderr[-3000:]
