@@ -82,6 +82,15 @@ def _inplace_ok(x: Any) -> bool:
     """Whether a formula may write into the tensor it just created: not while Dynamo traces
     (functional graphs) or under ``torch.func`` transforms (no batching rule for ``scatter_``)."""
     return not (torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(x))
+
+
+#: Inside ``torch.compile``, a row's entry at the label is replaced with a compare-with-iota select
+#: up to this many classes, with a scatter above.  Inductor fuses the select into the loop that
+#: computes the row; a scatter is a loop of its own, between writing the array and reading it
+#: again.  Measured, forward and backward of a softmax head's loss at 4096 rows against the
+#: native loss: 10 classes 1.6x -> 1.4x, 32 classes 1.30x -> 1.10x; but 100 classes 0.93x ->
+#: 1.22x and 1000 classes 0.95x -> 1.25x (the select compares every element's index).
+SELECT_MAX_CLASSES = 32
 _SMALL_INTS = (torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
@@ -137,6 +146,8 @@ class TorchOps(Ops):
         return idx.unsqueeze(-1)  # the (..., 1) index of gather and scatter
 
     def zero_last(self, x: Any, idx: Any) -> Any:
+        if torch.compiler.is_compiling() and x.shape[-1] <= SELECT_MAX_CLASSES:
+            return self.put_last(x, idx, torch.zeros_like(x[..., 0]))
         if idx.dim() < x.dim():
             idx = idx.unsqueeze(-1)
         if self.writes_in_place or _inplace_ok(x):
@@ -176,6 +187,12 @@ class TorchOps(Ops):
         return torch.gather(x, -1, idx).squeeze(-1)
 
     def put_last(self, x: Any, idx: Any, values: Any) -> Any:
+        if torch.compiler.is_compiling() and x.shape[-1] <= SELECT_MAX_CLASSES:
+            # traced, few classes: the compare-with-iota select, which Inductor fuses into the
+            # loop computing x; a scatter is a loop of its own, after x is written out and before
+            # it is read again (SELECT_MAX_CLASSES)
+            idx = idx.squeeze(-1) if idx.dim() == x.dim() else idx
+            return super().put_last(x, idx, values.to(x.dtype))
         if idx.dim() < x.dim():
             idx = idx.unsqueeze(-1)
         values = values.unsqueeze(-1)
