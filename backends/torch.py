@@ -85,12 +85,14 @@ def _inplace_ok(x: Any) -> bool:
 
 
 #: Inside ``torch.compile``, a row's entry at the label is replaced with a compare-with-iota select
-#: up to this many classes, with a scatter above.  Inductor fuses the select into the loop that
+#: for this many classes, with a scatter otherwise.  Inductor fuses the select into the loop that
 #: computes the row; a scatter is a loop of its own, between writing the array and reading it
 #: again.  Measured, forward and backward of a softmax head's loss at 4096 rows against the
-#: native loss: 10 classes 1.6x -> 1.4x, 32 classes 1.30x -> 1.10x; but 100 classes 0.93x ->
-#: 1.22x and 1000 classes 0.95x -> 1.25x (the select compares every element's index).
-SELECT_MAX_CLASSES = 32
+#: native loss, scatter -> select: 10 classes 1.6x -> 1.3-1.4x, 16 classes 1.42x -> 1.29x, 32
+#: classes 1.30x -> 1.10x; but 100 classes 0.93x -> 1.22x and 1000 classes 0.95x -> 1.25x (the
+#: select compares every element's index), 2 and 4 classes 0.99x -> 2.1x and 0.83x -> 2.2x
+#: (Inductor's loops over such short rows are another shape), 8 classes 1.74x either way.
+SELECT_CLASSES = range(9, 33)
 _SMALL_INTS = (torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
@@ -146,7 +148,7 @@ class TorchOps(Ops):
         return idx.unsqueeze(-1)  # the (..., 1) index of gather and scatter
 
     def zero_last(self, x: Any, idx: Any) -> Any:
-        if torch.compiler.is_compiling() and x.shape[-1] <= SELECT_MAX_CLASSES:
+        if torch.compiler.is_compiling() and x.shape[-1] in SELECT_CLASSES:
             return self.put_last(x, idx, torch.zeros_like(x[..., 0]))
         if idx.dim() < x.dim():
             idx = idx.unsqueeze(-1)
@@ -187,10 +189,10 @@ class TorchOps(Ops):
         return torch.gather(x, -1, idx).squeeze(-1)
 
     def put_last(self, x: Any, idx: Any, values: Any) -> Any:
-        if torch.compiler.is_compiling() and x.shape[-1] <= SELECT_MAX_CLASSES:
-            # traced, few classes: the compare-with-iota select, which Inductor fuses into the
-            # loop computing x; a scatter is a loop of its own, after x is written out and before
-            # it is read again (SELECT_MAX_CLASSES)
+        if torch.compiler.is_compiling() and x.shape[-1] in SELECT_CLASSES:
+            # traced, 9 to 32 classes: the compare-with-iota select, which Inductor fuses into
+            # the loop computing x; a scatter is a loop of its own, after x is written out and
+            # before it is read again (SELECT_CLASSES)
             idx = idx.squeeze(-1) if idx.dim() == x.dim() else idx
             return super().put_last(x, idx, values.to(x.dtype))
         if idx.dim() < x.dim():
