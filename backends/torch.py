@@ -85,14 +85,21 @@ def _inplace_ok(x: Any) -> bool:
 
 
 #: Inside ``torch.compile``, a row's entry at the label is replaced with a compare-with-iota select
-#: for this many classes, with a scatter otherwise.  Inductor fuses the select into the loop that
+#: for 9 to 32 classes, with a scatter otherwise.  Inductor fuses the select into the loop that
 #: computes the row; a scatter is a loop of its own, between writing the array and reading it
 #: again.  Measured, forward and backward of a softmax head's loss at 4096 rows against the
 #: native loss, scatter -> select: 10 classes 1.6x -> 1.3-1.4x, 16 classes 1.42x -> 1.29x, 32
 #: classes 1.30x -> 1.10x; but 100 classes 0.93x -> 1.22x and 1000 classes 0.95x -> 1.25x (the
 #: select compares every element's index), 2 and 4 classes 0.99x -> 2.1x and 0.83x -> 2.2x
 #: (Inductor's loops over such short rows are another shape), 8 classes 1.74x either way.
-SELECT_CLASSES = range(9, 33)
+SELECT_MIN_CLASSES, SELECT_MAX_CLASSES = 9, 32
+
+
+def _select_last(x: Any) -> bool:
+    """Whether :meth:`TorchOps.put_last` selects: while traced, for a class axis of
+    ``SELECT_MIN_CLASSES`` to ``SELECT_MAX_CLASSES`` (comparisons, which Dynamo records as guards
+    where the axis is symbolic; it cannot test a symbolic length's membership of a range)."""
+    return torch.compiler.is_compiling() and SELECT_MIN_CLASSES <= x.shape[-1] <= SELECT_MAX_CLASSES
 _SMALL_INTS = (torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
@@ -148,7 +155,7 @@ class TorchOps(Ops):
         return idx.unsqueeze(-1)  # the (..., 1) index of gather and scatter
 
     def zero_last(self, x: Any, idx: Any) -> Any:
-        if torch.compiler.is_compiling() and x.shape[-1] in SELECT_CLASSES:
+        if _select_last(x):
             return self.put_last(x, idx, torch.zeros_like(x[..., 0]))
         if idx.dim() < x.dim():
             idx = idx.unsqueeze(-1)
@@ -189,10 +196,10 @@ class TorchOps(Ops):
         return torch.gather(x, -1, idx).squeeze(-1)
 
     def put_last(self, x: Any, idx: Any, values: Any) -> Any:
-        if torch.compiler.is_compiling() and x.shape[-1] in SELECT_CLASSES:
+        if _select_last(x):
             # traced, 9 to 32 classes: the compare-with-iota select, which Inductor fuses into
             # the loop computing x; a scatter is a loop of its own, after x is written out and
-            # before it is read again (SELECT_CLASSES)
+            # before it is read again (SELECT_MIN_CLASSES)
             idx = idx.squeeze(-1) if idx.dim() == x.dim() else idx
             return super().put_last(x, idx, values.to(x.dtype))
         if idx.dim() < x.dim():

@@ -159,7 +159,9 @@ def test_torch_func_grad_and_vmap(head):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("head", [H.multiclass(5, label_smoothing=0.1, ignore_index=-1), H.multilabel(3)], ids=repr)
+@pytest.mark.parametrize("head", [H.multiclass(5, label_smoothing=0.1, ignore_index=-1), H.multilabel(3),
+                                  # 9 to 32 classes: the label's entry put with a select when traced
+                                  H.multiclass(12, label_smoothing=0.1, ignore_index=-1)], ids=repr)
 def test_torch_compile_fullgraph(head):
     c = compiled(head)
     layer = c.layer(8)
