@@ -100,6 +100,8 @@ def _select_last(x: Any) -> bool:
     ``SELECT_MIN_CLASSES`` to ``SELECT_MAX_CLASSES`` (comparisons, which Dynamo records as guards
     where the axis is symbolic; it cannot test a symbolic length's membership of a range)."""
     return torch.compiler.is_compiling() and SELECT_MIN_CLASSES <= x.shape[-1] <= SELECT_MAX_CLASSES
+
+
 _SMALL_INTS = (torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
