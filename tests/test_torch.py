@@ -182,6 +182,27 @@ def test_torch_compile_fullgraph(head):
     torch.testing.assert_close(layer.weight.grad, grad)
 
 
+@pytest.mark.slow
+def test_traced_float32_row_sums_are_correctly_rounded():
+    """Inside torch.compile a float32 row sum adds the columns in float64 for 3 to 11 classes
+    (COLUMN_SUM_MAX_CLASSES) and reduces each row otherwise: both give the exact sum rounded once
+    (math.fsum), on rows mixing magnitudes from subnormal to 2**60 and with cancelling signs."""
+    import math
+
+    from unihead.backends.torch import COLUMN_SUM_MAX_CLASSES, COLUMN_SUM_MIN_CLASSES, TorchOps
+
+    ops = TorchOps()
+    summed = torch.compile(ops.row_sum, fullgraph=True)
+    rng = np.random.default_rng(5)
+    for k in (2, COLUMN_SUM_MIN_CLASSES, 10, COLUMN_SUM_MAX_CLASSES, COLUMN_SUM_MAX_CLASSES + 1):
+        x = (rng.normal(size=(257, k)) * 2.0 ** rng.integers(-140, 60, size=(257, k))).astype(np.float32)
+        x[::3] = np.abs(x[::3])  # positive rows (a softmax's masses)
+        got = summed(torch.from_numpy(x))
+        assert got.shape == (257, 1) and got.dtype == torch.float32
+        want = np.array([[math.fsum(map(float, row))] for row in x]).astype(np.float32)
+        np.testing.assert_array_equal(got.numpy(), want, err_msg=f"{k} classes")
+
+
 # ------------------------------------------------------------------------------ modules
 def test_layer_is_an_ordinary_module(tmp_path):
     head = H.multiclass(4, label_smoothing=0.1)
