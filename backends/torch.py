@@ -31,9 +31,13 @@ default, is skipped with ``compile(head, "torch", validate=False)`` or
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import itertools
 import os
 import types
 import warnings
+import weakref
 from typing import Any
 
 import array_api_compat.torch as _compat
@@ -670,6 +674,68 @@ def _in_graph(kernels: _Kernels) -> Any:
     return torch.compiler.allow_in_graph(loss)
 
 
+_TRACE_KEYS = itertools.count(1)
+
+
+try:
+    from torch.fx.experimental.symbolic_shapes import optimization_hint as _hint
+    from torch.fx.experimental.symbolic_shapes import statically_known_true as _known
+except ImportError:  # older PyTorch: traced calls run the checks in the trace
+    _hint = _known = None
+
+
+def _static_shape(x: Any) -> tuple[int, ...] | None:
+    """``x``'s shape if it is a tensor whose sizes are plain ints in the trace, else None.
+
+    Dynamo presents a symbolic size (dynamic shapes) as an ``int`` to the code it traces; such a
+    size is not known to equal its hint (the value it was traced with), a static one is (both
+    functions are evaluated by Dynamo without a guard)."""
+    if _known is None or not isinstance(x, torch.Tensor):
+        return None
+    shape = tuple(x.shape)
+    for d in shape:
+        if not (type(d) is int and _known(d == _hint(d, -1))):
+            return None
+    return shape
+
+
+def _traced_plan(compiled: "TorchHead") -> Any:
+    """The static checks of a traced loss call, run once per traced signature outside Dynamo.
+
+    ``plan(key, z_dtype, z_shape, y_dtype, y_shape, w_dtype, w_shape)`` runs the checks every
+    path runs (:meth:`CompiledHead._logits`, :meth:`CompiledHead._inputs` without value checks)
+    on meta tensors of those dtypes and shapes, and returns what they make of the inputs: the
+    logits' dtype, the labels' dtype and shape, the weight's dtype (each reachable from the
+    input by a cast and a reshape).  ``torch.compiler.assume_constant_result``: Dynamo calls it
+    while tracing and keeps the result as a constant, so the checks' code adds no guards (traced,
+    every head option, ops method and helper function they read is one, checked on every call:
+    ~14 us a call at (32, 4), more than the loss's kernels).  None where the inputs fail a check
+    or a shape is symbolic: the caller traces the checks then, which raise unihead's error.
+
+    ``key`` is the head's string (``TorchHead._trace_key``: a digest of the head and its options),
+    which Dynamo guards by value: the graph calls this head's opaque loss (:func:`_in_graph`), a
+    closure Dynamo guards by its code only, so without it a head with other options (a label
+    smoothing, a class weight) would run the first head's loss in a function compiled for it."""
+    ref = weakref.ref(compiled)
+
+    def plan(key: str, z_dtype: Any, z_shape: Any, y_dtype: Any, y_shape: Any, w_dtype: Any, w_shape: Any) -> Any:
+        c = ref()
+        if c is None or key != c._trace_key or z_shape is None or y_shape is None:
+            return None
+
+        def meta(dtype: Any, shape: Any) -> Any:
+            return None if dtype is None else torch.empty(shape, dtype=dtype, device="meta")
+
+        try:
+            z = c._logits(meta(z_dtype, z_shape))
+            y, w = c._inputs(z, meta(y_dtype, y_shape), meta(w_dtype, w_shape), validate=False)
+        except (TypeError, ValueError):  # traced, the checks raise it
+            return None
+        return z.dtype, y.dtype, tuple(y.shape), None if w is None else w.dtype
+
+    return torch.compiler.assume_constant_result(plan)
+
+
 class TorchHead(CompiledHead):
     """The compiled head on PyTorch (see :class:`unihead.CompiledHead` for the methods)."""
 
@@ -692,6 +758,16 @@ class TorchHead(CompiledHead):
             aot = _torch_aot.KernelCache(head, fused)
         self._kernels = _Kernels(self._engine(), aot)
         self._in_graph = _in_graph(self._kernels)
+        # built now: Dynamo cannot build them while tracing (see _traced_plan).  Equal heads with
+        # equal options compute the same loss, and share a key (a function compiled for one runs
+        # for the other); a subclass may have options of its own, set after this __init__: a key
+        # of its own
+        if type(self) is TorchHead:
+            spec = repr((dataclasses.astuple(head), sorted(self.options().items())))
+            self._trace_key = "unihead.TorchHead:" + hashlib.sha256(spec.encode()).hexdigest()[:32]
+        else:
+            self._trace_key = f"unihead.{type(self).__qualname__}#{next(_TRACE_KEYS)}"
+        self._traced_plan = _traced_plan(self)
         # loss_terms and normalizer= compute with this head's reduction="sum" twin: built now,
         # not on a first call inside torch.compile (Dynamo cannot construct a head).  A subclass
         # may set its own options after this __init__ (the twin is built with options()): its
@@ -819,10 +895,28 @@ class TorchHead(CompiledHead):
 
     def _traced_loss(self, logits: Any, labels: Any, sample_weight: Any) -> Any:
         """The loss while Dynamo traces (``torch.compile``): the static checks (values cannot be
-        read while tracing), then the float32 formulas as one node of the graph, which Inductor
+        read while tracing), run outside the trace where the shapes are static
+        (:func:`_traced_plan`), then the float32 formulas as one node of the graph, which Inductor
         fuses (:func:`_in_graph`)."""
-        z = self._logits(logits)
-        y, sw = self._inputs(z, labels, sample_weight, validate=False)
+        w = sample_weight
+        z_shape, y_shape = _static_shape(logits), _static_shape(labels)
+        w_shape = None if w is None else _static_shape(w)
+        if w is not None and w_shape is None:
+            z_shape = None  # nothing to plan with: the checks are traced
+        plan = self._traced_plan(  # called also when it cannot plan: it guards this head's key
+            self._trace_key,
+            None if z_shape is None else logits.dtype, z_shape,
+            None if y_shape is None else labels.dtype, y_shape,
+            None if w_shape is None else w.dtype, w_shape,
+        )
+        if plan is None:
+            z = self._logits(logits)
+            y, sw = self._inputs(z, labels, sample_weight, validate=False)
+        else:
+            z_dtype, y_dtype, y_shape, w_dtype = plan
+            z = logits.to(z_dtype)
+            y = labels.reshape(y_shape).to(z.device, y_dtype)
+            sw = None if w is None else w.to(z.device, w_dtype)
         return self._in_graph(z, y, sw)
 
     def warmup(self, sample_weight: Any = False, label_dtype: Any = None) -> bool:

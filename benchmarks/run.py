@@ -179,6 +179,10 @@ class TorchAdapter(Adapter):
 
         import unihead
 
+        if self.compiled:
+            # each row as a script of its own (benchmarks/train.py says why): the sizes Dynamo
+            # has seen and the compiled code of the row before are forgotten
+            self.torch._dynamo.reset()
         c = unihead.compile(head, "torch", validate=validate)
         if not self.compiled:
             c.warmup()  # its compiled kernel (else fused="auto" builds it in the background, mid-run)

@@ -99,6 +99,11 @@ def torch_steps(task: str, batch: int, compiled_model: bool) -> tuple[Callable, 
 
     x, y, head = dataset(task)
     k = head.num_outputs
+    if compiled_model:
+        # each row as a script of its own: Dynamo keeps the sizes it has seen per code (code
+        # objects that compare equal share them), and would trace the batch axis as symbolic
+        # (automatic dynamic shapes) from the second batch size on, on both sides
+        torch._dynamo.reset()
     c = unihead.compile(head, "torch")
     t0 = time.perf_counter()
     c.warmup(label_dtype=torch.as_tensor(y[:1]).dtype)

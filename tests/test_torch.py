@@ -183,10 +183,86 @@ def test_torch_compile_fullgraph(head):
 
 
 @pytest.mark.slow
+def test_torch_compile_keeps_heads_with_other_options_apart():
+    """One compiled function called with heads that differ only in an option: each gets its own
+    loss (Dynamo guards the head's key; the opaque loss in the graph is a closure it would match
+    by its code alone), and equal heads share the compiled code."""
+    import torch._dynamo.testing
+
+    heads = [compiled(H.multiclass(6)), compiled(H.multiclass(6, label_smoothing=0.3)),
+             compiled(H.multiclass(6, class_weights=[1, 2, 3, 4, 5, 6])), compiled(H.multiclass(6))]
+    rng = np.random.default_rng(4)
+    z = torch.tensor(rng.normal(size=(8, 6)), dtype=torch.float32)
+    y = torch.as_tensor(rng.integers(0, 6, size=8))
+    counter = torch._dynamo.testing.CompileCounter()
+    f = torch.compile(lambda c, z, y: c.loss(z, y), backend=counter, fullgraph=True)
+    for c in heads:
+        torch.testing.assert_close(f(c, z, y), c.loss(z, y))
+    assert len({c.loss(z, y).item() for c in heads[:3]}) == 3  # three different losses
+    assert counter.frame_count == 3  # the fourth head equals the first
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize(
+    "head, y_form",
+    [(H.multiclass(5, ignore_index=-1), "ids (N, 1) int32"), (H.binary(), "floats (N, 1)"),
+     (H.multilabel(3), "bool (N, K), per-label weights"), (H.multiclass(4, label_format="one_hot"), "float64 rows")],
+    ids=lambda v: v if isinstance(v, str) else repr(v),
+)
+def test_torch_compile_checks_and_converts_inputs_as_eager(head, y_form, dynamic):
+    """Traced, the static checks run outside the trace for static shapes and in it for symbolic
+    ones: either way the labels are converted as in eager mode (a trailing axis of 1 dropped,
+    the dtype the engine takes), the loss and gradient are eager's, and a wrong label shape
+    raises unihead's error."""
+    rng = np.random.default_rng(6)
+    c = compiled(head)
+    n, k = 7, head.num_outputs
+    z = torch.tensor(rng.normal(size=(n, k)), dtype=torch.float32)
+    y = torch.as_tensor(labels_for(head, n, rng))
+    w = None
+    if y_form.startswith("ids"):
+        y = y.to(torch.int32)[:, None]
+    elif y_form.startswith("floats"):
+        y = y.to(torch.float32).reshape(n, 1)
+    elif y_form.startswith("bool"):
+        y = y.to(torch.bool)
+        w = torch.tensor(rng.uniform(0.5, 2.0, size=(n, k)), dtype=torch.float32)
+    else:
+        y = y.to(torch.float64)
+
+    def grads(fn):
+        x = z.clone().requires_grad_()
+        out = fn(x, y, w)
+        out.backward()
+        return out, x.grad
+
+    # the checks' result for these dtypes and shapes, as the trace of static shapes takes it
+    meta = [(t.dtype, tuple(t.shape)) if t is not None else (None, None) for t in (z, y, w)]
+    plan = c._traced_plan(c._trace_key, *meta[0], *meta[1], *meta[2])
+    y_engine = c._inputs(z, y, w)[0]
+    assert plan == (torch.float32, y_engine.dtype, tuple(y_engine.shape), None if w is None else torch.float32)
+    assert c._traced_plan("another head", *meta[0], *meta[1], *meta[2]) is None
+    f = torch.compile(lambda z, y, w: c.loss(z, y, w), dynamic=dynamic, fullgraph=True)
+    want, want_grad = grads(lambda z, y, w: c.loss(z, y, w))
+    got, got_grad = grads(f)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_grad, want_grad)
+    bad = y[:, :1] if y.dim() == 2 and y.shape[1] > 1 else torch.zeros(n, 2, dtype=y.dtype)
+    with pytest.raises(ValueError) as eager_error:
+        c.loss(z, bad, w)
+    assert c._traced_plan(c._trace_key, *meta[0], bad.dtype, tuple(bad.shape), *meta[2]) is None
+    traced = torch.compile(lambda z, y, w: c.loss(z, y, w), dynamic=dynamic)  # the error ends the trace
+    with pytest.raises(ValueError) as traced_error:
+        traced(z, bad, w)
+    assert str(traced_error.value) == str(eager_error.value)
+
+
+@pytest.mark.slow
 def test_traced_float32_row_sums_are_correctly_rounded():
     """Inside torch.compile a float32 row sum adds the columns in float64 for 3 to 11 classes
-    (COLUMN_SUM_MAX_CLASSES) and reduces each row otherwise: both give the exact sum rounded once
-    (math.fsum), on rows mixing magnitudes from subnormal to 2**60 and with cancelling signs."""
+    (COLUMN_SUM_MAX_CLASSES) and reduces each row otherwise: both give math.fsum's exact sum
+    rounded to float32, on rows mixing magnitudes from subnormal to 2**60 and with cancelling signs."""
     import math
 
     from unihead.backends.torch import COLUMN_SUM_MAX_CLASSES, COLUMN_SUM_MIN_CLASSES, TorchOps
