@@ -675,6 +675,8 @@ def _in_graph(kernels: _Kernels) -> Any:
 
 
 _TRACE_KEYS = itertools.count(1)
+# what the plan of a traced call runs (_traced_plan), and a subclass must not have replaced
+_PLANNED = ("_logits", "_check", "_as_array", "_inputs")
 
 
 try:
@@ -768,6 +770,9 @@ class TorchHead(CompiledHead):
         else:
             self._trace_key = f"unihead.{type(self).__qualname__}#{next(_TRACE_KEYS)}"
         self._traced_plan = _traced_plan(self)
+        # the plan runs this class's checks and conversions outside the trace, and the trace then
+        # only casts and reshapes: a subclass that converts the inputs its own way has them traced
+        self._plans = all(getattr(type(self), m) is getattr(TorchHead, m) for m in _PLANNED)
         # loss_terms and normalizer= compute with this head's reduction="sum" twin: built now,
         # not on a first call inside torch.compile (Dynamo cannot construct a head).  A subclass
         # may set its own options after this __init__ (the twin is built with options()): its
@@ -899,10 +904,13 @@ class TorchHead(CompiledHead):
         (:func:`_traced_plan`), then the float32 formulas as one node of the graph, which Inductor
         fuses (:func:`_in_graph`)."""
         w = sample_weight
-        z_shape, y_shape = _static_shape(logits), _static_shape(labels)
-        w_shape = None if w is None else _static_shape(w)
-        if w is not None and w_shape is None:
-            z_shape = None  # nothing to plan with: the checks are traced
+        z_shape = y_shape = w_shape = None
+        # by Dynamo only (torch.export's non-strict tracing would record the plan's meta tensors)
+        if self._plans and torch.compiler.is_dynamo_compiling():
+            z_shape, y_shape = _static_shape(logits), _static_shape(labels)
+            w_shape = None if w is None else _static_shape(w)
+            if w is not None and w_shape is None:
+                z_shape = None  # nothing to plan with: the checks are traced
         plan = self._traced_plan(  # called also when it cannot plan: it guards this head's key
             self._trace_key,
             None if z_shape is None else logits.dtype, z_shape,
@@ -913,9 +921,10 @@ class TorchHead(CompiledHead):
             z = self._logits(logits)
             y, sw = self._inputs(z, labels, sample_weight, validate=False)
         else:
-            z_dtype, y_dtype, y_shape, w_dtype = plan
-            z = logits.to(z_dtype)
-            y = labels.reshape(y_shape).to(z.device, y_dtype)
+            z_dtype, y_dtype, y_new_shape, w_dtype = plan
+            z = logits if logits.dtype == z_dtype else logits.to(z_dtype)
+            y = labels if y_new_shape == y_shape else labels.reshape(y_new_shape)
+            y = y.to(z.device, y_dtype)  # no-ops where they are already (no node in the graph)
             sw = None if w is None else w.to(z.device, w_dtype)
         return self._in_graph(z, y, sw)
 

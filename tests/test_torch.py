@@ -245,7 +245,16 @@ def test_torch_compile_checks_and_converts_inputs_as_eager(head, y_form, dynamic
     assert c._traced_plan("another head", *meta[0], *meta[1], *meta[2]) is None
     f = torch.compile(lambda z, y, w: c.loss(z, y, w), dynamic=dynamic, fullgraph=True)
     want, want_grad = grads(lambda z, y, w: c.loss(z, y, w))
+    seen = []  # the device of the logits the checks get: meta in the plan, traced ones otherwise
+    checks = c._inputs
+
+    def spy(z, *args, **kwargs):
+        seen.append(z.device.type)
+        return checks(z, *args, **kwargs)
+
+    c._inputs = spy
     got, got_grad = grads(f)
+    assert set(seen) == ({"cpu"} if dynamic else {"meta"})
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(got_grad, want_grad)
     bad = y[:, :1] if y.dim() == 2 and y.shape[1] > 1 else torch.zeros(n, 2, dtype=y.dtype)
@@ -256,6 +265,29 @@ def test_torch_compile_checks_and_converts_inputs_as_eager(head, y_form, dynamic
     with pytest.raises(ValueError) as traced_error:
         traced(z, bad, w)
     assert str(traced_error.value) == str(eager_error.value)
+
+
+class OneBasedHead(TorchHead):
+    """A subclass that converts the labels its own way: class ids counted from 1."""
+
+    def _as_array(self, x, like):
+        a = super()._as_array(x, like)
+        return a - 1 if not a.is_floating_point() else a
+
+
+@pytest.mark.slow
+def test_torch_compile_keeps_a_subclass_conversion_of_the_inputs():
+    """A subclass that replaces how the inputs are converted has its conversion traced (the plan
+    of static shapes runs TorchHead's), and equal subclass heads still run each its own loss."""
+    head = H.multiclass(4, label_smoothing=0.1)
+    z = torch.tensor(np.random.default_rng(7).normal(size=(6, 4)), dtype=torch.float32)
+    ids = torch.tensor([0, 1, 2, 3, 0, 1])
+    sub, other = OneBasedHead(head, fused=False), OneBasedHead(H.multiclass(4), fused=False)
+    want = compiled(head).loss(z, ids)
+    torch.testing.assert_close(sub.loss(z, ids + 1), want)
+    f = torch.compile(lambda c, z, y: c.loss(z, y), fullgraph=True)
+    torch.testing.assert_close(f(sub, z, ids + 1), want)
+    torch.testing.assert_close(f(other, z, ids + 1), compiled(H.multiclass(4)).loss(z, ids))
 
 
 @pytest.mark.slow
