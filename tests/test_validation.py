@@ -422,3 +422,23 @@ def test_logits_of_a_dtype_no_backend_computes_in_get_the_same_error(backend):
     for call in (c.probabilities, c.predict, lambda z: c.loss(z, np.zeros(5, np.int32))):
         with pytest.raises(TypeError, match=rf"float16, bfloat16, float32 or float64 .*got dtype {name}\."):
             call(z)
+
+
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+@pytest.mark.parametrize("head", [H.multiclass(3), H.binary(), H.multilabel(3), H.multiclass(3, label_format="probabilities")],
+                         ids=repr)
+def test_labels_of_a_dtype_no_backend_computes_in_get_unihead_error(backend, head):
+    """Floating labels of float8 are refused as logits are, with unihead's TypeError: before, sparse
+    float8 ids failed with a KeyError and float8 probabilities inside PyTorch's comparison kernel."""
+    require(backend)
+    rows = np.eye(3, dtype=np.float32)[[0, 1, 2, 0]]
+    y = {"sparse": np.array([0.0, 1, 2, 0], np.float32), "binary": np.array([0.0, 1, 1, 0], np.float32)}.get(
+        head.label_format, rows)
+    if backend == "torch":
+        torch = require("torch")
+        y, z = torch.as_tensor(y).to(torch.float8_e4m3fn), torch.zeros(4, head.num_outputs)
+    else:
+        jnp = require("jax.numpy")
+        y, z = jnp.asarray(y, jnp.float8_e4m3fn), jnp.zeros((4, head.num_outputs))
+    with pytest.raises(TypeError, match=r"float16, bfloat16, float32 or float64; got dtype float8_e4m3fn: cast"):
+        unihead.compile(head, backend).loss(z, y)

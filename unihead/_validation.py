@@ -200,11 +200,15 @@ def _kind(ops: Ops, x: Any) -> str | None:
     return None
 
 
-def _exact_integers(ops: Ops, y: Any) -> int:
-    """Up to which magnitude the floating dtype of ``y`` holds every integer exactly."""
-    if "bfloat16" in _dtype_name(y):
+def _exact_integers(ops: Ops, y: Any) -> int | None:
+    """Up to which magnitude the floating dtype of ``y`` holds every integer exactly; None for a
+    dtype other than float16, bfloat16, float32 and float64 (float8, NumPy's long double)."""
+    name = _dtype_name(y)
+    if "bfloat16" in name:
         return 2**8
-    return {16: 2**11, 32: 2**24, 64: 2**53}[ops.bits(y)]
+    if name not in ("float16", "float32", "float64"):
+        return None
+    return {16: 2**11, 32: 2**24, 64: 2**53}.get(ops.bits(y))
 
 
 # ------------------------------------------------------------------------------ label shapes
@@ -220,6 +224,11 @@ def _label_form(
     kind = _kind(ops, y)
     if kind is None:
         raise TypeError(f"labels must be a numeric array; got dtype {_dtype_name(y)}.")
+    if kind == "real floating" and _exact_integers(ops, y) is None:  # float8, long double
+        raise TypeError(
+            f"labels of a floating-point dtype must be float16, bfloat16, float32 or float64; got "
+            f"dtype {_dtype_name(y)}: cast them (class ids: to an integer dtype)."
+        )
 
     per_example = fmt in ("sparse", "binary") or head.task == "binary"
     if per_example:  # one label per example: (...) or (..., 1), Keras' convention
