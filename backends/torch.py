@@ -676,6 +676,7 @@ def _in_graph(kernels: _Kernels) -> Any:
 
 _TRACE_KEYS = itertools.count(1)
 # what the plan of a traced call runs (_traced_plan), and a subclass must not have replaced
+# (nor its ops: their conversion)
 _PLANNED = ("_logits", "_check", "_as_array", "_inputs")
 
 
@@ -772,7 +773,9 @@ class TorchHead(CompiledHead):
         self._traced_plan = _traced_plan(self)
         # the plan runs this class's checks and conversions outside the trace, and the trace then
         # only casts and reshapes: a subclass that converts the inputs its own way has them traced
-        self._plans = all(getattr(type(self), m) is getattr(TorchHead, m) for m in _PLANNED)
+        self._plans = type(self).ops is TorchHead.ops and all(
+            getattr(type(self), m) is getattr(TorchHead, m) for m in _PLANNED
+        )
         # loss_terms and normalizer= compute with this head's reduction="sum" twin: built now,
         # not on a first call inside torch.compile (Dynamo cannot construct a head).  A subclass
         # may set its own options after this __init__ (the twin is built with options()): its
@@ -924,8 +927,11 @@ class TorchHead(CompiledHead):
             z_dtype, y_dtype, y_new_shape, w_dtype = plan
             z = logits if logits.dtype == z_dtype else logits.to(z_dtype)
             y = labels if y_new_shape == y_shape else labels.reshape(y_new_shape)
-            y = y.to(z.device, y_dtype)  # no-ops where they are already (no node in the graph)
-            sw = None if w is None else w.to(z.device, w_dtype)
+            if y.dtype != y_dtype or y.device != z.device:
+                y = y.to(z.device, y_dtype)
+            sw = w
+            if w is not None and (w.dtype != w_dtype or w.device != z.device):
+                sw = w.to(z.device, w_dtype)
         return self._in_graph(z, y, sw)
 
     def warmup(self, sample_weight: Any = False, label_dtype: Any = None) -> bool:

@@ -275,14 +275,28 @@ class OneBasedHead(TorchHead):
         return a - 1 if not a.is_floating_point() else a
 
 
+class OneBasedOps(type(TorchHead.ops)):
+    """Ops whose conversion counts class ids from 1."""
+
+    def convert(self, x, like=None):
+        a = super().convert(x, like)
+        return a - 1 if like is not None and not a.is_floating_point() else a
+
+
+class OneBasedOpsHead(TorchHead):
+    ops = OneBasedOps()
+
+
 @pytest.mark.slow
-def test_torch_compile_keeps_a_subclass_conversion_of_the_inputs():
-    """A subclass that replaces how the inputs are converted has its conversion traced (the plan
-    of static shapes runs TorchHead's), and equal subclass heads still run each its own loss."""
+@pytest.mark.parametrize("cls", [OneBasedHead, OneBasedOpsHead], ids=lambda c: c.__name__)
+def test_torch_compile_keeps_a_subclass_conversion_of_the_inputs(cls):
+    """A subclass that replaces how the inputs are converted (a method, or its ops) has its
+    conversion traced (the plan of static shapes runs TorchHead's), and equal subclass heads
+    still run each its own loss."""
     head = H.multiclass(4, label_smoothing=0.1)
     z = torch.tensor(np.random.default_rng(7).normal(size=(6, 4)), dtype=torch.float32)
     ids = torch.tensor([0, 1, 2, 3, 0, 1])
-    sub, other = OneBasedHead(head, fused=False), OneBasedHead(H.multiclass(4), fused=False)
+    sub, other = cls(head, fused=False), cls(H.multiclass(4), fused=False)
     want = compiled(head).loss(z, ids)
     torch.testing.assert_close(sub.loss(z, ids + 1), want)
     f = torch.compile(lambda c, z, y: c.loss(z, y), fullgraph=True)
