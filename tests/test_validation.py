@@ -442,3 +442,15 @@ def test_labels_of_a_dtype_no_backend_computes_in_get_unihead_error(backend, hea
         y, z = jnp.asarray(y, jnp.float8_e4m3fn), jnp.zeros((4, head.num_outputs))
     with pytest.raises(TypeError, match=r"float16, bfloat16, float32 or float64; got dtype float8_e4m3fn: cast"):
         unihead.compile(head, backend).loss(z, y)
+
+
+@pytest.mark.parametrize("order", [">", "<"])
+def test_float_labels_in_either_byte_order_are_taken(order):
+    """NumPy float16/32/64 labels of either byte order are those dtypes (their str is '>f4')."""
+    for head in (H.multiclass(3), H.binary(), H.multilabel(3)):
+        y = np.eye(3)[[0, 1, 2, 1]] if head.task == "multilabel" else np.array([0.0, 1, 1, 0])
+        z = np.random.default_rng(1).normal(size=(4, head.num_outputs)).astype(np.float32)
+        want = unihead.compile(head, "numpy").loss(z, y.astype(np.float64))
+        for size in (2, 4, 8):
+            got = unihead.compile(head, "numpy").loss(z, y.astype(f"{order}f{size}"))
+            assert float(got) == float(want)

@@ -203,7 +203,8 @@ def _kind(ops: Ops, x: Any) -> str | None:
 def _exact_integers(ops: Ops, y: Any) -> int | None:
     """Up to which magnitude the floating dtype of ``y`` holds every integer exactly; None for a
     dtype other than float16, bfloat16, float32 and float64 (float8, NumPy's long double)."""
-    name = _dtype_name(y)
+    name = getattr(getattr(y, "dtype", None), "name", None)  # NumPy's and TF's: float32 for >f4
+    name = name if isinstance(name, str) else _dtype_name(y)
     if "bfloat16" in name:
         return 2**8
     if name not in ("float16", "float32", "float64"):
