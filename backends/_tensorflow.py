@@ -191,7 +191,9 @@ class TFNamespace:
 
     @staticmethod
     def finfo(dtype: Any) -> Any:
-        return np.finfo(tf.as_dtype(dtype).as_numpy_dtype)
+        import ml_dtypes  # TensorFlow's own dependency: its bfloat16 is ml_dtypes', unknown to np.finfo
+
+        return ml_dtypes.finfo(tf.as_dtype(dtype).as_numpy_dtype)
 
     @staticmethod
     def isdtype(dtype: Any, kind: str) -> bool:

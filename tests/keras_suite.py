@@ -338,6 +338,22 @@ def test_keras_label_conventions():
     assert per.shape == (2,)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("head", [H.multiclass(3, label_format="probabilities"), H.binary(label_format="probabilities"),
+                                  H.multilabel(3), H.multiclass(3)], ids=repr)
+def test_half_precision_labels_give_the_float32_labels_loss(head, dtype):
+    """Labels in float16 or bfloat16 (values they hold exactly) give the loss of float32 labels on
+    every Keras backend (bfloat16 probability labels failed on TensorFlow in NumPy's finfo)."""
+    z = ops.convert_to_tensor(np.random.default_rng(2).normal(size=(4, head.num_outputs)).astype("float32"))
+    y = labels_for(head, 4, np.random.default_rng(3))
+    if head.label_format == "probabilities":  # quarters: exact in bfloat16
+        y = (np.array([[0.5, 0.25, 0.25], [1, 0, 0], [0, 0.75, 0.25], [0.25, 0.25, 0.5]])
+             if head.task == "multiclass" else np.array([0, 0.25, 0.5, 1]))
+    want = float(numpy_of(compiled(head).loss(z, ops.convert_to_tensor(np.asarray(y, "float32")))))
+    got = compiled(head).loss(z, ops.cast(ops.convert_to_tensor(np.asarray(y, "float32")), dtype))
+    assert float(numpy_of(got)) == want
+
+
 @pytest.mark.parametrize("head, z, y, w", REFUSED + [
     (H.multiclass(4), np.zeros((5, 4), "float32"), np.array([0, 1, 4, 2, 0]), None),
     (H.binary(), np.zeros((5, 1), "float32"), np.array([0, 1, 3, 1, 0]), None),
