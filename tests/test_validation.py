@@ -454,3 +454,12 @@ def test_float_labels_in_either_byte_order_are_taken(order):
         for size in (2, 4, 8):
             got = unihead.compile(head, "numpy").loss(z, y.astype(f"{order}f{size}"))
             assert float(got) == float(want)
+
+
+def test_bfloat16_labels_on_numpy_get_an_error_that_says_what_to_do():
+    """NumPy cannot classify ml_dtypes' bfloat16 (np.isdtype refuses it): labels in it are refused
+    with what to write instead, not as "not a numeric array"."""
+    ml_dtypes = require("ml_dtypes")
+    z = np.zeros((3, 3), np.float32)
+    with pytest.raises(TypeError, match=r"labels of dtype bfloat16 are not taken by the numpy backend: cast them to float32"):
+        unihead.compile(H.multilabel(3), "numpy").loss(z, np.eye(3).astype(ml_dtypes.bfloat16))

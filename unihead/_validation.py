@@ -224,6 +224,11 @@ def _label_form(
     shape = tuple(y.shape)
     kind = _kind(ops, y)
     if kind is None:
+        if "bfloat16" in _dtype_name(y):  # ml_dtypes' bfloat16 in NumPy, which NumPy cannot classify
+            raise TypeError(
+                f"labels of dtype bfloat16 are not taken by the {ops.name} backend: cast them to "
+                "float32 (class ids: to an integer dtype)."
+            )
         raise TypeError(f"labels must be a numeric array; got dtype {_dtype_name(y)}.")
     if kind == "real floating" and _exact_integers(ops, y) is None:  # float8, long double
         raise TypeError(
