@@ -200,16 +200,16 @@ def _kind(ops: Ops, x: Any) -> str | None:
     return None
 
 
-def _exact_integers(ops: Ops, y: Any) -> int | None:
+#: The floating dtypes labels may have (as logits), each with the magnitude up to which it holds
+#: every integer exactly (class ids given as floats).
+_EXACT_INTEGERS = {"bfloat16": 2**8, "float16": 2**11, "float32": 2**24, "float64": 2**53}
+
+
+def _exact_integers(y: Any) -> int | None:
     """Up to which magnitude the floating dtype of ``y`` holds every integer exactly; None for a
-    dtype other than float16, bfloat16, float32 and float64 (float8, NumPy's long double)."""
+    dtype other than those of ``_EXACT_INTEGERS`` (float8, NumPy's long double)."""
     name = getattr(getattr(y, "dtype", None), "name", None)  # NumPy's and TF's: float32 for >f4
-    name = name if isinstance(name, str) else _dtype_name(y)
-    if "bfloat16" in name:
-        return 2**8
-    if name not in ("float16", "float32", "float64"):
-        return None
-    return {16: 2**11, 32: 2**24, 64: 2**53}.get(ops.bits(y))
+    return _EXACT_INTEGERS.get(name if isinstance(name, str) else _dtype_name(y))
 
 
 # ------------------------------------------------------------------------------ label shapes
@@ -230,7 +230,7 @@ def _label_form(
                 "float32 (class ids: to an integer dtype)."
             )
         raise TypeError(f"labels must be a numeric array; got dtype {_dtype_name(y)}.")
-    if kind == "real floating" and _exact_integers(ops, y) is None:  # float8, long double
+    if kind == "real floating" and _exact_integers(y) is None:  # float8, long double
         raise TypeError(
             f"labels of a floating-point dtype must be float16, bfloat16, float32 or float64; got "
             f"dtype {_dtype_name(y)}: cast them (class ids: to an integer dtype)."
@@ -262,7 +262,7 @@ def _label_form(
     if kind in label_kinds(head):
         return y, kind
     if fmt == "sparse" and kind == "real floating":  # ids as floats: whole values, checked
-        limit = _exact_integers(ops, y)
+        limit = _exact_integers(y)
         largest = max(k - 1, abs(head.ignore_index) if head.ignore_index is not None else 0)
         if largest > limit:
             raise TypeError(
