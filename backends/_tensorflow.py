@@ -206,6 +206,15 @@ class TFOps(Ops):
     flushes_subnormals = True  # TensorFlow on CPU
 
     @property
+    def keep_whole_exp(self) -> bool:  # type: ignore[override]
+        """Under XLA (:attr:`Ops.keep_whole_exp`): float32 row sums accumulate in float64 in
+        XLA's own loops, which read ``Y`` through the mask, and ``Y`` at the target is read, not
+        evaluated again in each per-row loop (multiclass (4096, 10), forward and backward: the
+        target's exponential was evaluated in three loops of 4096 rows, each costing as much as
+        the loop over all 40960 logits)."""
+        return _in_xla()
+
+    @property
     def poly_exp(self) -> bool:  # type: ignore[override]
         """Under XLA (Keras' train step) the polynomial exponential, fused into one loop as on
         JAX (:attr:`Ops.poly_exp`); outside it every operation is a kernel of its own, and
@@ -259,16 +268,6 @@ class TFOps(Ops):
 
     def lookup(self, table: Any, idx: Any) -> Any:
         return tf.gather(table, idx)
-
-    def put_last(self, x: Any, idx: Any, values: Any) -> Any:
-        # a scatter (XLA writes it in place); the portable compare-with-iota select is a full
-        # pass of index arithmetic over (..., K)
-        k = tf.shape(x)[-1]
-        flat = tf.reshape(x, [-1, k])
-        rows = tf.range(tf.shape(flat)[0], dtype=idx.dtype)
-        where = tf.stack([rows, tf.reshape(idx, [-1])], axis=1)
-        out = tf.tensor_scatter_nd_update(flat, where, tf.cast(tf.reshape(values, [-1]), x.dtype))
-        return tf.reshape(out, tf.shape(x))
 
     def is_concrete(self, x: Any) -> bool:
         return tf.executing_eagerly() and hasattr(x, "numpy")

@@ -424,7 +424,7 @@ def finish_rows(ops: Ops, st: RowStats, spec: RowSpec) -> RowFinal:
     dsum = (st.t + st.t_lo) if eps != 0.0 else None
     loss = F.sparse_loss_terms(ops, L, gap, eps, k, dsum)
     inv = 1.0 / den
-    gy = F.sparse_target_grad(ops, S * inv, Yy * inv, gap, eps, k)
+    gy = F.sparse_target_grad(ops, S, Yy, den, gap, eps, k)
     mult = xp.ones_like(loss)
     if gamma != 0.0:
         if eps != 0.0:

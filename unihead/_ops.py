@@ -54,6 +54,19 @@ class Ops:
     #: the pass is compute-bound, float64 transcendentals cost two to four times float32's.
     wide = False
 
+    #: Whether the softmax over integer targets keeps its exponentials ``Y`` whole for the
+    #: gradient (which overwrites the target's entry), reads ``Y`` at the target from them and
+    #: sums the other classes over a masked view (:func:`unihead.formulas.softmax_sparse_stats`).
+    #: Otherwise it zeroes the target's entry of ``Y`` (in place where the backend writes) and
+    #: evaluates ``Y`` at the target from ``z_y``.  The first pays where the masked sum is one
+    #: loop that reads ``Y`` and a compiler would otherwise evaluate the target's exponential
+    #: again in every per-row loop that uses it (TensorFlow's XLA, whose float32 sums accumulate
+    #: in float64 in XLA's own loops); the second where a sum takes its input written out (JAX:
+    #: float32 sums on CPU are YNNPACK calls, so keeping ``Y`` whole costs a second array of the
+    #: logits' size) or the zeroing is a scatter that would copy ``Y`` (Inductor, past 32
+    #: classes), and in eager execution, where zeroing in place costs nothing.
+    keep_whole_exp = False
+
     #: Whether the backend's float32 arithmetic flushes subnormal results to zero (XLA and
     #: TensorFlow on CPU do): formulas then keep intermediates of normal results normal.
     flushes_subnormals = False

@@ -285,9 +285,11 @@ class SparseStats(NamedTuple):
     """What a softmax over integer targets ``y`` needs (``...`` = leading dims, no class axis
     except ``m`` ``(..., 1)`` and ``A`` ``(..., K)``).
 
-    ``m``: row maximum.  ``A``: ``Y = exp(z - m)`` (as in :class:`SoftmaxStats`) with the
-    target's entry set to 0.  ``S``: sum of ``A``, the other classes' mass.  ``gap``: ``z_y - m``
-    (``<= 0``; exactly 0 when the target is a maximum).  ``Yy``: ``Y`` at the target (exactly 1
+    ``m``: row maximum.  ``A``: ``Y = exp(z - m)`` (as in :class:`SoftmaxStats`) off the target;
+    its entry at the target is 0, or ``Yy`` where the backend keeps ``Y`` whole
+    (:attr:`~unihead._ops.Ops.keep_whole_exp`), and every consumer overwrites it.  ``S``: the
+    sum of ``Y`` over the other classes, their mass.  ``gap``: ``z_y - m`` (``<= 0``; exactly 0
+    when the target is a maximum).  ``Yy``: ``Y`` at the target (exactly 1
     when ``gap == 0``).  ``den = Yy + S = sum Y``.  ``L = log(den)``, as ``log1p(S)`` when
     ``gap == 0``.  ``z_lo``, ``m_lo``: as in :class:`SoftmaxStats` (``gap`` includes them).
     """
@@ -320,12 +322,17 @@ def softmax_sparse_stats(ops: Ops, z: Any, y: Any, z_lo: Any = None) -> SparseSt
     Y = shifted_exp(ops, z, m, low_part_shift(ops, z, m, z_lo, m_lo))
     zy = ops.take_last(z, y)
     dly = None if z_lo is None else low_part_shift(ops, zy, m[..., 0], ops.take_last(z_lo, y), m_lo[..., 0])
-    # Y at the target, computed from z_y (exactly 1 when gap == 0): gathering it from Y would make
-    # the scatter below copy Y under XLA instead of writing in place
-    Yy = shifted_exp(ops, zy, m[..., 0], dly)
     gap = _shift(zy, m[..., 0], dly)  # unclamped: -inf for a masked target
-    A = ops.put_last(Y, y, xp.zeros_like(Yy))
-    S = ops.row_sum(A)[..., 0]
+    # Y at the target (exactly 1 when gap == 0) and the other classes' mass; which arrays are kept
+    # is the backend's choice (Ops.keep_whole_exp), the values are the same
+    if ops.keep_whole_exp:
+        Yy = ops.take_last(Y, y)
+        A = Y  # the gradient overwrites the target's entry
+        S = ops.row_sum(ops.zero_last(Y, y))[..., 0]
+    else:
+        Yy = shifted_exp(ops, zy, m[..., 0], dly)
+        A = ops.zero_last(Y, y)
+        S = ops.row_sum(A)[..., 0]
     den = Yy + S
     L = xp.where(gap == 0, xp.log1p(S), xp.log(den))
     return SparseStats(m, A, S, gap, Yy, den, L, z_lo, m_lo)
@@ -353,11 +360,16 @@ def sparse_loss_terms(ops: Ops, L: Any, gap: Any, eps: float, k: int, dsum: Any 
     return (L - (1.0 - eps) * gap) - (eps / k) * dsum
 
 
-def sparse_target_grad(ops: Ops, q: Any, py: Any, gap: Any, eps: float, k: int) -> Any:
-    """``p_y - t'_y`` at the target for a unit scale, from ``q = S / den`` (the other classes'
-    share, ``1 - p_y`` without cancellation) and ``py = Yy / den``: ``eps (k-1)/k - q`` where the
-    target is a maximum (``gap == 0``), else ``py - (1 - eps + eps / k)`` (``py <= 1/2``, exact)."""
-    return ops.xp.where(gap == 0, (eps * (k - 1) / k) - q, py - (1.0 - eps + eps / k))
+def sparse_target_grad(ops: Ops, S: Any, Yy: Any, den: Any, gap: Any, eps: float, k: int) -> Any:
+    """``p_y - t'_y`` at the target for a unit scale, from the other classes' mass ``S``, the
+    target's ``Yy`` and ``den = Yy + S``: ``eps (k-1)/k - q`` with ``q = S / den`` (``1 - p_y``
+    without cancellation) where the target is a maximum (``gap == 0``), else ``p_y - (1 - eps +
+    eps / k)`` with ``p_y = Yy / den`` (``<= 1/2``, the difference exact).  One quotient per row:
+    the row's branch picks its numerator before the division."""
+    xp = ops.xp
+    top = gap == 0
+    r = xp.where(top, S, Yy) / den
+    return xp.where(top, (eps * (k - 1) / k) - r, r - (1.0 - eps + eps / k))
 
 
 def softmax_sparse_grad(
@@ -379,7 +391,7 @@ def softmax_sparse_grad(
         g = A * c
     else:
         g = ops.mul_add(xp.expand_dims(scale * (-eps / k), axis=-1), A, c)
-    g_y = scale * sparse_target_grad(ops, S / den, Yy / den, gap, eps, k)
+    g_y = scale * sparse_target_grad(ops, S, Yy, den, gap, eps, k)
     if live is not None:
         g = ops.where0(xp.expand_dims(live, axis=-1), g)
         g_y = ops.where0(live, g_y)
