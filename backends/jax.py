@@ -90,16 +90,15 @@ class JaxOps(Ops):
     def index_dtype(self) -> Any:
         return jnp.int64 if jax.config.jax_enable_x64 else jnp.int32
 
-    # Under jax.jit over arrays sharded along a mesh's explicit axes (jax.make_mesh's default),
-    # the sharding is part of the arrays' types, and JAX refuses what it cannot place by type:
-    # the two methods below place their results (or avoid what JAX cannot place).
-    #
     # put_last is the portable compare-with-iota select (Ops.put_last), not a scatter: XLA fuses
     # the select into the loop that computes the array, where a scatter is a loop of its own with
-    # an index array (row, label) that stays live from the forward pass to the backward one
-    # (multiclass (4096, 10): forward+backward 312 KiB of XLA buffers, optax's 288; with the
-    # select and one quotient per row in the gradient's target entry, 280).  It is also what
-    # explicitly sharded arrays need (put_along_axis drops the indices' sharding).
+    # an index array (row, label) that stays live from the forward pass to the backward one (JAX
+    # multiclass (4096, 10) memory, docs/benchmarks.md).  It also keeps the sharding of arrays
+    # split over a mesh's explicit axes (put_along_axis drops the indices' sharding).
+    #
+    # Under jax.jit over arrays sharded along a mesh's explicit axes (jax.make_mesh's default),
+    # the sharding is part of the arrays' types, and JAX refuses what it cannot place by type:
+    # the methods below place their results (or avoid what JAX cannot place).
 
     def ones_rows(self, x: Any) -> Any:
         # not from the slice x[..., 0], which JAX refuses where the class axis is split over a

@@ -468,9 +468,9 @@ def worker(path: str, quick: bool, sections: set[str]) -> list[dict[str, Any]]:
             ours, native = a.steps(head, z, y)
             a.sync(ours()), a.sync(native())
             first = time.perf_counter() - t0
-            # at least 10 pairs of blocks a row, 100 for rows of 40960 logits (calls of 0.2-0.5 ms):
-            # 10 pairs of 12 ms blocks there, and 5 pairs for the largest rows, were too few for a
-            # steady median on a shared machine
+            # a full run: at least 10 pairs of blocks a row, 100 for rows of 40960 logits (calls of
+            # 0.2-0.5 ms); 10 pairs of 12 ms blocks there, and 5 pairs for the largest rows, were
+            # too few for a steady median on a shared machine (--quick: 33 and 5 pairs)
             reps = repeats * 10 if n * k <= 4096 * 10 else repeats
             tu, tn, ratio = blocks(ours, native, reps, a.sync)
             rows.append({"kind": "speed", "path": path, "how": how, "task": task, "shape": [n, k],

@@ -57,6 +57,7 @@ class Ops:
     #: Whether the softmax over integer targets keeps its exponentials ``Y`` whole for the
     #: gradient (which overwrites the target's entry), reads ``Y`` at the target from them and
     #: sums the other classes over a masked view (:func:`unihead.formulas.softmax_sparse_stats`).
+    #: (A backend that writes in place zeroes that entry of ``Y`` itself, after reading it.)
     #: Otherwise it zeroes the target's entry of ``Y`` (in place where the backend writes) and
     #: evaluates ``Y`` at the target from ``z_y``.  The first pays where the masked sum is one
     #: loop that reads ``Y`` and a compiler would otherwise evaluate the target's exponential

@@ -325,13 +325,15 @@ def softmax_sparse_stats(ops: Ops, z: Any, y: Any, z_lo: Any = None) -> SparseSt
     gap = _shift(zy, m[..., 0], dly)  # unclamped: -inf for a masked target
     # Y at the target (exactly 1 when gap == 0) and the other classes' mass; which arrays are kept
     # is the backend's choice (Ops.keep_whole_exp), the values are the same
+    # (the zeros from Yy, not from a slice of Y: JAX refuses a slice of a class axis split over a
+    # mesh's explicit axes)
     if ops.keep_whole_exp:
         Yy = ops.take_last(Y, y)
         A = Y  # the gradient overwrites the target's entry
-        S = ops.row_sum(ops.zero_last(Y, y))[..., 0]
+        S = ops.row_sum(ops.put_last(Y, y, xp.zeros_like(Yy)))[..., 0]
     else:
         Yy = shifted_exp(ops, zy, m[..., 0], dly)
-        A = ops.zero_last(Y, y)
+        A = ops.put_last(Y, y, xp.zeros_like(Yy))
         S = ops.row_sum(A)[..., 0]
     den = Yy + S
     L = xp.where(gap == 0, xp.log1p(S), xp.log(den))
