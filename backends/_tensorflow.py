@@ -207,11 +207,7 @@ class TFOps(Ops):
 
     @property
     def keep_whole_exp(self) -> bool:  # type: ignore[override]
-        """Under XLA (:attr:`Ops.keep_whole_exp`): float32 row sums accumulate in float64 in
-        XLA's own loops, which read ``Y`` through the mask, and ``Y`` at the target is read, not
-        evaluated again in each per-row loop (multiclass (4096, 10), forward and backward: the
-        target's exponential was evaluated in three loops of 4096 rows, each costing as much as
-        the loop over all 40960 logits)."""
+        """Under XLA (:attr:`Ops.keep_whole_exp` says why; docs/benchmarks.md, the measurement)."""
         return _in_xla()
 
     @property

@@ -323,18 +323,16 @@ def softmax_sparse_stats(ops: Ops, z: Any, y: Any, z_lo: Any = None) -> SparseSt
     zy = ops.take_last(z, y)
     dly = None if z_lo is None else low_part_shift(ops, zy, m[..., 0], ops.take_last(z_lo, y), m_lo[..., 0])
     gap = _shift(zy, m[..., 0], dly)  # unclamped: -inf for a masked target
-    # Y at the target (exactly 1 when gap == 0) and the other classes' mass; which arrays are kept
-    # is the backend's choice (Ops.keep_whole_exp), the values are the same
-    # (the zeros from Yy, not from a slice of Y: JAX refuses a slice of a class axis split over a
-    # mesh's explicit axes)
-    if ops.keep_whole_exp:
-        Yy = ops.take_last(Y, y)
-        A = Y  # the gradient overwrites the target's entry
-        S = ops.row_sum(ops.put_last(Y, y, xp.zeros_like(Yy)))[..., 0]
-    else:
-        Yy = shifted_exp(ops, zy, m[..., 0], dly)
-        A = ops.put_last(Y, y, xp.zeros_like(Yy))
-        S = ops.row_sum(A)[..., 0]
+    # Y at the target (exactly 1 when gap == 0), read before its entry is zeroed, and the other
+    # classes' mass; whether the gradient gets Y whole or the zeroed copy (it overwrites the
+    # target's entry) is the backend's choice (Ops.keep_whole_exp): the values are the same.  The
+    # zeros come from Yy, not from a slice of Y (JAX refuses a slice of a class axis split over a
+    # mesh's explicit axes).
+    keep = ops.keep_whole_exp
+    Yy = ops.take_last(Y, y) if keep else shifted_exp(ops, zy, m[..., 0], dly)
+    others = ops.put_last(Y, y, xp.zeros_like(Yy))
+    A = Y if keep else others
+    S = ops.row_sum(others)[..., 0]
     den = Yy + S
     L = xp.where(gap == 0, xp.log1p(S), xp.log(den))
     return SparseStats(m, A, S, gap, Yy, den, L, z_lo, m_lo)
