@@ -54,12 +54,12 @@ class Ops:
     #: the pass is compute-bound, float64 transcendentals cost two to four times float32's.
     wide = False
 
-    #: Whether the softmax over integer targets keeps its exponentials ``Y`` whole for the
-    #: gradient (which overwrites the target's entry), reads ``Y`` at the target from them and
-    #: sums the other classes over a masked view (:func:`unihead.formulas.softmax_sparse_stats`).
-    #: (A backend that writes in place zeroes that entry of ``Y`` itself, after reading it.)
-    #: Otherwise it zeroes the target's entry of ``Y`` (in place where the backend writes) and
-    #: evaluates ``Y`` at the target from ``z_y``.  The first pays where the masked sum is one
+    #: Whether the softmax over integer targets (:func:`unihead.formulas.softmax_sparse_stats`)
+    #: reads ``Y`` at the target from its exponentials ``Y`` and gives the gradient ``Y`` whole
+    #: (the gradient overwrites the target's entry).  Otherwise it evaluates ``Y`` at the target
+    #: again from ``z_y`` and gives the gradient the copy of ``Y`` with the target's entry zeroed,
+    #: the one the other classes' mass is summed over (in place where the backend writes).  The
+    #: values are the same either way.  The first pays where the masked sum is one
     #: loop that reads ``Y`` and a compiler would otherwise evaluate the target's exponential
     #: again in every per-row loop that uses it (TensorFlow's XLA, whose float32 sums accumulate
     #: in float64 in XLA's own loops); the second where a sum takes its input written out (JAX:
