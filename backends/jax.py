@@ -65,6 +65,7 @@ class JaxOps(Ops):
     poly_exp = True  # XLA fuses the polynomial exponential into one loop (see Ops.poly_exp)
     flushes_subnormals = True  # XLA on CPU
     half_dtypes = (jnp.float16, jnp.bfloat16)
+    pair_tree_upto = 1024  # a training batch's mean (see Ops.pair_tree_upto)
 
     def __init__(self, traced_checks: bool = False) -> None:
         super().__init__(jnp)

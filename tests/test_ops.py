@@ -1,5 +1,6 @@
 """The array primitives the formulas share, on NumPy, PyTorch and JAX arrays: the compensated
-total (unihead._ops) against math.fsum (an exactly rounded sum), and the shifted exponential
+total (unihead._ops; "numpy-paired": with every tree level's sums and errors in one array, JAX's
+form up to 1024 terms) against math.fsum (an exactly rounded sum), and the shifted exponential
 (unihead.formulas.shifted_exp) against 50-digit mpmath, both of its forms: ``exp`` with a TwoSum
 correction (NumPy, PyTorch) and the polynomial exponential (JAX; and on NumPy and PyTorch arrays,
 "numpy-poly"/"torch-poly", where it runs without fused multiply-adds or flush-to-zero)."""
@@ -23,9 +24,16 @@ def _poly(ops):
     return ops
 
 
+def _paired(ops):
+    ops.pair_tree_upto = 2**40  # every level of every tree as pairs (JAX's default: up to 1024)
+    return ops
+
+
 def _ops(name):
     if name in ("numpy", "numpy-poly"):
         return (_poly(NumpyOps()) if name == "numpy-poly" else NumpyOps()), np.asarray
+    if name == "numpy-paired":
+        return _paired(NumpyOps()), np.asarray
     if name in ("torch", "torch-poly"):
         torch = require("torch")
         from unihead.backends.torch import TorchOps
@@ -39,7 +47,7 @@ def _ops(name):
     return JaxOps(), jnp.asarray
 
 
-@pytest.mark.parametrize("backend", ["numpy", "torch", "jax"])
+@pytest.mark.parametrize("backend", ["numpy", "numpy-paired", "torch", "jax"])
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 1000, 4097, 16000, 123457])  # padded (1000, 16000) and in pieces
 def test_compensated_total_is_nearly_correctly_rounded(backend, n):
     ops, arr = _ops(backend)
@@ -52,7 +60,7 @@ def test_compensated_total_is_nearly_correctly_rounded(backend, n):
 
 
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # NumPy on inf - inf
-@pytest.mark.parametrize("backend", ["numpy", "torch", "jax"])
+@pytest.mark.parametrize("backend", ["numpy", "numpy-paired", "torch", "jax"])
 def test_compensated_total_passes_infinities_and_nan_through(backend):
     ops, arr = _ops(backend)
     f = lambda v: float(np.asarray(ops.compensated_total(arr(np.asarray(v, np.float32)))))  # noqa: E731

@@ -68,6 +68,17 @@ class Ops:
     #: classes), and in eager execution, where zeroing in place costs nothing.
     keep_whole_exp = False
 
+    #: The longest sum (number of terms) whose :meth:`compensated_total` keeps, from the tree's
+    #: second level on, each level's sums and carried errors in one array ``(2, m)``: the same
+    #: operations and result, a copy a level, and another graph of kernels for a compiler.  For
+    #: XLA on CPU, whose runtime runs a step's kernels as a graph and hands kernels that become
+    #: ready together to its other threads: with the pairs, the graph of a small MLP's training
+    #: step at batch 256 keeps the backward pass's matmuls on the calling thread, as the native
+    #: loss's does (with two arrays a level XLA ran the first layer's weight-gradient matmul on a
+    #: worker thread, and the step took 1.07-1.10x optax's; docs/benchmarks.md).  Longer sums
+    #: gain nothing from it and pay the copies.  0: never.
+    pair_tree_upto = 0
+
     #: Whether the backend's float32 arithmetic flushes subnormal results to zero (XLA and
     #: TensorFlow on CPU do): formulas then keep intermediates of normal results normal.
     flushes_subnormals = False
@@ -364,7 +375,9 @@ class Ops:
         levels two at a time: 57 against 68 MiB of buffers for the loss and gradient of 4096000
         one-logit rows under ``jax.jit``); any other length is cut into power-of-two pieces, one
         per bit of the length (no copy: 0.6 against 0.7 MiB at 40960 rows), whose totals and
-        carried errors are added at the end with their TwoSum errors."""
+        carried errors are added at the end with their TwoSum errors.  Up to
+        :attr:`pair_tree_upto` terms the tree from its second level keeps sums and errors in one
+        array (the same operations, the same result)."""
         xp = self.xp
         if len(x.shape) > 1 and x.shape[-1] != 1:  # the class axis with the library's pairwise sum
             x = xp.sum(x, axis=-1)  # (a length-1 axis is dropped, not reduced: compilers make a
@@ -376,16 +389,26 @@ class Ops:
         def exact(e: Any) -> Any:  # inf - inf in an error term is not an error
             return self.where0(xp.isfinite(e), e)
 
+        paired = n <= self.pair_tree_upto
+
         def tree(t: Any) -> tuple[Any, Any]:  # a power-of-two length: (total, carried error)
             err = None
-            while t.shape[0] > 1:
+            while t.shape[0] > 1 and (err is None or not paired):
                 half = t.shape[0] // 2
                 a, b = t[:half], t[half:]
                 s = a + b
                 e = exact(two_sum_error(a, b, s))
                 err = e if err is None else e + (err[:half] + err[half:])
                 t = s
-            return t[0], (None if err is None else err[0])
+            if t.shape[0] == 1:
+                return t[0], (None if err is None else err[0])
+            p = xp.stack([t, err], axis=0)  # the same operations on the pairs (pair_tree_upto)
+            while p.shape[1] > 1:
+                half = p.shape[1] // 2
+                a, b = p[:, :half], p[:, half:]
+                s = a[0] + b[0]
+                p = xp.stack([s, exact(two_sum_error(a[0], b[0], s)) + (a[1] + b[1])], axis=0)
+            return p[0, 0], p[1, 0]
 
         size = 1 << (n - 1).bit_length()
         if size != n and (size - n) * 16 <= n:
