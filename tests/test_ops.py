@@ -1,9 +1,10 @@
 """The array primitives the formulas share, on NumPy, PyTorch and JAX arrays: the compensated
-total (unihead._ops; "numpy-paired": with every tree level's sums and errors in one array, JAX's
-form up to 1024 terms) against math.fsum (an exactly rounded sum), and the shifted exponential
-(unihead.formulas.shifted_exp) against 50-digit mpmath, both of its forms: ``exp`` with a TwoSum
-correction (NumPy, PyTorch) and the polynomial exponential (JAX; and on NumPy and PyTorch arrays,
-"numpy-poly"/"torch-poly", where it runs without fused multiply-adds or flush-to-zero)."""
+total (unihead._ops; "numpy-paired": each tree level's sums and errors in one array from the
+second level on, JAX's form up to 1024 terms) against math.fsum (an exactly rounded sum), and
+the shifted exponential (unihead.formulas.shifted_exp) against 50-digit mpmath, both of its
+forms: ``exp`` with a TwoSum correction (NumPy, PyTorch) and the polynomial exponential (JAX; and
+on NumPy and PyTorch arrays, "numpy-poly"/"torch-poly", where it runs without fused multiply-adds
+or flush-to-zero)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def _poly(ops):
 
 
 def _paired(ops):
-    ops.pair_tree_upto = 2**40  # every level of every tree as pairs (JAX's default: up to 1024)
+    ops.pair_tree_upto = 2**40  # every tree paired from its second level (JAX: up to 1024 terms)
     return ops
 
 
@@ -57,6 +58,26 @@ def test_compensated_total_is_nearly_correctly_rounded(backend, n):
     exact = math.fsum(float(v) for v in x)
     got = float(np.asarray(ops.compensated_total(arr(x))))
     assert got == pytest.approx(exact, abs=float(np.spacing(np.float32(abs(exact)))))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # NumPy on inf - inf
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # +-3.4e38 pairs
+def test_paired_tree_is_the_same_arithmetic():
+    """Ops.pair_tree_upto changes the arrays, not the operations: bit for bit the unpaired sum,
+    at lengths that are padded, cut into pieces or neither, with infinities and NaN."""
+    plain, paired = NumpyOps(), _paired(NumpyOps())
+    rng = np.random.default_rng(7)
+    for n in [1, 2, 3, 4, 5, 17, 255, 256, 257, 999, 1000, 1023, 1024, 1025, 3000, 4097]:
+        x = (rng.normal(size=n) * np.exp2(rng.integers(-60, 60, size=n))).astype(np.float32)
+        specials = [x]
+        if n >= 4:
+            specials += [np.where(np.arange(n) == 3, np.float32(np.inf), x),
+                         np.where(np.arange(n) % 2 == 0, np.float32(3.4e38), np.float32(-3.4e38)),
+                         np.where(np.arange(n) == n - 1, np.float32(np.nan), x)]
+        for v in specials:
+            a = np.asarray(plain.compensated_total(v))
+            b = np.asarray(paired.compensated_total(v))
+            assert a.tobytes() == b.tobytes(), (n, a, b)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # NumPy on inf - inf

@@ -68,15 +68,18 @@ class Ops:
     #: classes), and in eager execution, where zeroing in place costs nothing.
     keep_whole_exp = False
 
-    #: The longest sum (number of terms) whose :meth:`compensated_total` keeps, from the tree's
+    #: The longest sum (number of terms: the per-example values summed, after any sum over the
+    #: class axis, so the rows of a batch) whose :meth:`compensated_total` keeps, from the tree's
     #: second level on, each level's sums and carried errors in one array ``(2, m)``: the same
     #: operations and result, a copy a level, and another graph of kernels for a compiler.  For
     #: XLA on CPU, whose runtime runs a step's kernels as a graph and hands kernels that become
     #: ready together to its other threads: with the pairs, the graph of a small MLP's training
     #: step at batch 256 keeps the backward pass's matmuls on the calling thread, as the native
     #: loss's does (with two arrays a level XLA ran the first layer's weight-gradient matmul on a
-    #: worker thread, and the step took 1.07-1.10x optax's; docs/benchmarks.md).  Longer sums
-    #: gain nothing from it and pay the copies.  0: never.
+    #: worker thread, and the step took 0.99-1.10x optax's from process to process, over 1.05x
+    #: in most; with the pairs 0.99-1.01x; docs/benchmarks.md).  Longer sums were slower with it
+    #: (4096 terms) and pay the copies (a few hundred bytes of XLA's buffers at 256 terms).
+    #: 0: never.
     pair_tree_upto = 0
 
     #: Whether the backend's float32 arithmetic flushes subnormal results to zero (XLA and
