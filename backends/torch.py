@@ -144,6 +144,21 @@ def _kernel_labels(head: ClassificationHead) -> tuple:
     return tuple(d for d in built if kind(d) in kinds)
 
 
+# Two things keep Inductor's per-row loop of a softmax head with integer targets vectorised and
+# short (inside ``torch.compile`` on the CPU; measured at 10 classes, 4096 rows, forward and
+# backward against the native loss in one process: 1.10-1.14x before, 1.02-1.05x after):
+#
+# * The target's logit is materialized (TorchOps.materialize).  Inductor inlines a gather into
+#   every expression that reads it, and it counts each inlined load: the loop over rows read
+#   ``z[y]`` 16 times in its nodes' bodies, 26 strided loads in 218 operations, against the 0.12
+#   beyond which Inductor gives up vectorising a loop across rows.  Materialized: 11 in 335.
+# * The gradient's branch at the target (``gap == 0``) blends by ``sign(gap)``
+#   (TorchOps.where_top).  With a boolean, AOTAutograd's partitioner saves the boolean (the
+#   smallest tensor that carries the branch), and Inductor writes a vector's boolean lanes one
+#   by one: half the time of that loop.  Without one, the partitioner saves the target's
+#   gradient itself, one float a row, and the backward pass is one vectorised loop.
+
+
 class TorchOps(Ops):
     name = "torch"
     wide = True  # on CPU: float32 in float64, rounded once (see Ops.wide and TorchHead.loss)
@@ -222,6 +237,22 @@ class TorchOps(Ops):
 
     def where0(self, cond: Any, x: Any) -> Any:
         return torch.where(cond, x, x.new_zeros(()))
+
+    def where_top(self, gap: Any, a: Any, b: Any) -> Any:
+        if not torch.compiler.is_compiling():
+            return super().where_top(gap, a, b)
+        # traced: a blend by w = sign(gap), 0 at a maximum and -1 elsewhere, exact for finite a
+        # and b (NaN rows: sign(NaN) = 0 takes a, NaN there too).  The gradient's branch then
+        # needs no boolean, which AOTAutograd's partitioner would save (see the note above TorchOps)
+        w = torch.sign(gap)
+        return a * (1.0 + w) - b * w
+
+    def materialize(self, x: Any) -> Any:
+        if torch.compiler.is_compiling() and not x.requires_grad:
+            # as_strided needs storage, so Inductor writes x out once and its readers load it
+            # (see the note above TorchOps); with grad (torch.func, double backward) x stays as it is
+            return x.as_strided(x.shape, x.stride())
+        return x
 
     def stop_gradient(self, x: Any) -> Any:
         return x.detach()

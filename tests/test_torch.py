@@ -161,7 +161,9 @@ def test_torch_func_grad_and_vmap(head):
 @pytest.mark.slow
 @pytest.mark.parametrize("head", [H.multiclass(5, label_smoothing=0.1, ignore_index=-1), H.multilabel(3),
                                   # 9 to 32 classes: the label's entry put with a select when traced
-                                  H.multiclass(12, label_smoothing=0.1, ignore_index=-1)], ids=repr)
+                                  H.multiclass(12, label_smoothing=0.1, ignore_index=-1),
+                                  # 3 to 11 classes: the row sum adds columns when traced
+                                  H.multiclass(10, ignore_index=-1)], ids=repr)
 def test_torch_compile_fullgraph(head):
     c = compiled(head)
     layer = c.layer(8)
@@ -180,6 +182,34 @@ def test_torch_compile_fullgraph(head):
     out.backward()
     torch.testing.assert_close(out, eager)
     torch.testing.assert_close(layer.weight.grad, grad)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_traced_target_branch_and_materialized_values_are_the_eager_ones(dtype):
+    """Traced, ``TorchOps.where_top`` blends by ``sign(gap)`` and ``materialize`` writes its input
+    out (the note above ``TorchOps``): the values are those of ``where(gap == 0, a, b)`` and of the
+    input itself, for each kind of distance from the row maximum (0, subnormal, tiny, ordinary,
+    far, a masked target's -inf) and values of either sign, zeros among them."""
+    from unihead.backends.torch import TorchOps
+
+    ops = TorchOps(wide=False)
+    tiny = torch.finfo(dtype).smallest_normal
+    gap = torch.tensor([0.0, -tiny / 4, -tiny, -1e-7, -1.0, -100.0, -float("inf")], dtype=dtype).repeat(4)
+    rng = np.random.default_rng(7)
+    a = torch.tensor(rng.normal(size=gap.shape) * 10.0 ** rng.integers(-30, 30, size=gap.shape), dtype=dtype)
+    b = torch.tensor(rng.normal(size=gap.shape), dtype=dtype)
+    a[::5], b[::3] = 0.0, -0.0
+    x = torch.tensor(rng.normal(size=(gap.shape[0], 4)), dtype=dtype)
+    idx = torch.as_tensor(rng.integers(0, 4, size=gap.shape[0]))
+
+    def f(gap, a, b, x, idx):
+        picked = ops.materialize(ops.take_last(x, idx))
+        return ops.where_top(gap, a, b), picked * 2.0 + picked
+
+    got, picked3 = torch.compile(f, fullgraph=True)(gap, a, b, x, idx)
+    torch.testing.assert_close(got, torch.where(gap == 0, a, b), rtol=0, atol=0)
+    torch.testing.assert_close(picked3, x[torch.arange(x.shape[0]), idx] * 3.0, rtol=0, atol=0)
 
 
 @pytest.mark.slow

@@ -208,6 +208,19 @@ class Ops:
         """``where(cond, x, 0)``."""
         return self.xp.where(cond, x, self.scalar(0.0, x))
 
+    def where_top(self, gap: Any, a: Any, b: Any) -> Any:
+        """``where(gap == 0, a, b)`` for ``gap = z_y - m``, the target's distance from its row's
+        maximum (``<= 0``; ``-inf`` for a masked target, NaN in a NaN row) and finite ``a``, ``b``:
+        ``a`` where the target is a maximum.  A backend may select by arithmetic instead (the same
+        values); the branch a NaN row takes may differ, and its values are NaN either way."""
+        return self.xp.where(gap == 0, a, b)
+
+    def materialize(self, x: Any) -> Any:
+        """``x`` itself: a per-row value many later expressions read (the target's logit).  A
+        backend whose compiler would otherwise evaluate it again inside each of them (a gather
+        inlined into every reader) has it computed once, into an array."""
+        return x
+
     def stop_gradient(self, x: Any) -> Any:
         """``x`` as a constant of differentiation (a weight, a normaliser): the library's own
         stop-gradient; NumPy has no autodiff."""

@@ -320,7 +320,7 @@ def softmax_sparse_stats(ops: Ops, z: Any, y: Any, z_lo: Any = None) -> SparseSt
     m = xp.max(z, axis=-1, keepdims=True)
     m_lo = _row_max_low(ops, z, z_lo)
     Y = shifted_exp(ops, z, m, low_part_shift(ops, z, m, z_lo, m_lo))
-    zy = ops.take_last(z, y)
+    zy = ops.materialize(ops.take_last(z, y))  # read by gap, Yy and, through them, the loss
     dly = None if z_lo is None else low_part_shift(ops, zy, m[..., 0], ops.take_last(z_lo, y), m_lo[..., 0])
     gap = _shift(zy, m[..., 0], dly)  # unclamped: -inf for a masked target
     # Y at the target (exactly 1 when gap == 0), read before its entry is zeroed, and the other
@@ -366,10 +366,8 @@ def sparse_target_grad(ops: Ops, S: Any, Yy: Any, den: Any, gap: Any, eps: float
     without cancellation) where the target is a maximum (``gap == 0``), else ``p_y - (1 - eps +
     eps / k)`` with ``p_y = Yy / den`` (``<= 1/2``, the difference exact).  One quotient per row:
     the row's branch picks its numerator before the division."""
-    xp = ops.xp
-    top = gap == 0
-    r = xp.where(top, S, Yy) / den
-    return xp.where(top, (eps * (k - 1) / k) - r, r - (1.0 - eps + eps / k))
+    r = ops.where_top(gap, S, Yy) / den
+    return ops.where_top(gap, (eps * (k - 1) / k) - r, r - (1.0 - eps + eps / k))
 
 
 def softmax_sparse_grad(
