@@ -146,7 +146,7 @@ def _kernel_labels(head: ClassificationHead) -> tuple:
 
 # Two things keep Inductor's per-row loop of a softmax head with integer targets vectorised and
 # short (inside ``torch.compile`` on the CPU; measured at 10 classes, 4096 rows, forward and
-# backward against the native loss in one process: 1.10-1.14x before, 1.02-1.05x after):
+# backward against the native loss in one process: 1.09-1.14x before, 1.02-1.05x after):
 #
 # * The target's logit is materialized (TorchOps.materialize).  Inductor inlines a gather into
 #   every expression that reads it, and it counts each inlined load: the loop over rows read
