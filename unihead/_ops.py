@@ -211,8 +211,9 @@ class Ops:
     def where_top(self, gap: Any, a: Any, b: Any) -> Any:
         """``where(gap == 0, a, b)`` for ``gap = z_y - m``, the target's distance from its row's
         maximum (``<= 0``; ``-inf`` for a masked target, NaN in a NaN row) and finite ``a``, ``b``:
-        ``a`` where the target is a maximum.  A backend may select by arithmetic instead (the same
-        values); the branch a NaN row takes may differ, and its values are NaN either way."""
+        ``a`` where the target is a maximum.  A backend may select by arithmetic instead: the same
+        values, but for the sign of a zero (the formulas pass no ``-0.0``) and the branch a NaN row
+        takes (its values are NaN either way)."""
         return self.xp.where(gap == 0, a, b)
 
     def materialize(self, x: Any) -> Any:
