@@ -242,8 +242,9 @@ class TorchOps(Ops):
         if not torch.compiler.is_compiling():
             return super().where_top(gap, a, b)
         # traced: a blend by w = sign(gap), 0 at a maximum and -1 elsewhere, exact for finite a
-        # and b but for the sign of a zero b (NaN rows: sign(NaN) = 0 takes a, NaN there too).  The gradient's branch then
-        # needs no boolean, which AOTAutograd's partitioner would save (see the note above TorchOps)
+        # and b but for the sign of a zero b (NaN rows: sign(NaN) = 0 takes a, NaN there too).
+        # The gradient's branch then needs no boolean, which AOTAutograd's partitioner would save
+        # (see the note above TorchOps)
         w = torch.sign(gap)
         return a * (1.0 + w) - b * w
 
